@@ -1,0 +1,1 @@
+"""corral.api: pydantic models of the CRDs (single source of truth), CRD generator, the corral CLI."""

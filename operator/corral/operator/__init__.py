@@ -1,0 +1,1 @@
+"""corral.operator: kopf handlers and pure CR -> Ray Serve translation (later issue)."""
