@@ -1,0 +1,254 @@
+"""Per-replica routing state, rebuilt from what a router sent and what engines report.
+
+`FleetState` is the only mutable state a policy reads. It is fed by:
+- ``on_dispatch`` / ``on_first_token`` / ``on_finish`` (the router's own accounting of what it sent);
+- ``apply(event)`` with engine events (:mod:`corral.router.events`): KV blocks stored/removed,
+  adapters loaded/unloaded, load samples.
+
+Each replica keeps a prefix index in one of two modes behind one interface:
+- ``approximate``: the router records the blocks it sent to a replica, LRU-bounded by the replica's
+  KV capacity (SGLang / GIE "approximate prefix" style; needs no engine events);
+- ``precise``: only engine ``BlockStored`` / ``BlockRemoved`` events change the index (llm-d style).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from corral.api.profiles import GpuProfile
+
+from .events import (
+    AdapterLoaded,
+    AdapterUnloaded,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineEvent,
+    LoadSample,
+)
+from .types import RoutingRequest
+
+IndexMode = Literal["approximate", "precise"]
+
+
+class PrefixIndex:
+    """Set of block hashes held by one replica, with LRU order (most recent last) and a capacity."""
+
+    __slots__ = ("_blocks", "capacity")
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity = max(1, capacity_blocks)
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._blocks
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """Length of the longest leading run of ``hashes`` present here."""
+        blocks = self._blocks
+        n = 0
+        for h in hashes:
+            if h not in blocks:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Iterable[int], evict: bool = True) -> None:
+        blocks = self._blocks
+        for h in hashes:
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                blocks[h] = None
+        if evict:
+            while len(blocks) > self.capacity:
+                blocks.popitem(last=False)
+
+    def touch(self, hashes: Iterable[int]) -> None:
+        blocks = self._blocks
+        for h in hashes:
+            if h in blocks:
+                blocks.move_to_end(h)
+
+    def remove(self, hashes: Iterable[int]) -> None:
+        for h in hashes:
+            self._blocks.pop(h, None)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+
+@dataclass(slots=True)
+class InFlight:
+    prompt_tokens: int
+    uncached_tokens: int
+    max_tokens: int
+    adapter: str | None
+    started: bool = False
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """What a router knows about one engine replica."""
+
+    replica_id: str
+    model: str
+    gpu_class: str
+    profile: GpuProfile
+    block_size: int
+    index: PrefixIndex
+    address: str = ""
+    healthy: bool = True
+    adapters_gpu: set[str] = field(default_factory=set)
+    adapters_cpu: set[str] = field(default_factory=set)
+    max_gpu_adapters: int = 4
+    in_flight: dict[str, InFlight] = field(default_factory=dict)
+    pending_prefill_tokens: int = 0  # uncached prompt tokens sent, first token not yet seen
+    decode_requests: int = 0  # requests past their first token, still generating
+    last_sample: LoadSample | None = None
+    dispatched_total: int = 0
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.in_flight)
+
+    def adapter_tier(self, adapter: str | None) -> str:
+        if adapter is None or adapter in self.adapters_gpu:
+            return "gpu"
+        if adapter in self.adapters_cpu:
+            return "cpu"
+        return "disk"
+
+
+class FleetState:
+    """All replicas one router knows, keyed by replica id."""
+
+    def __init__(self, index_mode: IndexMode = "approximate") -> None:
+        self.index_mode: IndexMode = index_mode
+        self.replicas: dict[str, ReplicaState] = {}
+        self._by_model: dict[str, list[ReplicaState]] = {}
+        self.version = 0  # bumped on membership/health changes (policies may cache rings on it)
+
+    # ---- membership -------------------------------------------------------------------------------
+    def add_replica(
+        self,
+        replica_id: str,
+        model: str,
+        gpu_class: str,
+        profile: GpuProfile,
+        block_size: int = 16,
+        kv_capacity_blocks: int | None = None,
+        max_gpu_adapters: int = 4,
+        address: str = "",
+    ) -> ReplicaState:
+        cap = kv_capacity_blocks or max(1, profile.kv_capacity_tokens // block_size)
+        r = ReplicaState(
+            replica_id=replica_id,
+            model=model,
+            gpu_class=gpu_class,
+            profile=profile,
+            block_size=block_size,
+            index=PrefixIndex(cap),
+            address=address,
+            max_gpu_adapters=max_gpu_adapters,
+        )
+        self.replicas[replica_id] = r
+        self._reindex()
+        return r
+
+    def remove_replica(self, replica_id: str) -> ReplicaState | None:
+        r = self.replicas.pop(replica_id, None)
+        self._reindex()
+        return r
+
+    def set_healthy(self, replica_id: str, healthy: bool) -> None:
+        r = self.replicas.get(replica_id)
+        if r is not None and r.healthy != healthy:
+            r.healthy = healthy
+            self._reindex()
+
+    def _reindex(self) -> None:
+        by_model: dict[str, list[ReplicaState]] = {}
+        for r in sorted(self.replicas.values(), key=lambda r: r.replica_id):
+            if r.healthy:
+                by_model.setdefault(r.model, []).append(r)
+        self._by_model = by_model
+        self.version += 1
+
+    def candidates(self, model: str) -> list[ReplicaState]:
+        """Healthy replicas serving ``model``, in a stable order (sorted by id)."""
+        return self._by_model.get(model, [])
+
+    def models(self) -> list[str]:
+        return sorted({r.model for r in self.replicas.values()})
+
+    # ---- router-side accounting --------------------------------------------------------------------
+    def on_dispatch(self, replica_id: str, req: RoutingRequest, cached_blocks: int | None = None) -> None:
+        r = self.replicas[replica_id]
+        if cached_blocks is None:
+            cached_blocks = r.index.match(req.block_hashes)
+        uncached = max(0, req.prompt_tokens - cached_blocks * r.block_size)
+        r.in_flight[req.request_id] = InFlight(req.prompt_tokens, uncached, req.max_tokens, req.adapter)
+        r.pending_prefill_tokens += uncached
+        r.dispatched_total += 1
+        if self.index_mode == "approximate":
+            r.index.insert(req.block_hashes)
+            if req.adapter is not None:
+                # The engine will load the adapter to serve it; assume it becomes GPU-resident.
+                r.adapters_gpu.add(req.adapter)
+                r.adapters_cpu.discard(req.adapter)
+        else:
+            r.index.touch(req.block_hashes[:cached_blocks])
+
+    def on_first_token(self, replica_id: str, request_id: str) -> None:
+        r = self.replicas.get(replica_id)
+        f = r.in_flight.get(request_id) if r else None
+        if r is None or f is None or f.started:
+            return
+        f.started = True
+        r.pending_prefill_tokens -= f.uncached_tokens
+        r.decode_requests += 1
+
+    def on_finish(self, replica_id: str, request_id: str) -> None:
+        r = self.replicas.get(replica_id)
+        if r is None:
+            return
+        f = r.in_flight.pop(request_id, None)
+        if f is None:
+            return
+        if f.started:
+            r.decode_requests -= 1
+        else:
+            r.pending_prefill_tokens -= f.uncached_tokens
+
+    # ---- engine events ----------------------------------------------------------------------------
+    def apply(self, ev: EngineEvent) -> None:
+        r = self.replicas.get(ev.replica_id)
+        if r is None:
+            return
+        if isinstance(ev, LoadSample):
+            r.last_sample = ev
+        elif isinstance(ev, AdapterLoaded):
+            if ev.tier == "gpu":
+                r.adapters_gpu.add(ev.adapter)
+                r.adapters_cpu.discard(ev.adapter)
+            else:
+                r.adapters_cpu.add(ev.adapter)
+        elif isinstance(ev, AdapterUnloaded):
+            if ev.tier == "gpu":
+                r.adapters_gpu.discard(ev.adapter)
+            else:
+                r.adapters_cpu.discard(ev.adapter)
+        elif self.index_mode == "precise":
+            if isinstance(ev, BlockStored):
+                r.index.insert(ev.block_hashes, evict=False)
+            elif isinstance(ev, BlockRemoved):
+                r.index.remove(ev.block_hashes)
+            elif isinstance(ev, AllBlocksCleared):
+                r.index.clear()
