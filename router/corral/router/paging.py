@@ -1,0 +1,551 @@
+"""Adapter paging: keep LoRA adapters where demand is, ahead of the requests that need them.
+
+The engines load an adapter on demand when a request names one that is not resident, which costs a
+disk->GPU load on the request's critical path (the "thrash cliff"). The paging manager moves that work
+off the request path:
+
+- it tracks per-adapter demand as an exponentially weighted request rate (:class:`DemandTracker`, fed
+  by the router's dispatches);
+- it turns demand into a per-adapter *replica target*: ``ceil(rps / replication_rps)``, at least one
+  while the adapter is warm, capped by ``max_replicas_per_adapter`` and by the replicas serving its base
+  model; pinned adapters are wanted on every replica of their base model and are never unloaded;
+- it plans loads (GPU tier) and unloads against each replica's GPU slots, evicting only adapters that
+  are colder than the one coming in, not pinned, and **never one with requests in flight** on that
+  replica (the router's :class:`~corral.router.state.FleetState` in-flight table);
+- optionally it prefetches warm adapters to the CPU tier of the replicas that do not hold them on GPU,
+  so that a later promotion is a cheap CPU->GPU copy;
+- it executes the plan through an :class:`AdapterControl` (implemented over the engine endpoint's
+  ``LoadAdapter`` / ``UnloadAdapter`` RPCs) and learns the result from the engines' own adapter events.
+
+Planning (:meth:`AdapterPager.plan`) is pure and deterministic given the fleet view and a clock, so it is
+unit-tested with a fake clock; :meth:`AdapterPager.run` is the small async loop around it.
+
+Adapter weights are named by a source URI (``ModelPool.spec.adapters[].source``). :func:`fetch_adapter`
+resolves ``file://`` sources (validating the safetensors files and copying them into a local cache);
+``s3://`` and ``hf://`` are parsed but reported as not fetchable here (no credentials or network).
+
+No Ray import: the router process runs this, and so do the benchmark and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import unquote, urlparse
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["gpu", "cpu"]
+
+
+# ---- adapter sources --------------------------------------------------------------------------------
+
+
+class AdapterSourceError(ValueError):
+    """An adapter source URI is malformed, missing, or not a valid safetensors adapter."""
+
+
+class AdapterNotFetchable(AdapterSourceError):
+    """The URI is well formed but its scheme cannot be fetched in this environment."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSource:
+    """A parsed adapter source: ``file:///abs/dir``, ``s3://bucket/key``, ``hf://org/repo[@rev]``."""
+
+    scheme: Literal["file", "s3", "hf"]
+    location: str  # absolute path (file), "bucket/key" (s3), "org/repo" (hf)
+    revision: str | None = None
+    uri: str = ""
+
+
+def parse_source(uri: str) -> AdapterSource:
+    """Parse an adapter source URI; raise :class:`AdapterSourceError` when it is malformed."""
+    if not uri or "://" not in uri:
+        raise AdapterSourceError(f"adapter source {uri!r} is not a URI (expected file://, s3:// or hf://)")
+    u = urlparse(uri)
+    scheme = u.scheme.lower()
+    if scheme == "file":
+        if u.netloc not in ("", "localhost"):
+            raise AdapterSourceError(
+                f"file:// URI {uri!r} names host {u.netloc!r}; use file:///absolute/path"
+            )
+        path = unquote(u.path)
+        if not path.startswith("/"):
+            raise AdapterSourceError(f"file:// URI {uri!r} must hold an absolute path")
+        return AdapterSource("file", path, uri=uri)
+    if scheme == "s3":
+        key = u.path.lstrip("/")
+        if not u.netloc or not key:
+            raise AdapterSourceError(f"s3 URI {uri!r} must look like s3://bucket/prefix")
+        return AdapterSource("s3", f"{u.netloc}/{key}", uri=uri)
+    if scheme == "hf":
+        repo, _, rev = (u.netloc + u.path).partition("@")
+        parts = [p for p in repo.split("/") if p]
+        if len(parts) != 2:
+            raise AdapterSourceError(f"hf URI {uri!r} must look like hf://org/repo[@revision]")
+        return AdapterSource("hf", "/".join(parts), revision=rev or None, uri=uri)
+    raise AdapterSourceError(f"adapter source {uri!r}: unsupported scheme {u.scheme!r} (file, s3, hf)")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterArtifact:
+    """A fetched, validated adapter directory (vLLM's ``lora_path`` shape)."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    tensors: int
+    rank: int | None
+    digest: str
+
+
+_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _validate_safetensors(path: Path) -> tuple[int, int | None]:
+    """Open the header of a safetensors file; return (tensor count, LoRA rank if inferable)."""
+    try:
+        from safetensors import safe_open
+    except ImportError as e:  # pragma: no cover - safetensors ships with the [serve] extra
+        raise AdapterSourceError("reading adapters needs the 'safetensors' package (corral[serve])") from e
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            rank = None
+            for k in keys:
+                if "lora_A" in k:
+                    shape = f.get_slice(k).get_shape()
+                    rank = int(shape[0]) if shape else None
+                    break
+    except Exception as e:
+        raise AdapterSourceError(f"{path} is not a valid safetensors file: {e}") from e
+    if not keys:
+        raise AdapterSourceError(f"{path} holds no tensors")
+    return len(keys), rank
+
+
+def fetch_adapter(name: str, uri: str, cache_dir: str | Path) -> AdapterArtifact:
+    """Resolve an adapter source into a local, validated directory under ``cache_dir``.
+
+    ``file://`` may name a directory (holding ``*.safetensors`` and optionally ``adapter_config.json``)
+    or a single ``.safetensors`` file. The files are validated (safetensors header parsed, at least one
+    tensor) and copied into ``cache_dir/<name>-<digest>/`` so engines never read a file that changes
+    under them; a repeat fetch of unchanged weights reuses the cached copy.
+    """
+    src = parse_source(uri)
+    if src.scheme != "file":
+        raise AdapterNotFetchable(
+            f"adapter {name!r}: {src.scheme}:// sources ({uri}) are not fetchable here; "
+            f"stage the weights locally and use file:///path/to/adapter"
+        )
+    p = Path(src.location)
+    if not p.exists():
+        raise AdapterSourceError(f"adapter {name!r}: {uri} does not exist")
+    if p.is_dir():
+        weights = sorted(p.glob("*.safetensors"))
+        extras = [q for q in (p / "adapter_config.json",) if q.is_file()]
+    elif p.suffix == ".safetensors":
+        weights, extras = [p], []
+    else:
+        raise AdapterSourceError(f"adapter {name!r}: {uri} is neither a directory nor a .safetensors file")
+    if not weights:
+        raise AdapterSourceError(f"adapter {name!r}: no .safetensors file in {p}")
+
+    h = hashlib.sha256()
+    tensors, rank, size = 0, None, 0
+    for w in [*weights, *extras]:
+        data = w.read_bytes()
+        h.update(w.name.encode() + b"\0" + data)
+        size += len(data)
+    for w in weights:
+        n, r = _validate_safetensors(w)
+        tensors += n
+        rank = rank or r
+    digest = h.hexdigest()[:16]
+    dest = Path(cache_dir) / f"{name}-{digest}"
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + f".tmp{time.monotonic_ns()}")
+        tmp.mkdir(parents=True)
+        for w in weights:
+            target = _WEIGHTS_NAME if len(weights) == 1 else w.name
+            shutil.copyfile(w, tmp / target)
+        for x in extras:
+            shutil.copyfile(x, tmp / x.name)
+        try:
+            tmp.rename(dest)
+        except OSError:  # a concurrent fetch won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AdapterArtifact(name=name, path=dest, size_bytes=size, tensors=tensors, rank=rank, digest=digest)
+
+
+# ---- demand -----------------------------------------------------------------------------------------
+
+
+class DemandTracker:
+    """Per-adapter request rate as an exponentially decaying count (rate = count / tau).
+
+    Each dispatch adds ``1 / tau``; the value decays as ``exp(-dt / tau)``, so a steady stream of ``r``
+    requests per second converges to ``r``. ``tau`` is ``half_life_s / ln 2``.
+    """
+
+    def __init__(self, half_life_s: float = 10.0) -> None:
+        if half_life_s <= 0:
+            raise ValueError("half_life_s must be > 0")
+        self.tau = half_life_s / math.log(2)
+        self._v: dict[str, tuple[float, float]] = {}
+        self.last_seen: dict[str, float] = {}
+
+    def record(self, adapter: str, now: float, n: int = 1) -> None:
+        v, t = self._v.get(adapter, (0.0, now))
+        self._v[adapter] = (v * math.exp(-max(0.0, now - t) / self.tau) + n / self.tau, now)
+        self.last_seen[adapter] = now
+
+    def rate(self, adapter: str, now: float) -> float:
+        v, t = self._v.get(adapter, (0.0, now))
+        return v * math.exp(-max(0.0, now - t) / self.tau)
+
+    def rates(self, now: float) -> dict[str, float]:
+        return {a: self.rate(a, now) for a in self._v}
+
+
+# ---- control + fleet view ---------------------------------------------------------------------------
+
+
+class AdapterControl(Protocol):
+    """Load/unload adapters on one engine replica (engine endpoint RPCs, or in-process for tests)."""
+
+    async def load_adapter(self, replica_id: str, adapter: str, source: str, tier: Tier) -> None: ...
+
+    async def unload_adapter(self, replica_id: str, adapter: str) -> None: ...
+
+
+class _InFlightView(Protocol):
+    adapter: str | None
+
+
+class ReplicaView(Protocol):
+    """The parts of :class:`~corral.router.state.ReplicaState` the pager reads."""
+
+    replica_id: str
+    model: str
+    healthy: bool
+    adapters_gpu: set[str]
+    adapters_cpu: set[str]
+    max_gpu_adapters: int
+    in_flight: Mapping[str, Any]
+
+    @property
+    def outstanding(self) -> int: ...
+
+
+class FleetView(Protocol):
+    def candidates(self, model: str) -> Sequence[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    name: str
+    base_model: str
+    source: str
+
+
+@dataclass(slots=True)
+class PagingConfig:
+    """Knobs (RoutingPolicy ``spec.adapterPaging`` plus ModelPool ``spec.adapterCache``)."""
+
+    pin: tuple[str, ...] = ()
+    prefetch_to_cpu: bool = False
+    replication_rps: float = 5.0  # one more replica per this much demand
+    max_replicas_per_adapter: int | None = None
+    min_demand_rps: float = 0.02  # below this, a non-pinned adapter is cold (target 0)
+    half_life_s: float = 10.0
+    min_resident_s: float = 5.0  # do not unload an adapter the pager loaded less than this ago
+    cpu_slots: int | None = None  # per replica; None = the engine's own limit decides
+    interval_s: float = 0.5
+    event_grace_s: float = 3.0  # trust our own load/unload this long before the engine's event shows it
+
+    @classmethod
+    def from_specs(cls, paging: Any = None, cache: Any = None, **overrides: Any) -> PagingConfig:
+        """Build from the API models' ``adapterPaging`` / ``adapterCache`` objects (attribute access,
+        snake_case or camelCase), ignoring what they do not have."""
+
+        def get(obj: Any, *names: str) -> Any:
+            for n in names:
+                if obj is not None and getattr(obj, n, None) is not None:
+                    return getattr(obj, n)
+            return None
+
+        kw: dict[str, Any] = {}
+        if (v := get(paging, "pin", "pinned")) is not None:
+            kw["pin"] = tuple(v)
+        if (v := get(paging, "prefetch_to_cpu", "prefetchToCpu")) is not None:
+            kw["prefetch_to_cpu"] = bool(v)
+        v = get(paging, "replication_demand_rps", "replicationDemandRps", "replication_threshold_rps")
+        if v is not None:
+            kw["replication_rps"] = float(v)
+        if (v := get(paging, "max_replicas_per_adapter", "maxReplicasPerAdapter")) is not None:
+            kw["max_replicas_per_adapter"] = int(v)
+        if (v := get(cache, "cpu_slots", "cpuSlots")) is not None:
+            kw["cpu_slots"] = int(v)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: Literal["load", "unload"]
+    replica_id: str
+    adapter: str
+    tier: Tier = "gpu"
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class PagerStats:
+    loads: int = 0
+    unloads: int = 0
+    prefetches: int = 0
+    failures: int = 0
+    skipped_in_flight: int = 0
+    last_targets: dict[str, int] = field(default_factory=dict)
+
+
+def _busy(replica: Any, adapter: str) -> bool:
+    return any(getattr(f, "adapter", None) == adapter for f in replica.in_flight.values())
+
+
+# ---- the manager ------------------------------------------------------------------------------------
+
+
+class AdapterPager:
+    """Plans and executes adapter placement from demand. One per router process (or per lease holder)."""
+
+    def __init__(
+        self,
+        fleet: FleetView,
+        control: AdapterControl,
+        adapters: Iterable[AdapterInfo],
+        config: PagingConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fleet = fleet
+        self.control = control
+        self.config = config or PagingConfig()
+        self.clock = clock
+        self.adapters: dict[str, AdapterInfo] = {a.name: a for a in adapters}
+        self.demand = DemandTracker(self.config.half_life_s)
+        self.stats = PagerStats()
+        self._loaded_at: dict[tuple[str, str], float] = {}
+        self._unloaded_at: dict[tuple[str, str], float] = {}
+        self._pending: set[tuple[str, str]] = set()
+
+    # -- inputs --
+    def on_dispatch(self, adapter: str | None, now: float | None = None) -> None:
+        """Record one request for ``adapter`` (call from the router's dispatch path; cheap)."""
+        if adapter is not None and adapter in self.adapters:
+            self.demand.record(adapter, self.clock() if now is None else now)
+
+    def update(
+        self, adapters: Iterable[AdapterInfo] | None = None, config: PagingConfig | None = None
+    ) -> None:
+        """Apply a changed ModelPool adapter list or RoutingPolicy paging section (keeps demand)."""
+        if adapters is not None:
+            self.adapters = {a.name: a for a in adapters}
+        if config is not None:
+            half_life_changed = config.half_life_s != self.config.half_life_s
+            self.config = config
+            if half_life_changed:
+                self.demand = DemandTracker(config.half_life_s)
+
+    # -- planning --
+    def target(self, adapter: str, n_candidates: int, now: float) -> int:
+        """How many replicas should hold ``adapter`` on GPU."""
+        cfg = self.config
+        if adapter in cfg.pin:
+            return n_candidates
+        rps = self.demand.rate(adapter, now)
+        if rps < cfg.min_demand_rps:
+            return 0
+        want = max(1, math.ceil(rps / max(cfg.replication_rps, 1e-9)))
+        if cfg.max_replicas_per_adapter is not None:
+            want = min(want, cfg.max_replicas_per_adapter)
+        return min(want, n_candidates)
+
+    def _priority(self, adapter: str, now: float) -> float:
+        return math.inf if adapter in self.config.pin else self.demand.rate(adapter, now)
+
+    def _expected_gpu(self, r: Any, now: float) -> set[str]:
+        """GPU residency as reported, corrected for our own recent actions whose engine events may
+        not have arrived yet (so one round's loads are not planned again by the next)."""
+        held = set(r.adapters_gpu)
+        grace = self.config.event_grace_s
+        for (rid, name), t in self._loaded_at.items():
+            if rid == r.replica_id and now - t < grace:
+                held.add(name)
+        for (rid, name), t in self._unloaded_at.items():
+            if rid == r.replica_id and now - t < grace:
+                held.discard(name)
+        return held
+
+    def plan(self, now: float | None = None) -> list[Action]:
+        """The load/unload actions that move the fleet toward the targets (pure; reads the fleet view)."""
+        now = self.clock() if now is None else now
+        actions: list[Action] = []
+        by_model: dict[str, list[AdapterInfo]] = {}
+        for a in self.adapters.values():
+            by_model.setdefault(a.base_model, []).append(a)
+
+        targets: dict[str, int] = {}
+        for model, infos in sorted(by_model.items()):
+            self._plan_model(model, infos, now, targets, actions)
+        self.stats.last_targets = targets
+        return actions
+
+    def _plan_model(
+        self, model: str, infos: list[AdapterInfo], now: float, targets: dict[str, int], actions: list[Action]
+    ) -> None:
+        cfg = self.config
+        reps = [r for r in self.fleet.candidates(model) if getattr(r, "healthy", True)]
+        if not reps:
+            return
+        # Simulated residency after the actions planned so far.
+        gpu = {r.replica_id: self._expected_gpu(r, now) for r in reps}
+        cpu = {r.replica_id: set(r.adapters_cpu) for r in reps}
+        by_id = {r.replica_id: r for r in reps}
+        names = {a.name for a in infos}
+        # Hottest first, so a colder adapter never takes a slot a hotter one needs.
+        order = sorted(names, key=lambda n: (-self._priority(n, now), n))
+        for name in order:
+            targets[name] = self.target(name, len(reps), now)
+
+        def removable(rid: str, victim: str, incoming_prio: float) -> bool:
+            if victim in cfg.pin:
+                return False
+            if _busy(by_id[rid], victim):
+                return False
+            if now - self._loaded_at.get((rid, victim), -math.inf) < cfg.min_resident_s:
+                return False
+            holders = sum(victim in g for g in gpu.values())
+            surplus = holders > targets.get(victim, 0)
+            return surplus or self._priority(victim, now) < incoming_prio
+
+        for name in order:
+            want = targets[name]
+            holders = [rid for rid in sorted(gpu) if name in gpu[rid]]
+            prio = self._priority(name, now)
+            if len(holders) < want:
+                # Prefer replicas holding it on CPU (cheap promotion), then free slots, then least load.
+                def rank(rid: str, name: str = name) -> tuple[int, int, int, str]:
+                    free = by_id[rid].max_gpu_adapters - len(gpu[rid])
+                    return (0 if name in cpu[rid] else 1, 0 if free > 0 else 1, by_id[rid].outstanding, rid)
+
+                for rid in sorted((r for r in gpu if name not in gpu[r]), key=rank):
+                    if len(holders) >= want:
+                        break
+                    if (rid, name) in self._pending:
+                        holders.append(rid)
+                        continue
+                    if len(gpu[rid]) >= by_id[rid].max_gpu_adapters:
+                        victims = sorted(
+                            (v for v in gpu[rid] if v != name and removable(rid, v, prio)),
+                            key=lambda v: (self._priority(v, now), v),
+                        )
+                        if not victims:
+                            continue
+                        v = victims[0]
+                        actions.append(Action("unload", rid, v, "gpu", f"make room for {name}"))
+                        gpu[rid].discard(v)
+                    actions.append(Action("load", rid, name, "gpu", f"target {want}"))
+                    gpu[rid].add(name)
+                    cpu[rid].discard(name)
+                    holders.append(rid)
+            elif len(holders) > want:
+                # Drop from the most loaded holders first; never while requests are in flight.
+                for rid in sorted(holders, key=lambda r: (-by_id[r].outstanding, r)):
+                    if sum(name in g for g in gpu.values()) <= want:
+                        break
+                    if name in cfg.pin:
+                        break
+                    if _busy(by_id[rid], name):
+                        self.stats.skipped_in_flight += 1
+                        continue
+                    if now - self._loaded_at.get((rid, name), -math.inf) < cfg.min_resident_s:
+                        continue
+                    actions.append(Action("unload", rid, name, "gpu", f"target {want}"))
+                    gpu[rid].discard(name)
+
+        if cfg.prefetch_to_cpu:
+            warm = [n for n in order if targets[n] > 0 or self.demand.rate(n, now) > 0]
+            for rid in sorted(gpu):
+                limit = cfg.cpu_slots
+                for name in warm:
+                    if name in gpu[rid] or name in cpu[rid] or (rid, name) in self._pending:
+                        continue
+                    if limit is not None and len(cpu[rid]) >= limit:
+                        break
+                    actions.append(Action("load", rid, name, "cpu", "prefetch"))
+                    cpu[rid].add(name)
+
+    # -- execution --
+    async def execute(self, actions: Sequence[Action]) -> None:
+        """Run the actions (unloads before the loads they make room for; per replica in order)."""
+        per_replica: dict[str, list[Action]] = {}
+        for a in actions:
+            per_replica.setdefault(a.replica_id, []).append(a)
+
+        async def run_one(rid: str, acts: list[Action]) -> None:
+            for a in acts:
+                key = (rid, a.adapter)
+                try:
+                    if a.kind == "unload":
+                        await self.control.unload_adapter(rid, a.adapter)
+                        self.stats.unloads += 1
+                        self._loaded_at.pop(key, None)
+                        self._unloaded_at[key] = self.clock()
+                    else:
+                        self._pending.add(key)
+                        try:
+                            await self.control.load_adapter(
+                                rid, a.adapter, self.adapters[a.adapter].source, a.tier
+                            )
+                        finally:
+                            self._pending.discard(key)
+                        if a.tier == "gpu":
+                            self.stats.loads += 1
+                            self._loaded_at[key] = self.clock()
+                            self._unloaded_at.pop(key, None)
+                        else:
+                            self.stats.prefetches += 1
+                except Exception as e:
+                    self.stats.failures += 1
+                    log.warning("adapter paging: %s %s on %s failed: %s", a.kind, a.adapter, rid, e)
+
+        await asyncio.gather(*(run_one(rid, acts) for rid, acts in per_replica.items()))
+
+    async def step(self, now: float | None = None) -> list[Action]:
+        actions = self.plan(now)
+        if actions:
+            await self.execute(actions)
+        return actions
+
+    async def run(self, stop: asyncio.Event, is_active: Callable[[], bool] = lambda: True) -> None:
+        """Plan and execute every ``interval_s`` until ``stop`` is set (while ``is_active()``, e.g. while
+        this router replica holds the paging lease)."""
+        while not stop.is_set():
+            if is_active():
+                try:
+                    await self.step()
+                except Exception:  # keep paging alive whatever one round did
+                    log.exception("adapter paging round failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.interval_s)
