@@ -1,0 +1,36 @@
+# Thin wrappers; the scripts hold the logic. Override the interpreter with `make PY=python3 ...`.
+PY ?= .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help k8s-bins k8s-bin-dir k8s-up test test-unit test-integration lint
+
+help:
+	@echo "make k8s-bins          build (or reuse cached) kube-apiserver/KCM/scheduler/kubectl/etcd/kwok/helm"
+	@echo "make k8s-bin-dir       print where those binaries live"
+	@echo "make k8s-up            start a local control plane (prints export lines; stop: e2e/cluster/down.sh DIR)"
+	@echo "make test              pytest (unit + integration)"
+	@echo "make test-unit         pytest -m 'not integration'"
+	@echo "make test-integration  pytest -m integration"
+	@echo "make lint              ruff check + ruff format --check"
+
+k8s-bins:
+	bash e2e/cluster/build.sh
+
+k8s-bin-dir:
+	@bash e2e/cluster/build.sh --print-bin-dir
+
+k8s-up:
+	bash e2e/cluster/up.sh
+
+test:
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit:
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration:
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
