@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Literal
 
 from corral.api.profiles import GpuProfile
@@ -35,12 +36,22 @@ IndexMode = Literal["approximate", "precise"]
 
 
 class PrefixIndex:
-    """Set of block hashes held by one replica, with LRU order (most recent last) and a capacity."""
+    """Set of block hashes held by one replica, with LRU order (most recent last) and a capacity.
 
-    __slots__ = ("_blocks", "capacity")
+    Blocks of one chain are inserted and touched *tail first*, so a block is never less recent than
+    any block after it in a chain it was seen in, and LRU eviction removes tails before their
+    prefixes (what vLLM does when it frees a request's blocks). An index fed only that way is
+    *prefix-closed* (a block present implies its chain ancestors are present), which lets
+    :meth:`match` find the longest leading run with a galloping search in O(log n) lookups instead of
+    walking every block. ``prefix_closed`` is set by the owner (``FleetState`` sets it in approximate
+    mode); an index fed by engine events (precise mode) may hold holes and is matched exactly.
+    """
 
-    def __init__(self, capacity_blocks: int) -> None:
+    __slots__ = ("_blocks", "capacity", "prefix_closed")
+
+    def __init__(self, capacity_blocks: int, prefix_closed: bool = False) -> None:
         self.capacity = max(1, capacity_blocks)
+        self.prefix_closed = prefix_closed
         self._blocks: OrderedDict[int, None] = OrderedDict()
 
     def __len__(self) -> int:
@@ -52,16 +63,45 @@ class PrefixIndex:
     def match(self, hashes: Sequence[int]) -> int:
         """Length of the longest leading run of ``hashes`` present here."""
         blocks = self._blocks
-        n = 0
-        for h in hashes:
-            if h not in blocks:
+        n = len(hashes)
+        if n == 0 or hashes[0] not in blocks:
+            return 0
+        if not self.prefix_closed:
+            # Exact walk; takewhile keeps the loop in C (about 1.5x faster than a Python for-loop).
+            return len(list(takewhile(blocks.__contains__, hashes)))
+        # Galloping search on a monotone predicate: present(i) for i < answer, absent after.
+        lo = 1  # hashes[:lo] known present
+        step = 1
+        while True:
+            probe = lo + step  # candidate count: hashes[probe - 1] present?
+            if probe >= n:
+                if hashes[n - 1] in blocks:
+                    return n
+                hi = n - 1  # count <= n - 1
                 break
-            n += 1
-        return n
+            if hashes[probe - 1] in blocks:
+                lo = probe
+                step <<= 1
+            else:
+                hi = probe - 1
+                break
+        while lo < hi:  # invariant: count in [lo, hi]
+            mid = (lo + hi + 1) >> 1
+            if hashes[mid - 1] in blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def match_exact(self, hashes: Sequence[int]) -> int:
+        """Longest leading run by walking every block (ignores ``prefix_closed``; for tests/audits)."""
+        return len(list(takewhile(self._blocks.__contains__, hashes)))
 
     def insert(self, hashes: Iterable[int], evict: bool = True) -> None:
+        """Insert a chain (given head first); it is applied tail first, see the class docstring."""
         blocks = self._blocks
-        for h in hashes:
+        seq = hashes if isinstance(hashes, Sequence) else list(hashes)
+        for h in reversed(seq):
             if h in blocks:
                 blocks.move_to_end(h)
             else:
@@ -72,7 +112,8 @@ class PrefixIndex:
 
     def touch(self, hashes: Iterable[int]) -> None:
         blocks = self._blocks
-        for h in hashes:
+        seq = hashes if isinstance(hashes, Sequence) else list(hashes)
+        for h in reversed(seq):
             if h in blocks:
                 blocks.move_to_end(h)
 
@@ -118,6 +159,11 @@ class ReplicaState:
     def outstanding(self) -> int:
         return len(self.in_flight)
 
+    @property
+    def waiting_requests(self) -> int:
+        """Requests sent here whose first token has not been seen yet (router view)."""
+        return len(self.in_flight) - self.decode_requests
+
     def adapter_tier(self, adapter: str | None) -> str:
         if adapter is None or adapter in self.adapters_gpu:
             return "gpu"
@@ -154,7 +200,7 @@ class FleetState:
             gpu_class=gpu_class,
             profile=profile,
             block_size=block_size,
-            index=PrefixIndex(cap),
+            index=PrefixIndex(cap, prefix_closed=self.index_mode == "approximate"),
             address=address,
             max_gpu_adapters=max_gpu_adapters,
         )

@@ -23,6 +23,7 @@ class RoutingRequest:
     tenant: str | None = None
     slo_class: str | None = None
     arrival: float = 0.0
+    adapter_size_mb: float | None = None  # None: the policy's default adapter size
 
 
 @dataclass(slots=True)

@@ -1,0 +1,401 @@
+"""Shared machinery of the built-in policies: strict params, candidate lookup, load views, the TTFT
+estimate in seconds, consistent-hash rings with virtual nodes, and the adaptive (hotness-driven) prefix
+key of DualMap. Nothing here chooses a replica; each policy module does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from bisect import bisect_right
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import xxhash
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..policy import NoReplicaError, Policy
+from ..state import FleetState, ReplicaState
+from ..types import CandidateCost, Decision, RoutingRequest
+
+_xxh = xxhash.xxh3_64_intdigest
+_U64 = 1 << 64
+
+
+class PolicyParams(BaseModel):
+    """Base of every policy's params: unknown keys are an error, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    sample_max_age_s: float = 5.0
+    """A replica's LoadSample is trusted for this long (engine clock == ``now``)."""
+
+
+class BasePolicy(Policy):
+    """A policy with typed params (``Params``), a seeded RNG and common helpers."""
+
+    Params: ClassVar[type[PolicyParams]] = PolicyParams
+    category: ClassVar[str] = "DISTRIBUTION"
+    """AFFINITY (sticks to warm state), DISTRIBUTION (spreads load) or BALANCE (trades both)."""
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as e:
+            known = ", ".join(sorted(self.Params.model_fields))
+            raise ValueError(
+                f"invalid params for policy {self.name!r}: {e}\n(known params: {known})"
+            ) from None
+        self.rng = random.Random(self.params.seed)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def candidates(req: RoutingRequest, fleet: FleetState) -> list[ReplicaState]:
+        cands = fleet.candidates(req.model)
+        if not cands:
+            raise no_replica_error(req.model, fleet)
+        return cands
+
+    def decision(
+        self,
+        req: RoutingRequest,
+        chosen: ReplicaState,
+        reason: str,
+        cached_blocks: int | None = None,
+        candidates: list[CandidateCost] | None = None,
+    ) -> Decision:
+        if cached_blocks is None:
+            cached_blocks = chosen.index.match(req.block_hashes)
+        return Decision(chosen.replica_id, self.name, reason, cached_blocks, candidates)
+
+
+def no_replica_error(model: str, fleet: FleetState) -> NoReplicaError:
+    serving = [r for r in fleet.replicas.values() if r.model == model]
+    if serving:
+        return NoReplicaError(
+            f"no healthy replica serves model {model!r} ({len(serving)} replica(s) known, all unhealthy)"
+        )
+    known = ", ".join(fleet.models()) or "none"
+    return NoReplicaError(f"no replica serves model {model!r} (models served: {known})")
+
+
+# ---- load views -------------------------------------------------------------------------------------
+def fresh_sample(r: ReplicaState, now: float, max_age: float) -> Any:
+    s = r.last_sample
+    if s is None or now - s.time > max_age:
+        return None
+    return s
+
+
+def request_load(r: ReplicaState, now: float, max_age: float) -> int:
+    """Outstanding requests: the router's count, or the engine's running+waiting if larger and fresh."""
+    n = len(r.in_flight)
+    s = r.last_sample
+    if s is not None and now - s.time <= max_age:
+        m = s.running + s.waiting
+        if m > n:
+            return m
+    return n
+
+
+def waiting_load(r: ReplicaState, now: float, max_age: float) -> int:
+    """Requests not yet past their first token (router count, or the engine's ``waiting``)."""
+    n = len(r.in_flight) - r.decode_requests
+    s = r.last_sample
+    if s is not None and now - s.time <= max_age and s.waiting > n:
+        return s.waiting
+    return n
+
+
+def token_load(r: ReplicaState, now: float, max_age: float) -> int:
+    """Pending uncached prefill tokens (router count, or the engine's waiting prefill tokens)."""
+    n = r.pending_prefill_tokens
+    s = r.last_sample
+    if s is not None and now - s.time <= max_age and s.waiting_prefill_tokens > n:
+        return s.waiting_prefill_tokens
+    return n
+
+
+def decode_load(r: ReplicaState, now: float, max_age: float) -> int:
+    n = r.decode_requests
+    s = r.last_sample
+    if s is not None and now - s.time <= max_age and s.running > n:
+        return s.running
+    return n
+
+
+def kv_usage(r: ReplicaState, now: float, max_age: float) -> float:
+    """KV-cache usage in [0, 1]: the engine's gauge when fresh, else in-flight tokens / capacity."""
+    s = r.last_sample
+    if s is not None and now - s.time <= max_age:
+        return min(1.0, max(0.0, s.kv_usage))
+    used = sum(f.prompt_tokens for f in r.in_flight.values())
+    return min(1.0, used / max(1, r.index.capacity * r.block_size))
+
+
+# ---- the TTFT estimate (seconds) ---------------------------------------------------------------------
+@dataclass(slots=True)
+class TtftEstimate:
+    total_s: float
+    queue_s: float
+    prefill_s: float
+    adapter_s: float
+    cached_blocks: int
+    uncached_tokens: int
+    tier: str
+
+
+def queue_seconds(r: ReplicaState, now: float, max_age: float, chunk_tokens: int) -> float:
+    """Time to clear the prefill work already queued on ``r``, including decode interference.
+
+    Step model: ``step_us = b0 + b1 * prefill_tokens + b2 * decode_tokens``; queued prefill tokens are
+    processed in chunks of ``chunk_tokens`` (0: the profile's ``max_num_batched_tokens``) per step, each
+    step also carrying the running decodes.
+    """
+    p = r.profile
+    pending = token_load(r, now, max_age)
+    if pending <= 0:
+        return 0.0
+    decode = decode_load(r, now, max_age)
+    steps = -(-pending // (chunk_tokens or p.max_num_batched_tokens))
+    return (pending * p.b1_us + steps * (p.b0_us + p.b2_us * decode)) * 1e-6
+
+
+def estimate_ttft(
+    r: ReplicaState,
+    req: RoutingRequest,
+    now: float,
+    *,
+    max_age: float,
+    chunk_tokens: int,
+    adapter_mb: float,
+    cached_blocks: int | None = None,
+) -> TtftEstimate:
+    """Estimated TTFT of ``req`` on ``r`` in seconds: queueing + own uncached prefill + adapter load."""
+    p = r.profile
+    chunk_tokens = chunk_tokens or p.max_num_batched_tokens
+    if cached_blocks is None:
+        cached_blocks = r.index.match(req.block_hashes)
+    # vLLM recomputes at least the last token even on a full hit.
+    uncached = max(1, req.prompt_tokens - cached_blocks * r.block_size)
+    pending = token_load(r, now, max_age)
+    decode = decode_load(r, now, max_age)
+    per_step = p.b0_us + p.b2_us * decode
+    q_steps = -(-pending // chunk_tokens) if pending > 0 else 0
+    all_steps = -(-(pending + uncached) // chunk_tokens)
+    queue_s = (pending * p.b1_us + q_steps * per_step) * 1e-6
+    prefill_s = (uncached * p.b1_us + (all_steps - q_steps) * per_step) * 1e-6
+    tier = r.adapter_tier(req.adapter)
+    adapter_s = 0.0 if tier == "gpu" else float(p.adapter_load_s(adapter_mb, tier))  # type: ignore[arg-type]
+    return TtftEstimate(
+        queue_s + prefill_s + adapter_s, queue_s, prefill_s, adapter_s, cached_blocks, uncached, tier
+    )
+
+
+def cost_of(r: ReplicaState, e: TtftEstimate, **extra: Any) -> CandidateCost:
+    return CandidateCost(
+        replica_id=r.replica_id,
+        gpu_class=r.gpu_class,
+        total_s=e.total_s,
+        queue_s=e.queue_s,
+        prefill_s=e.prefill_s,
+        adapter_s=e.adapter_s,
+        cached_blocks=e.cached_blocks,
+        adapter_tier=e.tier,
+        extra=dict(extra),
+    )
+
+
+def explain_costs(
+    req: RoutingRequest, cands: Sequence[ReplicaState], now: float, scores: dict[str, dict[str, Any]]
+) -> list[CandidateCost]:
+    """For baselines' traces: the shared TTFT estimate per candidate plus the policy's own scores."""
+    out = []
+    for r in cands:
+        e = estimate_ttft(r, req, now, max_age=5.0, chunk_tokens=0, adapter_mb=85.0)
+        out.append(cost_of(r, e, **scores.get(r.replica_id, {})))
+    return out
+
+
+# ---- consistent hashing --------------------------------------------------------------------------------
+def key_position(key: int, seed: int) -> int:
+    return _xxh((key % _U64).to_bytes(8, "little"), seed)
+
+
+class HashRing:
+    """A consistent-hash ring with ``vnodes`` virtual nodes per node (xxh3 positions under ``seed``).
+
+    Adding or removing one of N nodes only remaps the keys on that node's arcs (~1/N of all keys).
+    """
+
+    __slots__ = ("_nodes", "_owner", "_pos", "seed")
+
+    def __init__(self, nodes: Sequence[str], vnodes: int = 160, seed: int = 0) -> None:
+        self.seed = seed
+        pts = sorted((_xxh(f"{n}#{v}".encode(), seed), n) for n in nodes for v in range(vnodes))
+        self._pos = [p for p, _ in pts]
+        self._owner = [n for _, n in pts]
+        self._nodes = sorted(set(nodes))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def lookup(self, key: int) -> str:
+        """The clockwise-nearest node of ``key`` (a 64-bit key, re-hashed under the ring's seed)."""
+        i = bisect_right(self._pos, key_position(key, self.seed))
+        return self._owner[i % len(self._owner)]
+
+    def walk(self, key: int) -> Iterator[str]:
+        """Distinct nodes clockwise from ``key``'s position (for bounded loads)."""
+        n = len(self._owner)
+        start = bisect_right(self._pos, key_position(key, self.seed))
+        seen: set[str] = set()
+        for k in range(n):
+            node = self._owner[(start + k) % n]
+            if node not in seen:
+                seen.add(node)
+                yield node
+                if len(seen) == len(self._nodes):
+                    return
+
+
+class DualRing:
+    """Two independent rings (seeds 1 and 2): the DualMap candidate pair of a key.
+
+    On a collision the second candidate is the next node in stable (sorted id) order.
+    """
+
+    __slots__ = ("nodes", "r1", "r2")
+
+    def __init__(self, nodes: Sequence[str], vnodes: int = 160) -> None:
+        self.nodes = sorted(nodes)
+        self.r1 = HashRing(self.nodes, vnodes, seed=1)
+        self.r2 = HashRing(self.nodes, vnodes, seed=2)
+
+    def pair(self, key: int) -> tuple[str, str]:
+        c1 = self.r1.lookup(key)
+        c2 = self.r2.lookup(key)
+        if c1 == c2 and len(self.nodes) > 1:
+            c2 = self.nodes[(self.nodes.index(c1) + 1) % len(self.nodes)]
+        return c1, c2
+
+
+class RingCache:
+    """Rebuilds rings only when the fleet's membership/health version or the candidate set changes."""
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self._cache: dict[str, tuple[int, tuple[str, ...], Any]] = {}
+
+    def get(self, model: str, fleet: FleetState, cands: Sequence[ReplicaState]) -> Any:
+        hit = self._cache.get(model)
+        if hit is not None and hit[0] == fleet.version:
+            return hit[2]
+        ids = tuple(r.replica_id for r in cands)
+        ring = hit[2] if hit is not None and hit[1] == ids else self._factory(ids)
+        self._cache[model] = (fleet.version, ids, ring)
+        return ring
+
+
+# ---- prefix keys --------------------------------------------------------------------------------------
+def fallback_key(req: RoutingRequest) -> int:
+    """Key for a prompt without a full key block: no reuse possible, so spread by request id."""
+    return _xxh(req.request_id.encode())
+
+
+def fixed_prefix_key(req: RoutingRequest, key_blocks: int) -> int:
+    """The chained hash of the first ``key_blocks`` blocks (or of all full blocks if fewer)."""
+    hs = req.block_hashes
+    if not hs:
+        return fallback_key(req)
+    return hs[min(len(hs), max(1, key_blocks)) - 1]
+
+
+class HotPrefixKeyer:
+    """DualMap's adaptive prefix key (paper §3, "prefix hotness"; see docs/papers.md).
+
+    The key is the first ``L`` key units of the prompt (a key unit is ``unit`` blocks, 512 tokens in the
+    paper). Starting at depth 1, descend while the node for the first ``L`` units is marked expanded.
+    Every routed request is recorded in a sliding window, counting each node on its key path. A node
+    whose windowed share exceeds ``expand_share(n)`` (paper: 2/n) is expanded, so later requests with that
+    prefix hash one more unit; an expanded node on a request's path whose share falls below
+    ``merge_share(n)`` (paper: 1/n) is merged back. Decisions start after ``min_samples`` requests.
+    """
+
+    def __init__(
+        self,
+        window: int = 200,
+        min_samples: int = 20,
+        expand_factor: float = 2.0,
+        merge_factor: float = 1.0,
+        expand_share: float | None = None,
+        merge_share: float | None = None,
+        max_expanded: int = 10_000,
+    ) -> None:
+        self.window = window
+        self.min_samples = min_samples
+        self.expand_factor = expand_factor
+        self.merge_factor = merge_factor
+        self.expand_share_abs = expand_share
+        self.merge_share_abs = merge_share
+        self.max_expanded = max_expanded
+        self._win: deque[tuple[int, ...]] = deque()
+        self._counts: dict[int, int] = {}
+        self.expanded: OrderedDict[int, None] = OrderedDict()
+
+    def key(self, hashes: Sequence[int], unit: int, n: int) -> tuple[int, int] | None:
+        """(depth in key units, key hash) for a prompt's block hashes, recording it; None if too short."""
+        units = len(hashes) // unit
+        if units == 0:
+            return None
+        expanded = self.expanded
+        d = 1
+        while d < units and hashes[d * unit - 1] in expanded:
+            d += 1
+        path = tuple(hashes[i * unit - 1] for i in range(1, d + 1))
+        self._record(path)
+        w = len(self._win)
+        if w >= self.min_samples and n > 0:
+            counts = self._counts
+            hot = self.expand_share_abs if self.expand_share_abs is not None else self.expand_factor / n
+            cold = self.merge_share_abs if self.merge_share_abs is not None else self.merge_factor / n
+            node = path[-1]
+            if d < units and counts.get(node, 0) / w > hot:
+                expanded[node] = None
+                if len(expanded) > self.max_expanded:
+                    expanded.popitem(last=False)
+            for anc in path[:-1]:
+                if counts.get(anc, 0) / w < cold:
+                    expanded.pop(anc, None)
+                else:
+                    expanded.move_to_end(anc)
+        return d, path[-1]
+
+    def _record(self, path: tuple[int, ...]) -> None:
+        counts = self._counts
+        self._win.append(path)
+        for h in path:
+            counts[h] = counts.get(h, 0) + 1
+        if len(self._win) > self.window:
+            for h in self._win.popleft():
+                c = counts[h] - 1
+                if c:
+                    counts[h] = c
+                else:
+                    del counts[h]
+
+
+def unit_blocks(key_block_tokens: int, block_size: int) -> int:
+    return max(1, key_block_tokens // max(1, block_size))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bounded_cap(c: float, total: float, weight: float, weight_sum: float, floor: float) -> float:
+    """CHBL capacity of one node: ``c`` times its (weighted) share of the load after this request."""
+    return max(floor, math.ceil(c * (total + 1) * weight / max(weight_sum, 1e-12)))

@@ -1,0 +1,239 @@
+"""``corral``: the Corral cost model. One estimate in seconds per candidate, the minimum wins.
+
+    estimated TTFT = queue_s    work already queued there: pending uncached prefill tokens x b1, in
+                                chunks of ``chunk_tokens`` per step, each step also paying b0 + b2 x the
+                                running decodes (router accounting, or the fresher LoadSample if larger)
+                   + prefill_s  this request's uncached tokens (prompt minus cached leading blocks) on that
+                                replica's GPU-class profile
+                   + adapter_s  0 if the adapter is GPU-resident, else the profile's CPU->GPU or
+                                disk->GPU load time for ``adapter_mb``
+
+so an H100 and an L4 are compared in the same unit. Around the minimum:
+
+(a) two-choice narrowing (DualMap-style): up to ``narrow_above`` replicas every candidate is evaluated.
+    Above it, the *affinity set* is evaluated: the two dual-ring candidates of the adaptive prefix key
+    (hot prefixes get longer keys, see ``HotPrefixKeyer``; the Mooncake conversation trace shares block 0
+    in every request) plus, for adapter requests, the two ring candidates of the adapter id (its stable
+    "home" pair, so an adapter stays resident on few replicas). Only when the affinity set's best exceeds
+    ``switch_fraction`` x SLO are the least-loaded replica (by queue seconds) and the least-loaded replica
+    holding the adapter on GPU added. Prefix matching is O(log blocks) per evaluated candidate.
+(b) SLO guard: if the best estimate still exceeds the request's TTFT SLO, the request goes to the
+    least-loaded healthy replica (by estimated queue seconds): the SLO is lost anyway, so spread load
+    rather than pile onto the replica that is already slowest to drain.
+(c) hotspot guard: a replica may hold at most ``max(hotspot_floor, ceil(hotspot_c x (T + 1) x w / W))`` of
+    the T requests this router has outstanding (weights w = prefill throughput 1/b1, so faster GPUs take
+    proportionally more; consistent hashing with bounded loads); if the pick is over its cap, the next
+    best evaluated candidate under its cap is taken.
+(d) exact ties prefer the ring candidates, in ring order, so an idle or uniform fleet maps keys by the
+    rings and a join/leave moves only ~1/N of the prefixes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import xxhash
+from pydantic import Field
+
+from ..policy import register
+from ..state import FleetState, ReplicaState
+from ..types import CandidateCost, Decision, RoutingRequest
+from ._common import (
+    BasePolicy,
+    DualRing,
+    HotPrefixKeyer,
+    PolicyParams,
+    RingCache,
+    TtftEstimate,
+    cost_of,
+    estimate_ttft,
+    fallback_key,
+    queue_seconds,
+    unit_blocks,
+)
+
+_xxh = xxhash.xxh3_64_intdigest
+
+
+class CorralParams(PolicyParams):
+    ttft_slo_s: float = Field(2.0, gt=0.0)
+    slo_classes: dict[str, float] = Field(default_factory=dict)
+    """TTFT SLO in seconds per ``RoutingRequest.slo_class``; other classes use ``ttft_slo_s``."""
+    narrow_above: int = Field(16, ge=1)
+    switch_fraction: float = Field(0.5, gt=0.0)
+    slo_guard: bool = True
+    hotspot_c: float | None = Field(1.5, gt=1.0)
+    hotspot_floor: int = Field(4, ge=1)
+    chunk_tokens: int = Field(0, ge=0)
+    """Prefill tokens per engine step; 0 = the replica profile's ``max_num_batched_tokens``."""
+    adapter_mb: float = Field(85.0, gt=0.0)
+    key_block_tokens: int = Field(512, ge=1)
+    window: int = Field(200, ge=1)
+    min_samples: int = Field(20, ge=1)
+    expand_factor: float = Field(2.0, gt=0.0)
+    merge_factor: float = Field(1.0, ge=0.0)
+    vnodes: int = Field(160, ge=1)
+
+
+class _Fleetwide:
+    """Per-model data that only changes with membership: rings and throughput weights."""
+
+    __slots__ = ("rings", "weight", "weight_sum")
+
+    def __init__(self, rings: DualRing, cands: list[ReplicaState]) -> None:
+        self.rings = rings
+        self.weight = {r.replica_id: 1.0 / max(r.profile.b1_us, 1e-9) for r in cands}
+        self.weight_sum = sum(self.weight.values())
+
+
+@register("corral")
+class Corral(BasePolicy):
+    Params = CorralParams
+    category = "BALANCE"
+    params: CorralParams
+
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        p = self.params
+        self.keyer = HotPrefixKeyer(p.window, p.min_samples, p.expand_factor, p.merge_factor)
+        self._fw: dict[str, tuple[int, _Fleetwide]] = {}
+        self._rings = RingCache(lambda ids: DualRing(ids, p.vnodes))
+
+    def _fleetwide(self, model: str, fleet: FleetState, cands: list[ReplicaState]) -> _Fleetwide:
+        hit = self._fw.get(model)
+        if hit is not None and hit[0] == fleet.version:
+            return hit[1]
+        fw = _Fleetwide(self._rings.get(model, fleet, cands), cands)
+        self._fw[model] = (fleet.version, fw)
+        return fw
+
+    def slo_for(self, req: RoutingRequest) -> float:
+        if req.slo_class is not None:
+            return self.params.slo_classes.get(req.slo_class, self.params.ttft_slo_s)
+        return self.params.ttft_slo_s
+
+    def choose(self, req: RoutingRequest, fleet: FleetState, now: float, explain: bool = False) -> Decision:
+        p = self.params
+        age, chunk = p.sample_max_age_s, p.chunk_tokens
+        adapter_mb = req.adapter_size_mb if req.adapter_size_mb is not None else p.adapter_mb
+        cands = self.candidates(req, fleet)
+        n = len(cands)
+        fw = self._fleetwide(req.model, fleet, cands)
+        k = self.keyer.key(req.block_hashes, unit_blocks(p.key_block_tokens, cands[0].block_size), n)
+        key = k[1] if k is not None else fallback_key(req)
+        c1, c2 = fw.rings.pair(key)
+        rank: dict[str, int] = {}
+        roles: dict[str, str] = {}
+        if req.adapter is not None:
+            a1, a2 = fw.rings.pair(_xxh(b"adapter\x00" + req.adapter.encode()))
+            for rid, role in ((a1, "adapter-ring-1"), (a2, "adapter-ring-2")):
+                rank.setdefault(rid, len(rank))
+                roles.setdefault(rid, role)
+        for rid, role in ((c1, "prefix-ring-1"), (c2, "prefix-ring-2")):
+            rank.setdefault(rid, len(rank))
+            roles.setdefault(rid, role)
+
+        est: dict[str, tuple[ReplicaState, TtftEstimate]] = {}
+
+        def evaluate(r: ReplicaState) -> None:
+            if r.replica_id not in est:
+                est[r.replica_id] = (
+                    r,
+                    estimate_ttft(r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb),
+                )
+
+        def best_of() -> tuple[ReplicaState, TtftEstimate]:
+            return min(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n)))
+
+        by_id = {r.replica_id: r for r in cands} if n > p.narrow_above else None
+        least: ReplicaState | None = None
+        if by_id is None:
+            for r in cands:
+                evaluate(r)
+            best_r, best = best_of()
+            scope = f"all {n}"
+        else:
+            for rid in rank:
+                evaluate(by_id[rid])
+            best_r, best = best_of()
+            scope = "affinity set"
+            if best.total_s > p.switch_fraction * self.slo_for(req):
+                least = self._least_loaded(cands, now)
+                roles.setdefault(least.replica_id, "least-loaded")
+                evaluate(least)
+                if req.adapter is not None:
+                    holders = [r for r in cands if req.adapter in r.adapters_gpu]
+                    if holders:
+                        h = self._least_loaded(holders, now)
+                        roles.setdefault(h.replica_id, "adapter-resident")
+                        evaluate(h)
+                best_r, best = best_of()
+                scope = f"affinity set + least loaded ({len(est)} of {n})"
+        chosen, chosen_e = best_r, best
+        reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
+
+        slo = self.slo_for(req)
+        if p.slo_guard and best.total_s > slo:
+            if least is None:
+                least = self._least_loaded(cands, now)
+                roles.setdefault(least.replica_id, "least-loaded")
+            evaluate(least)
+            if least is not best_r:
+                chosen, chosen_e = least, est[least.replica_id][1]
+                reason = (
+                    f"SLO guard: best {best.total_s:.3f}s on {best_r.replica_id} > SLO {slo:.3f}s "
+                    f"-> least loaded {least.replica_id} (queue {chosen_e.queue_s:.3f}s)"
+                )
+            else:
+                reason += f"; over SLO {slo:.3f}s but already the least loaded"
+
+        if p.hotspot_c is not None:
+            total = sum(len(r.in_flight) for r in cands)
+
+            def cap(r: ReplicaState) -> float:
+                return max(
+                    p.hotspot_floor,
+                    math.ceil(p.hotspot_c * (total + 1) * fw.weight[r.replica_id] / fw.weight_sum),  # type: ignore[operator]
+                )
+
+            held = len(chosen.in_flight)
+            if held + 1 > cap(chosen):
+                ordered = sorted(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n)))
+                alt = next((t for t in ordered if len(t[0].in_flight) + 1 <= cap(t[0])), None)
+                if alt is None:
+                    lr = min(cands, key=lambda r: (len(r.in_flight) / fw.weight[r.replica_id], r.replica_id))
+                    roles.setdefault(lr.replica_id, "least-outstanding")
+                    evaluate(lr)
+                    alt = est[lr.replica_id]
+                reason = (
+                    f"hotspot guard: {chosen.replica_id} holds {held} of {total} outstanding "
+                    f"(cap {cap(chosen):.0f}) -> {alt[0].replica_id} ({alt[1].total_s:.3f}s); was: {reason}"
+                )
+                chosen, chosen_e = alt
+
+        trace: list[CandidateCost] | None = None
+        if explain:
+            trace = []
+            for r, e in sorted(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n))):
+                trace.append(
+                    cost_of(
+                        r,
+                        e,
+                        role=roles.get(r.replica_id, "-"),
+                        outstanding=len(r.in_flight),
+                        uncached_tokens=e.uncached_tokens,
+                        chosen=r is chosen,
+                    )
+                )
+        return self.decision(req, chosen, reason, cached_blocks=chosen_e.cached_blocks, candidates=trace)
+
+    def _least_loaded(self, cands: list[ReplicaState], now: float) -> ReplicaState:
+        age, chunk = self.params.sample_max_age_s, self.params.chunk_tokens
+        best_r = cands[0]
+        best: tuple[float, int] = (math.inf, 0)
+        for r in cands:
+            q = queue_seconds(r, now, age, chunk) if r.pending_prefill_tokens or r.last_sample else 0.0
+            k = (q, len(r.in_flight))
+            if k < best:
+                best_r, best = r, k
+        return best_r

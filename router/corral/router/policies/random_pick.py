@@ -1,0 +1,19 @@
+"""``random``: a uniformly random healthy replica of the model (seeded; LoRA- and cache-unaware)."""
+
+from __future__ import annotations
+
+from ..policy import register
+from ..state import FleetState
+from ..types import Decision, RoutingRequest
+from ._common import BasePolicy, explain_costs
+
+
+@register("random")
+class RandomPick(BasePolicy):
+    category = "DISTRIBUTION"
+
+    def choose(self, req: RoutingRequest, fleet: FleetState, now: float, explain: bool = False) -> Decision:
+        cands = self.candidates(req, fleet)
+        chosen = cands[self.rng.randrange(len(cands))]
+        trace = explain_costs(req, cands, now, {}) if explain else None
+        return self.decision(req, chosen, f"uniform random of {len(cands)}", candidates=trace)
