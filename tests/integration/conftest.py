@@ -162,7 +162,8 @@ class K8sCluster:
         if self._dynamic is None:
             from kubernetes.dynamic import DynamicClient
 
-            self._dynamic = DynamicClient(self.api_client)
+            # discovery cache in the run dir (the default is a file per apiserver URL in /tmp)
+            self._dynamic = DynamicClient(self.api_client, cache_file=str(self.run_dir / "discovery.json"))
         return self._dynamic
 
     def request(
@@ -223,6 +224,36 @@ class K8sCluster:
             query.append(("dryRun", "All"))
         return self.request("POST", res.path(namespace=ns), body, query=query)
 
+    def apply(
+        self,
+        obj: dict[str, Any],
+        namespace: str | None = None,
+        *,
+        field_validation: str = "Strict",
+        force: bool = True,
+        dry_run: bool = False,
+    ) -> ApiResult:
+        """Server-side apply (field manager ``corral-tests``), like ``kubectl apply --server-side``.
+
+        Creates or updates; never raises on 4xx. Namespaced objects go to ``namespace`` (overriding
+        metadata.namespace)."""
+        res = self.resource(obj["apiVersion"], obj["kind"])
+        body = json.loads(json.dumps(obj))
+        ns = None
+        if res.namespaced:
+            ns = namespace or body.get("metadata", {}).get("namespace") or "default"
+            body.setdefault("metadata", {})["namespace"] = ns
+        query = [("fieldValidation", field_validation), ("fieldManager", "corral-tests")]
+        if force:
+            query.append(("force", "true"))
+        if dry_run:
+            query.append(("dryRun", "All"))
+        path = res.path(name=body["metadata"]["name"], namespace=ns)
+        # JSON is valid YAML: send it as a pre-serialised string so the client does not re-encode it
+        return self.request(
+            "PATCH", path, json.dumps(body), query=query, content_type="application/apply-patch+yaml"
+        )
+
     # ------------------------------------------------------------------ waiting
     @staticmethod
     def wait_until(
@@ -230,7 +261,8 @@ class K8sCluster:
     ) -> T:
         """Poll ``fn`` until it returns a truthy value (returned); K8sError after ``timeout`` seconds.
 
-        Exceptions from ``fn`` count as "not yet" and the last one is reported on timeout."""
+        Exceptions from ``fn`` count as "not yet" (the last one is reported on timeout), except
+        AssertionError, which is final and propagates at once."""
         deadline = time.monotonic() + timeout
         last_exc: BaseException | None = None
         while True:
@@ -239,6 +271,8 @@ class K8sCluster:
                 if value:
                     return value
                 last_exc = None
+            except AssertionError:
+                raise
             except Exception as exc:  # not ready yet (404, connection refused, ...)
                 last_exc = exc
             if time.monotonic() >= deadline:
