@@ -29,11 +29,12 @@ POOL: dict[str, Any] = {
         "gpuClasses": [
             {"name": "h100", "gpusPerReplica": 1, "minReplicas": 2, "maxReplicas": 4, "replicas": 3,
              "profile": "H100", "acceleratorType": "H100", "nodeSelector": {"gpu": "h100"}},
-            {"name": "a100", "gpusPerReplica": 2, "minReplicas": 1, "maxReplicas": 2, "profile": "A100-80GB"},
+            {"name": "a100", "gpusPerReplica": 2, "minReplicas": 1, "maxReplicas": 2, "profile": "A100-80GB",
+             "profileOverrides": {"kvCapacityTokens": 100000, "b0Us": 1.5}},
         ],
         "adapters": [
             {"name": "sql", "baseModel": "llama-8b", "rank": 16, "source": "file:///a/sql"},
-            {"name": "tiny-chat", "baseModel": "tiny", "rank": 8, "source": "s3://b/tiny-chat"},
+            {"name": "tiny-chat", "baseModel": "tiny", "rank": 8, "source": "s3://bucket/loras/tiny-chat"},
         ],
         "adapterCache": {"gpuSlots": 4, "cpuSlots": 16},
     },
@@ -72,6 +73,7 @@ def test_one_engine_deployment_per_model_and_class_plus_router() -> None:
     assert a.num_replicas == 1 and a.ray_actor_options["num_gpus"] == 2
     assert "accelerator_type" not in a.ray_actor_options
     assert a.init_kwargs["profile"] == "A100-80GB"
+    assert a.init_kwargs["profile_overrides"] == {"kv_capacity_tokens": 100000, "b0_us": 1.5}
 
     s = by["engine-tiny-h100"]
     assert s.ray_actor_options["num_gpus"] == 0  # the simulator needs no GPU...
@@ -155,7 +157,12 @@ def test_pydantic_models_are_accepted() -> None:
     pool = api.ModelPool.model_validate(POOL)
     policy = api.RoutingPolicy.model_validate(POLICY)
     plan = plan_pool(pool, policy)
-    assert plan.engines[0].name == "engine-llama-8b-h100"
+    from_dicts = plan_pool(POOL, POLICY)
+    assert [e.name for e in plan.engines] == [e.name for e in from_dicts.engines]
+    for e, d in zip(plan.engines, from_dicts.engines, strict=True):
+        assert e.num_replicas == d.num_replicas and e.ray_actor_options == d.ray_actor_options
+        assert e.init_kwargs["profile_overrides"] == d.init_kwargs["profile_overrides"]
+    assert plan.router.user_config["policy"]["adapterPaging"]["pin"] == ["sql"]
 
 
 def test_builder_module_does_not_import_ray() -> None:

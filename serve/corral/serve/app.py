@@ -74,6 +74,7 @@ class ServeOptions:
     sim_time_scale: float = 1.0  # >1 runs the simulator faster than wall clock
     heartbeat_s: float = 2.0  # engine -> registry refresh; entries expire after 3x this
     advertise_host: str | None = None  # engines' published host (default: the node IP)
+    engine_override: str | None = None  # run every model on this engine ("sim", or "echo" for benchmarks)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -185,6 +186,11 @@ def _get(d: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+def _snake_keys(d: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"kvCapacityTokens": 1}`` -> ``{"kv_capacity_tokens": 1}`` (GpuProfile field names)."""
+    return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower(): v for k, v in (d or {}).items() if v is not None}
+
+
 def pool_id_of(pool_cr: Mapping[str, Any]) -> str:
     meta = pool_cr.get("metadata") or {}
     name = meta.get("name") or "pool"
@@ -228,8 +234,8 @@ def plan_pool(
     engines: list[EngineDeploymentPlan] = []
     for m in models:
         mname = m["name"]
-        engine = str(_get(m, "engine", default="sim"))
-        if engine not in ("sim", "vllm"):
+        engine = opts.engine_override or str(_get(m, "engine", default="sim"))
+        if engine not in ("sim", "vllm", "echo"):
             raise ValueError(f"model {mname}: unknown engine {engine!r} (sim, vllm)")
         for c in classes:
             cname = c["name"]
@@ -260,6 +266,7 @@ def plan_pool(
                 "max_model_len": int(_get(m, "maxModelLen", "max_model_len", default=8192)),
                 "gpu_class": cname,
                 "profile": _get(c, "profile", default=None) or cname,
+                "profile_overrides": _snake_keys(_get(c, "profileOverrides", "profile_overrides", default={})),
                 "gpus_per_replica": gpus,
                 "block_size": block_size,
                 "max_loras": int(_get(cache, "gpuSlots", "gpu_slots", default=4)),
@@ -296,6 +303,7 @@ def plan_pool(
             "grpc_port": opts.router_grpc_port,
             "http_port": opts.router_http_port,
             "metrics_port": opts.router_metrics_port,
+            "advertise_host": opts.advertise_host,
             "models": [
                 {
                     "name": m["name"],
@@ -338,10 +346,13 @@ def serve_config(
 
 def build_application(plan: PoolPlan) -> Any:
     """The Serve ``Application`` of a plan: engine deployments bound into the router (the ingress)."""
-    from .deployments import EngineDeployment, RouterDeployment
+    from . import deployments
+
+    engine_dep: Any = deployments.EngineDeployment  # Serve Deployment objects (typed as classes)
+    router_dep: Any = deployments.RouterDeployment
 
     engines = [
-        EngineDeployment.options(
+        engine_dep.options(
             name=e.name,
             num_replicas=e.num_replicas,
             ray_actor_options=e.ray_actor_options,
@@ -353,7 +364,7 @@ def build_application(plan: PoolPlan) -> Any:
         for e in plan.engines
     ]
     r = plan.router
-    return RouterDeployment.options(
+    return router_dep.options(
         name=r.name,
         num_replicas=r.num_replicas,
         ray_actor_options=r.ray_actor_options,
