@@ -188,7 +188,8 @@ def _get(d: Mapping[str, Any], *names: str, default: Any = None) -> Any:
 
 def _snake_keys(d: Mapping[str, Any] | None) -> dict[str, Any]:
     """``{"kvCapacityTokens": 1}`` -> ``{"kv_capacity_tokens": 1}`` (GpuProfile field names)."""
-    return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower(): v for k, v in (d or {}).items() if v is not None}
+    items = (d or {}).items()
+    return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower(): v for k, v in items if v is not None}
 
 
 def pool_id_of(pool_cr: Mapping[str, Any]) -> str:
@@ -266,7 +267,7 @@ def plan_pool(
                 "max_model_len": int(_get(m, "maxModelLen", "max_model_len", default=8192)),
                 "gpu_class": cname,
                 "profile": _get(c, "profile", default=None) or cname,
-                "profile_overrides": _snake_keys(_get(c, "profileOverrides", "profile_overrides", default={})),
+                "profile_overrides": _snake_keys(_get(c, "profileOverrides", "profile_overrides")),
                 "gpus_per_replica": gpus,
                 "block_size": block_size,
                 "max_loras": int(_get(cache, "gpuSlots", "gpu_slots", default=4)),
