@@ -46,9 +46,13 @@ class BasePolicy(Policy):
             self.params = self.Params(**params)
         except ValidationError as e:
             known = ", ".join(sorted(self.Params.model_fields))
-            raise ValueError(
-                f"invalid params for policy {self.name!r}: {e}\n(known params: {known})"
-            ) from None
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or '?'}: "
+                + ("unknown parameter" if err["type"] == "extra_forbidden" else err["msg"])
+                for err in e.errors()
+            )
+            msg = f"invalid params for policy {self.name!r}: {problems} (known params: {known})"
+            raise ValueError(msg) from None
         self.rng = random.Random(self.params.seed)
 
     # ---- helpers -------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ so an H100 and an L4 are compared in the same unit. Around the minimum:
     the T requests this router has outstanding (weights w = prefill throughput 1/b1, so faster GPUs take
     proportionally more; consistent hashing with bounded loads); if the pick is over its cap, the next
     best evaluated candidate under its cap is taken.
-(d) exact ties prefer the ring candidates, in ring order, so an idle or uniform fleet maps keys by the
-    rings and a join/leave moves only ~1/N of the prefixes.
+(d) near-ties (within ``max(tie_tolerance_s, tie_tolerance_rel x best)``) go to the candidate with more
+    cached blocks (same latency, less fleet compute), then to the ring candidates in ring order, so an
+    idle or uniform fleet maps keys by the rings and a join/leave moves only ~1/N of the prefixes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class CorralParams(PolicyParams):
     slo_classes: dict[str, float] = Field(default_factory=dict)
     """TTFT SLO in seconds per ``RoutingRequest.slo_class``; other classes use ``ttft_slo_s``."""
     narrow_above: int = Field(16, ge=1)
+    tie_tolerance_s: float = Field(0.002, ge=0.0)
+    tie_tolerance_rel: float = Field(0.02, ge=0.0)
+    """Estimates within max(abs, rel x best) count as tied: the candidate with more cached blocks wins."""
     switch_fraction: float = Field(0.5, gt=0.0)
     slo_guard: bool = True
     hotspot_c: float | None = Field(1.5, gt=1.0)
@@ -143,7 +147,13 @@ class Corral(BasePolicy):
                 )
 
         def best_of() -> tuple[ReplicaState, TtftEstimate]:
-            return min(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n)))
+            lo = min(e.total_s for _, e in est.values())
+            tol = lo + max(p.tie_tolerance_s, p.tie_tolerance_rel * lo)
+            near = [t for t in est.values() if t[1].total_s <= tol]
+            if len(near) == 1:
+                return near[0]
+            # Near-ties: more reuse (less fleet compute), then ring order (stable), then the estimate.
+            return min(near, key=lambda t: (-t[1].cached_blocks, rank.get(t[0].replica_id, n), t[1].total_s))
 
         by_id = {r.replica_id: r for r in cands} if n > p.narrow_above else None
         least: ReplicaState | None = None

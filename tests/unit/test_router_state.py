@@ -1,0 +1,101 @@
+"""Replica state: approximate LRU index bounded by capacity and prefix-closed, precise mode events."""
+
+from __future__ import annotations
+
+from router_testkit import fleet, prompt, req
+
+from corral.router.events import (
+    AdapterLoaded,
+    AdapterUnloaded,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    LoadSample,
+)
+from corral.router.state import PrefixIndex
+
+
+def test_approximate_index_is_bounded_lru_and_evicts_tails_first() -> None:
+    f = fleet(1, kv_blocks=10)
+    r = f.replicas["r000"]
+    a, b = req("a", prompt(1, 16 * 8)), req("b", prompt(2, 16 * 6))
+    f.on_dispatch("r000", a)
+    assert r.index.match(a.block_hashes) == 8
+    f.on_dispatch("r000", b)
+    assert len(r.index) == 10  # bounded by capacity
+    assert r.index.match(b.block_hashes) == 6
+    # a's tail was evicted, its head kept: still a 4-block prefix hit (prefix closure)
+    assert r.index.match(a.block_hashes) == 4 == r.index.match_exact(a.block_hashes)
+
+
+def test_galloping_match_equals_exact_walk_on_prefix_closed_index() -> None:
+    idx = PrefixIndex(10_000, prefix_closed=True)
+    hs = list(range(1, 3000))
+    for k in (0, 1, 2, 3, 7, 8, 100, 1024, 2998, 2999):
+        idx.clear()
+        idx.insert(hs[:k])
+        assert idx.match(hs) == k == idx.match_exact(hs)
+
+
+def test_precise_mode_follows_engine_events_only() -> None:
+    f = fleet(1, mode="precise")
+    r = f.replicas["r000"]
+    q = req("a", prompt(3, 16 * 5))
+    f.on_dispatch("r000", q)
+    assert r.index.match(q.block_hashes) == 0  # dispatch does not fill the precise index
+    hs = tuple(q.block_hashes)
+    f.apply(BlockStored("r000", hs))
+    assert r.index.match(q.block_hashes) == 5
+    f.apply(BlockRemoved("r000", hs[2:3]))  # a hole: precise match stops there
+    assert r.index.match(q.block_hashes) == 2
+    f.apply(AllBlocksCleared("r000"))
+    assert r.index.match(q.block_hashes) == 0
+    f.apply(BlockStored("nope", hs))  # unknown replica: ignored
+
+
+def test_approximate_mode_ignores_block_events() -> None:
+    f = fleet(1)
+    q = req("a", prompt(4, 64))
+    f.apply(BlockStored("r000", tuple(q.block_hashes)))
+    assert f.replicas["r000"].index.match(q.block_hashes) == 0
+
+
+def test_adapter_events_and_tiers() -> None:
+    f = fleet(1, mode="precise")
+    r = f.replicas["r000"]
+    assert r.adapter_tier("x") == "disk" and r.adapter_tier(None) == "gpu"
+    f.apply(AdapterLoaded("r000", "x", "cpu"))
+    assert r.adapter_tier("x") == "cpu"
+    f.apply(AdapterLoaded("r000", "x", "gpu"))
+    assert r.adapter_tier("x") == "gpu" and "x" not in r.adapters_cpu
+    f.apply(AdapterUnloaded("r000", "x", "gpu"))
+    assert r.adapter_tier("x") == "disk"
+
+
+def test_accounting_dispatch_first_token_finish() -> None:
+    f = fleet(1)
+    r = f.replicas["r000"]
+    q = req("a", prompt(5, 100))
+    f.on_dispatch("r000", q)
+    assert r.pending_prefill_tokens == 100 and r.outstanding == 1 and r.waiting_requests == 1
+    f.on_first_token("r000", "a")
+    f.on_first_token("r000", "a")  # idempotent
+    assert r.pending_prefill_tokens == 0 and r.decode_requests == 1 and r.waiting_requests == 0
+    f.on_finish("r000", "a")
+    assert r.outstanding == 0 and r.decode_requests == 0
+    q2 = req("b", prompt(5, 100))  # same prompt: 6 full blocks cached
+    f.on_dispatch("r000", q2)
+    assert r.pending_prefill_tokens == 100 - 6 * 16
+    f.on_finish("r000", "b")  # finished before first token
+    assert r.pending_prefill_tokens == 0
+
+
+def test_membership_and_health_bump_version() -> None:
+    f = fleet(3)
+    v = f.version
+    f.set_healthy("r001", False)
+    assert [r.replica_id for r in f.candidates("m")] == ["r000", "r002"] and f.version > v
+    f.remove_replica("r000")
+    assert [r.replica_id for r in f.candidates("m")] == ["r002"]
+    f.apply(LoadSample("r002", 1.0, 2, 3, 400, 900, 0.5))
+    assert f.replicas["r002"].last_sample is not None
