@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.router.request import build_request
 from corral.router.state import FleetState

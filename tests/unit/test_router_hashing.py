@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from router_testkit import prompt
-
 from corral.router.hashing import block_hashes, salt_for, salted_ids
 from corral.router.request import ByteTokenizer, build_request, request_from_block_ids
+from router_testkit import prompt
 
 
 def test_only_full_blocks_are_hashed() -> None:

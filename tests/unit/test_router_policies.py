@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from router_testkit import fleet, prompt, req
-
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.router.events import AdapterLoaded, BlockStored, LoadSample
 from corral.router.explain import format_decision
 from corral.router.policy import NoReplicaError, make_policy, policy_names
 from corral.router.request import request_from_block_ids
 from corral.router.state import FleetState
+from router_testkit import fleet, prompt, req
 
 ALL = [
     "approx_prefix",
@@ -44,7 +43,7 @@ def test_unknown_policy() -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_no_replica_error_names_the_model(name: str) -> None:
     f = fleet(2)
-    with pytest.raises(NoReplicaError, match="'other'.*models served: m"):
+    with pytest.raises(NoReplicaError, match=r"'other'.*models served: m"):
         make_policy(name).choose(req("a", prompt(0, 64), model="other"), f, 0.0)
     for rid in list(f.replicas):
         f.set_healthy(rid, False)
@@ -280,3 +279,15 @@ def test_corral_large_pool_finds_cache_via_ring_affinity() -> None:
     f.on_dispatch(first.replica_id, req("a", prompt(0, 4000)))
     again = p.choose(req("b", prompt(0, 4000)), f, 0.0)
     assert again.replica_id == first.replica_id and again.cached_blocks == 250
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_policy_instance_across_fleets(name: str) -> None:
+    """Ring caches must not leak between FleetState objects with equal versions."""
+    p = make_policy(name)
+    a, b = fleet(20), FleetState()
+    for i in range(20):
+        b.add_replica(f"other{i}", "m", "H100", BUILTIN_PROFILES["H100"])
+    assert a.version == b.version
+    assert p.choose(req("x", prompt(0, 600)), a, 0.0).replica_id in a.replicas
+    assert p.choose(req("x", prompt(0, 600)), b, 0.0).replica_id in b.replicas

@@ -4,13 +4,12 @@ determinism for a fixed state and seed, and bounded remapping when a replica joi
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from router_testkit import fleet, prompt, req
-
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.router.policy import make_policy, policy_names
 from corral.router.state import FleetState
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from router_testkit import fleet, prompt, req
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GPUS = ["H100", "A100-80GB", "L4"]

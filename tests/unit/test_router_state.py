@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from router_testkit import fleet, prompt, req
-
 from corral.router.events import (
     AdapterLoaded,
     AdapterUnloaded,
@@ -13,6 +11,7 @@ from corral.router.events import (
     LoadSample,
 )
 from corral.router.state import PrefixIndex
+from router_testkit import fleet, prompt, req
 
 
 def test_approximate_index_is_bounded_lru_and_evicts_tails_first() -> None:

@@ -288,19 +288,19 @@ class DualRing:
 
 
 class RingCache:
-    """Rebuilds rings only when the fleet's membership/health version or the candidate set changes."""
+    """Rebuilds rings only when the fleet object, its membership/health version or the candidates change."""
 
     def __init__(self, factory: Any) -> None:
         self._factory = factory
-        self._cache: dict[str, tuple[int, tuple[str, ...], Any]] = {}
+        self._cache: dict[str, tuple[FleetState, int, tuple[str, ...], Any]] = {}
 
     def get(self, model: str, fleet: FleetState, cands: Sequence[ReplicaState]) -> Any:
         hit = self._cache.get(model)
-        if hit is not None and hit[0] == fleet.version:
-            return hit[2]
+        if hit is not None and hit[0] is fleet and hit[1] == fleet.version:
+            return hit[3]
         ids = tuple(r.replica_id for r in cands)
-        ring = hit[2] if hit is not None and hit[1] == ids else self._factory(ids)
-        self._cache[model] = (fleet.version, ids, ring)
+        ring = hit[3] if hit is not None and hit[2] == ids else self._factory(ids)
+        self._cache[model] = (fleet, fleet.version, ids, ring)
         return ring
 
 

@@ -82,10 +82,11 @@ class CorralParams(PolicyParams):
 class _Fleetwide:
     """Per-model data that only changes with membership: rings and throughput weights."""
 
-    __slots__ = ("rings", "weight", "weight_sum")
+    __slots__ = ("by_id", "rings", "weight", "weight_sum")
 
     def __init__(self, rings: DualRing, cands: list[ReplicaState]) -> None:
         self.rings = rings
+        self.by_id = {r.replica_id: r for r in cands}
         self.weight = {r.replica_id: 1.0 / max(r.profile.b1_us, 1e-9) for r in cands}
         self.weight_sum = sum(self.weight.values())
 
@@ -100,15 +101,15 @@ class Corral(BasePolicy):
         super().__init__(**params)
         p = self.params
         self.keyer = HotPrefixKeyer(p.window, p.min_samples, p.expand_factor, p.merge_factor)
-        self._fw: dict[str, tuple[int, _Fleetwide]] = {}
+        self._fw: dict[str, tuple[FleetState, int, _Fleetwide]] = {}
         self._rings = RingCache(lambda ids: DualRing(ids, p.vnodes))
 
     def _fleetwide(self, model: str, fleet: FleetState, cands: list[ReplicaState]) -> _Fleetwide:
         hit = self._fw.get(model)
-        if hit is not None and hit[0] == fleet.version:
-            return hit[1]
+        if hit is not None and hit[0] is fleet and hit[1] == fleet.version:
+            return hit[2]
         fw = _Fleetwide(self._rings.get(model, fleet, cands), cands)
-        self._fw[model] = (fleet.version, fw)
+        self._fw[model] = (fleet, fleet.version, fw)
         return fw
 
     def slo_for(self, req: RoutingRequest) -> float:
@@ -155,7 +156,7 @@ class Corral(BasePolicy):
             # Near-ties: more reuse (less fleet compute), then ring order (stable), then the estimate.
             return min(near, key=lambda t: (-t[1].cached_blocks, rank.get(t[0].replica_id, n), t[1].total_s))
 
-        by_id = {r.replica_id: r for r in cands} if n > p.narrow_above else None
+        by_id = fw.by_id if n > p.narrow_above else None
         least: ReplicaState | None = None
         if by_id is None:
             for r in cands:
@@ -197,7 +198,8 @@ class Corral(BasePolicy):
             else:
                 reason += f"; over SLO {slo:.3f}s but already the least loaded"
 
-        if p.hotspot_c is not None:
+        # cap >= hotspot_floor, so the O(N) total is only needed when the pick is above the floor
+        if p.hotspot_c is not None and len(chosen.in_flight) + 1 > p.hotspot_floor:
             total = sum(len(r.in_flight) for r in cands)
 
             def cap(r: ReplicaState) -> float:
