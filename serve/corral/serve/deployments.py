@@ -62,6 +62,7 @@ async def make_engine(
     max_model_len: int,
     engine_args: dict[str, Any],
     sim_time_scale: float = 1.0,
+    profile_overrides: dict[str, Any] | None = None,
 ) -> Any:
     """Build the engine a replica serves (an object satisfying ``corral.serve.endpoint.Engine``)."""
     if engine == "vllm":
@@ -104,7 +105,7 @@ async def make_engine(
             max_cpu_loras=max_cpu_loras,
             max_model_len=max_model_len,
             time_scale=sim_time_scale,
-            **engine_args,
+            profile_overrides=profile_overrides or {},
         )
     raise ValueError(f"unknown engine {engine!r}")
 
@@ -130,6 +131,7 @@ class EngineDeployment:
         max_model_len: int,
         gpu_class: str,
         profile: str,
+        profile_overrides: dict[str, Any] | None = None,
         gpus_per_replica: float = 1,
         block_size: int = 16,
         max_loras: int = 4,
@@ -157,6 +159,7 @@ class EngineDeployment:
             max_model_len=max_model_len,
             engine_args=engine_args,
             sim_time_scale=sim_time_scale,
+            profile_overrides=profile_overrides,
         )
         host = advertise_host or _node_ip()
         self.endpoint = await EngineEndpoint.start(self.engine, host, 0)
@@ -209,11 +212,13 @@ class EngineDeployment:
 
     async def __del__(self) -> None:
         self._closed = True
-        with contextlib.suppress(Exception):
-            await self.heartbeat.stop()
-        with contextlib.suppress(Exception):
-            await self.endpoint.stop(1.0)
-        close = getattr(self.engine, "close", None)
+        if (hb := getattr(self, "heartbeat", None)) is not None:
+            with contextlib.suppress(Exception):
+                await hb.stop()
+        if (ep := getattr(self, "endpoint", None)) is not None:
+            with contextlib.suppress(Exception):
+                await ep.stop(1.0)
+        close = getattr(getattr(self, "engine", None), "close", None)
         if close is not None:
             with contextlib.suppress(Exception):
                 res = close()
@@ -388,6 +393,8 @@ class RouterDeployment:
             raise RuntimeError("router replica is shutting down")
 
     async def __del__(self) -> None:
+        if not hasattr(self, "_stop"):
+            return  # __init__ did not finish
         self._stop.set()
         for t in self._tasks:
             t.cancel()
