@@ -1,0 +1,70 @@
+"""The ``corral`` command line: argparse with subcommands from :mod:`corral.api.commands`.
+
+Only the module of the subcommand being run is imported (see :mod:`corral.api.commands` for how to add
+one), so ``corral validate`` and ``corral crds`` stay free of Ray, kopf and the other components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .commands import Command, commands
+
+
+def _selected(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the ``selected`` command's module is imported and fully configured."""
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Corral: serve many LLMs and LoRA adapters on Kubernetes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for cmd in commands():
+        if cmd.name == selected:
+            _load(cmd).add_parser(sub)
+        else:
+            sub.add_parser(cmd.name, help=cmd.help, add_help=False)
+    return parser
+
+
+class CommandUnavailableError(RuntimeError):
+    """The module of a command (or one of its dependencies) is not installed."""
+
+
+def _load(cmd: Command):  # type: ignore[no-untyped-def]
+    try:
+        return importlib.import_module(cmd.module)
+    except ModuleNotFoundError as exc:
+        hint = f" (install corral[{cmd.extra}])" if cmd.extra else ""
+        raise CommandUnavailableError(f"command '{cmd.name}' is unavailable: {exc}{hint}") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``corral`` console script; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(_selected(args_list))
+    except CommandUnavailableError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(args_list)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr if args.command is None else sys.stdout)
+        return 2
+    return int(func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

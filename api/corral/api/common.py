@@ -1,0 +1,204 @@
+"""Shared building blocks of the CRD models: the base model, metadata, conditions and validation rules.
+
+This module owns:
+
+* :class:`CorralModel`, the base of every spec/status model (camelCase aliases, unknown fields rejected);
+* :class:`ObjectMeta` (permissive) and :class:`Condition` (Kubernetes condition shape);
+* :class:`CelRule`, one cross-field rule written once and used twice: rendered into the CRD as a CEL
+  ``x-kubernetes-validations`` entry, and checked in Python by the model validators with the *same*
+  message text, so ``corral validate`` and the kube-apiserver reject the same objects with the same words;
+* :func:`rule_error`, the pydantic error that carries field-precise rule violations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+GROUP = "corral.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+"""Lower-case RFC 1123 name: what Kubernetes, Ray Serve and file systems all accept."""
+NAME_MAX = 63
+
+RULE_ERROR_TYPE = "corral_rule"
+"""pydantic error type of :func:`rule_error`; its ``ctx['issues']`` holds ``(relative_path, message)``."""
+
+
+class CorralModel(BaseModel):
+    """Base of all CRD models: camelCase field names in YAML/JSON, snake_case in Python, strict keys."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=False,
+    )
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The object as Kubernetes JSON: camelCase keys, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def name_field(description: str, **kwargs: Any) -> Any:
+    """A required lower-case RFC 1123 name field."""
+    return Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN, description=description, **kwargs)
+
+
+def list_map(key: str = "name") -> dict[str, Any]:
+    """``json_schema_extra`` for a list of objects keyed by ``key`` (the apiserver rejects duplicate keys)."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """One CEL validation rule, evaluated by the apiserver with ``self`` = the object it is attached to.
+
+    ``message`` is the fixed text; ``message_expression`` (optional CEL) adds the offending values. The
+    Python twin of the rule reports ``message`` plus the same detail, so messages match word for word.
+    """
+
+    rule: str
+    message: str
+    field_path: str | None = None
+    message_expression: str | None = None
+    reason: str | None = None
+
+    def to_schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rule": self.rule, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def cel(*rules: CelRule) -> dict[str, Any]:
+    """``json_schema_extra`` that attaches ``rules`` as ``x-kubernetes-validations``."""
+    return {"x-kubernetes-validations": [r.to_schema() for r in rules]}
+
+
+Issue = tuple[str, str]
+"""A rule violation: (path relative to the validated object, e.g. ``.maxReplicas`` or ``.adapters[2]``,
+message)."""
+
+
+def rule_error(issues: Sequence[Issue]) -> PydanticCustomError:
+    """A pydantic error carrying one or more field-precise rule violations of one object."""
+    text = "; ".join(f"{path.lstrip('.')}: {msg}" if path else msg for path, msg in issues)
+    return PydanticCustomError(RULE_ERROR_TYPE, "{text}", {"text": text, "issues": tuple(issues)})
+
+
+def raise_issues(issues: Iterable[Issue]) -> None:
+    """Raise :func:`rule_error` if there is any issue."""
+    found = list(issues)
+    if found:
+        raise rule_error(found)
+
+
+def duplicates(names: Sequence[str], list_path: str) -> list[Issue]:
+    """Issues for repeated names in a list keyed by ``name``, worded like the apiserver's list-map check."""
+    seen: set[str] = set()
+    issues: list[Issue] = []
+    for i, name in enumerate(names):
+        if name in seen:
+            issues.append((f"{list_path}[{i}]", f'Duplicate value: {{"name":{json.dumps(name)}}}'))
+        seen.add(name)
+    return issues
+
+
+class ObjectMeta(BaseModel):
+    """Kubernetes object metadata: only ``name`` is required; everything else the apiserver adds is kept."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(min_length=1, max_length=253, description="Object name, unique in its namespace.")
+    namespace: str | None = Field(default=None, max_length=63, description="Namespace of the object.")
+    labels: dict[str, str] | None = Field(default=None, description="Labels (key/value pairs).")
+    annotations: dict[str, str] | None = Field(default=None, description="Annotations (key/value pairs).")
+
+
+ConditionType = Literal["Ready", "Progressing", "Degraded"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(CorralModel):
+    """One status condition, in the shape of Kubernetes' ``metav1.Condition``."""
+
+    type: ConditionType = Field(description="Condition type: Ready, Progressing or Degraded.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        default="",
+        max_length=1024,
+        pattern=r"^([A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?)?$",
+        description="CamelCase machine-readable reason of the last transition.",
+    )
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+def conditions_field() -> Any:
+    return Field(
+        default_factory=list,
+        max_length=8,
+        description="Latest observations of the object's state (Ready, Progressing, Degraded).",
+        json_schema_extra=list_map("type"),
+    )
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    """One ``additionalPrinterColumns`` entry of a CRD version (what ``kubectl get`` shows)."""
+
+    name: str
+    json_path: str
+    type: Literal["string", "integer", "number", "boolean", "date"] = "string"
+    description: str = ""
+    priority: int = 0
+
+    def to_schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "jsonPath": self.json_path, "type": self.type}
+        if self.description:
+            out["description"] = self.description
+        if self.priority:
+            out["priority"] = self.priority
+        return out
+
+
+AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
+READY_COLUMN = PrinterColumn(
+    "Ready", '.status.conditions[?(@.type=="Ready")].status', description="Ready condition status."
+)
+
+
+@dataclass(frozen=True)
+class CrdInfo:
+    """Names and printer columns of one kind's CRD (the schema itself comes from the pydantic model)."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    printer_columns: tuple[PrinterColumn, ...]
+    categories: tuple[str, ...] = ("corral",)
+    scope: Literal["Namespaced", "Cluster"] = "Namespaced"
+
+    @property
+    def name(self) -> str:
+        return f"{self.plural}.{GROUP}"

@@ -1,0 +1,215 @@
+"""The ``RoutingPolicy`` custom resource (``corral.dev/v1alpha1``, short name ``rp``).
+
+A RoutingPolicy tells the Corral router how to pick an engine replica for a ModelPool's requests: the
+strategy (Corral's cost model or a baseline), the KV block size used for prefix hashing, the TTFT SLO,
+load guards, adapter paging hints, model-selection rules and where tenant API keys live. This module owns
+its spec, status and rules. Changes hot-reload into running routers (Serve ``user_config``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    AGE_COLUMN,
+    NAME_MAX,
+    NAME_PATTERN,
+    READY_COLUMN,
+    Condition,
+    CorralModel,
+    CrdInfo,
+    ObjectMeta,
+    PrinterColumn,
+    conditions_field,
+    duplicates,
+    list_map,
+    name_field,
+    raise_issues,
+)
+
+Strategy = Literal[
+    "corral",
+    "round_robin",
+    "random",
+    "least_loaded",
+    "pow2",
+    "chbl",
+    "approx_prefix",
+    "precise_prefix",
+    "dualmap",
+]
+"""``corral`` (the cost model) or one of the baselines of DESIGN.md section 2 (same names as the bench)."""
+
+STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+
+BlockSize = Literal[8, 16, 32, 64, 128]
+"""KV cache block sizes vLLM supports; prefix hashing must use the engines' block size."""
+
+MAX_PINNED = 256
+MAX_RULES = 64
+
+AdapterName = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)]
+
+
+class LoadSpec(CorralModel):
+    """Load guards applied on top of the strategy."""
+
+    max_queue_requests_per_replica: int = Field(
+        default=32, ge=1, le=100_000, description="Waiting requests per replica beyond which it is skipped."
+    )
+    hotspot_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=10.0,
+        description="Bounded-load factor c: no replica takes more than c x the mean load.",
+    )
+    two_choice_above: int = Field(
+        default=16,
+        ge=0,
+        le=100_000,
+        description="With more candidate replicas than this, score two random candidates (power of two).",
+    )
+
+
+class AdapterPaging(CorralModel):
+    """Hints for the adapter paging manager."""
+
+    pin: list[AdapterName] = Field(
+        default_factory=list,
+        max_length=MAX_PINNED,
+        description="Adapters kept resident in a GPU slot on every replica.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    prefetch_to_cpu: bool = Field(
+        default=True, description="Prefetch adapters with rising demand into host memory."
+    )
+    replication_demand_rps: float = Field(
+        default=5.0,
+        gt=0,
+        le=1e6,
+        description="Demand (requests/s) per replica above which an adapter is loaded on another replica.",
+    )
+
+
+class ModelSelectionRule(CorralModel):
+    """One model-selection rule (placeholder: the match language is designed later)."""
+
+    name: str = name_field("Rule name.")
+    match: dict[str, Any] = Field(
+        default_factory=dict, description="Conditions on the request (free-form for now)."
+    )
+    target: str = Field(
+        min_length=1, max_length=NAME_MAX, description="Model or adapter name that matching requests go to."
+    )
+
+
+class ModelSelection(CorralModel):
+    """Rules that choose a model or adapter for a request."""
+
+    rules: list[ModelSelectionRule] = Field(
+        default_factory=list,
+        max_length=MAX_RULES,
+        description="Rules, first match wins (unique names).",
+        json_schema_extra=list_map(),
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelSelection:
+        raise_issues(duplicates([r.name for r in self.rules], ".rules"))
+        return self
+
+
+class SecretKeyRef(CorralModel):
+    """A key in a Secret of the same namespace."""
+
+    name: str = name_field("Secret name.")
+    key: str = Field(default="api-keys", min_length=1, max_length=253, description="Key in the Secret.")
+
+
+class Tenants(CorralModel):
+    """Tenant authentication."""
+
+    secret_ref: SecretKeyRef = Field(description="Secret key holding the tenants' API keys.")
+    isolate_cache: bool = Field(
+        default=False, description="Salt prefix hashes by tenant so tenants never share cached prefixes."
+    )
+
+
+class RoutingPolicySpec(CorralModel):
+    """Desired routing behaviour for one ModelPool."""
+
+    pool_ref: str = name_field("Name of the ModelPool (same namespace) this policy routes.")
+    strategy: Strategy = Field(
+        default="corral",
+        description="'corral' (cost model) or a baseline: round_robin, random, least_loaded, pow2, chbl, "
+        "approx_prefix, precise_prefix, dualmap.",
+    )
+    block_size: BlockSize = Field(
+        default=16, description="KV cache block size in tokens used for prefix hashing (8..128)."
+    )
+    ttft_slo_ms: float = Field(
+        default=2000.0, gt=0, le=600_000, description="Time-to-first-token SLO in milliseconds (> 0)."
+    )
+    load: LoadSpec = Field(
+        default_factory=LoadSpec, description="Load guards.", json_schema_extra={"default": {}}
+    )
+    adapter_paging: AdapterPaging = Field(
+        default_factory=AdapterPaging, description="Adapter paging hints.", json_schema_extra={"default": {}}
+    )
+    model_selection: ModelSelection = Field(
+        default_factory=ModelSelection,
+        description="Model-selection rules.",
+        json_schema_extra={"default": {}},
+    )
+    tenants: Tenants | None = Field(default=None, description="Tenant API keys; open access if unset.")
+
+
+class RouterStatus(CorralModel):
+    """One router instance that has loaded this policy."""
+
+    id: str = Field(max_length=253, description="Router instance id.")
+    ready: bool = Field(default=False, description="Whether the router serves traffic.")
+    policy_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation of the policy the router runs."
+    )
+
+
+class RoutingPolicyStatus(CorralModel):
+    """Observed state of a RoutingPolicy, written by the operator."""
+
+    observed_generation: int | None = Field(default=None, ge=0, description="Last metadata.generation seen.")
+    conditions: list[Condition] = conditions_field()
+    active_strategy: Strategy | None = Field(default=None, description="Strategy the routers run now.")
+    routers: list[RouterStatus] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Router instances and the policy generation each runs.",
+        json_schema_extra=list_map("id"),
+    )
+
+
+class RoutingPolicy(CorralModel):
+    """How the Corral router places one ModelPool's requests on its replicas."""
+
+    crd: ClassVar[CrdInfo] = CrdInfo(
+        kind="RoutingPolicy",
+        plural="routingpolicies",
+        singular="routingpolicy",
+        short_names=("rp",),
+        printer_columns=(
+            PrinterColumn("Pool", ".spec.poolRef", description="ModelPool routed by this policy."),
+            PrinterColumn("Strategy", ".spec.strategy", description="Requested strategy."),
+            READY_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+
+    api_version: Literal["corral.dev/v1alpha1"] = Field(
+        default="corral.dev/v1alpha1", description="corral.dev/v1alpha1"
+    )
+    kind: Literal["RoutingPolicy"] = Field(default="RoutingPolicy", description="RoutingPolicy")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: RoutingPolicySpec = Field(description="Desired state.")
+    status: RoutingPolicyStatus | None = Field(default=None, description="Observed state (operator-written).")
