@@ -146,8 +146,8 @@ def run_case(n: int, prompt_tokens: int, adapters: bool, quick: bool) -> dict[st
 
 def _median_case(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(runs[0])
-    keys = ("decision_p50_us", "decision_p99_us", "decision_mean_us", "hash_us")
-    keys += ("decision_precise_index_p50_us", "decision_precise_index_p99_us")
+    keys = ["decision_p50_us", "decision_p99_us", "decision_mean_us", "hash_us"]
+    keys += ["decision_precise_index_p50_us", "decision_precise_index_p99_us"]
     for k in keys:
         out[k] = statistics.median(r[k] for r in runs)
     out["policies"] = {

@@ -10,13 +10,16 @@
 
 so an H100 and an L4 are compared in the same unit. Around the minimum:
 
-(a) two-choice narrowing (DualMap-style): up to ``narrow_above`` replicas every candidate is evaluated.
-    Above it, the *affinity set* is evaluated: the two dual-ring candidates of the adaptive prefix key
-    (hot prefixes get longer keys, see ``HotPrefixKeyer``; the Mooncake conversation trace shares block 0
-    in every request) plus, for adapter requests, the two ring candidates of the adapter id (its stable
-    "home" pair, so an adapter stays resident on few replicas). Only when the affinity set's best exceeds
-    ``switch_fraction`` x SLO are the least-loaded replica (by queue seconds) and the least-loaded replica
-    holding the adapter on GPU added. Prefix matching is O(log blocks) per evaluated candidate.
+(a) two-choice narrowing (DualMap-style). The *affinity set* is the two dual-ring candidates of the
+    adaptive prefix key (hot prefixes get longer keys, see ``HotPrefixKeyer``; the Mooncake conversation
+    trace shares block 0 in every request) plus, for adapter requests, the two ring candidates of the
+    adapter id (its stable "home" pair, so an adapter stays resident on few replicas). Up to
+    ``narrow_above`` replicas every candidate is evaluated too; above it, only when the affinity set's
+    best exceeds ``switch_fraction`` x SLO are the least-loaded replica (by queue seconds) and the
+    least-loaded replica holding the adapter on GPU added (O(1) prefix matches, each O(log blocks)).
+    While the affinity best is under ``switch_fraction`` x SLO, another replica wins only if it is at
+    least ``affinity_gain`` faster (a cached conversation elsewhere, an idle H100 vs a busy L4); otherwise
+    a hot shared prefix would pull every cold request onto the one replica that holds it.
 (b) SLO guard: if the best estimate still exceeds the request's TTFT SLO, the request goes to the
     least-loaded healthy replica (by estimated queue seconds): the SLO is lost anyway, so spread load
     rather than pile onto the replica that is already slowest to drain.
@@ -65,6 +68,8 @@ class CorralParams(PolicyParams):
     tie_tolerance_rel: float = Field(0.02, ge=0.0)
     """Estimates within max(abs, rel x best) count as tied: the candidate with more cached blocks wins."""
     switch_fraction: float = Field(0.5, gt=0.0)
+    affinity_gain: float = Field(0.3, ge=0.0, lt=1.0)
+    """Below ``switch_fraction`` x SLO, leave the ring candidates only for an estimate this much lower."""
     slo_guard: bool = True
     hotspot_c: float | None = Field(1.5, gt=1.0)
     hotspot_floor: int = Field(4, ge=1)
@@ -147,43 +152,59 @@ class Corral(BasePolicy):
                     estimate_ttft(r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb),
                 )
 
-        def best_of() -> tuple[ReplicaState, TtftEstimate]:
-            lo = min(e.total_s for _, e in est.values())
+        def best_of(
+            pool: list[tuple[ReplicaState, TtftEstimate]] | None = None,
+        ) -> tuple[ReplicaState, TtftEstimate]:
+            items = list(est.values()) if pool is None else pool
+            lo = min(e.total_s for _, e in items)
             tol = lo + max(p.tie_tolerance_s, p.tie_tolerance_rel * lo)
-            near = [t for t in est.values() if t[1].total_s <= tol]
+            near = [t for t in items if t[1].total_s <= tol]
             if len(near) == 1:
                 return near[0]
             # Near-ties: more reuse (less fleet compute), then ring order (stable), then the estimate.
             return min(near, key=lambda t: (-t[1].cached_blocks, rank.get(t[0].replica_id, n), t[1].total_s))
 
-        by_id = fw.by_id if n > p.narrow_above else None
+        slo = self.slo_for(req)
+        switch = p.switch_fraction * slo
+        by_id = fw.by_id
+        for rid in rank:  # the affinity set first
+            evaluate(by_id[rid])
+        aff_r, aff = best_of()
         least: ReplicaState | None = None
-        if by_id is None:
+        if n <= p.narrow_above:
             for r in cands:
                 evaluate(r)
-            best_r, best = best_of()
             scope = f"all {n}"
+        elif aff.total_s > switch:
+            least = self._least_loaded(cands, now)
+            roles.setdefault(least.replica_id, "least-loaded")
+            evaluate(least)
+            if req.adapter is not None:
+                holders = [r for r in cands if req.adapter in r.adapters_gpu]
+                if holders:
+                    h = self._least_loaded(holders, now)
+                    roles.setdefault(h.replica_id, "adapter-resident")
+                    evaluate(h)
+            scope = f"affinity set + least loaded, {len(est)} of {n}"
         else:
-            for rid in rank:
-                evaluate(by_id[rid])
-            best_r, best = best_of()
-            scope = "affinity set"
-            if best.total_s > p.switch_fraction * self.slo_for(req):
-                least = self._least_loaded(cands, now)
-                roles.setdefault(least.replica_id, "least-loaded")
-                evaluate(least)
-                if req.adapter is not None:
-                    holders = [r for r in cands if req.adapter in r.adapters_gpu]
-                    if holders:
-                        h = self._least_loaded(holders, now)
-                        roles.setdefault(h.replica_id, "adapter-resident")
-                        evaluate(h)
-                best_r, best = best_of()
-                scope = f"affinity set + least loaded ({len(est)} of {n})"
+            scope = f"affinity set, {len(est)} of {n}"
+        best_r, best = best_of()
+        if (
+            best_r is not aff_r
+            and aff.total_s <= switch
+            and best.total_s > (1 - p.affinity_gain) * aff.total_s
+        ):
+            # Stay with the ring candidates unless leaving them saves a real share of the TTFT: hot shared
+            # prefixes (Mooncake's block 0) otherwise pull every cold request onto one replica.
+            reason = (
+                f"affinity: {aff_r.replica_id} {aff.total_s:.3f}s within {p.affinity_gain:.0%} of "
+                f"{best_r.replica_id} {best.total_s:.3f}s ({scope})"
+            )
+            best_r, best = aff_r, aff
+        else:
+            reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
         chosen, chosen_e = best_r, best
-        reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
 
-        slo = self.slo_for(req)
         if p.slo_guard and best.total_s > slo:
             if least is None:
                 least = self._least_loaded(cands, now)
