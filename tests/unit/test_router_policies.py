@@ -291,3 +291,22 @@ def test_one_policy_instance_across_fleets(name: str) -> None:
     assert a.version == b.version
     assert p.choose(req("x", prompt(0, 600)), a, 0.0).replica_id in a.replicas
     assert p.choose(req("x", prompt(0, 600)), b, 0.0).replica_id in b.replicas
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_corral_spreads_when_every_request_shares_block_zero(n: int) -> None:
+    """Mooncake conversation shape: a hot shared first block must not pull everything onto one replica,
+    and a conversation's next turn must still find its own prefix."""
+    f, p = fleet(n, block_size=512), make_policy("corral")
+    counts: dict[str, int] = {}
+    for i in range(400):
+        ids = [0, 10_000 + i, 20_000 + i]
+        q = request_from_block_ids(str(i), "m", ids, 1536)
+        d = p.choose(q, f, 0.0)
+        counts[d.replica_id] = counts.get(d.replica_id, 0) + 1
+        f.on_dispatch(d.replica_id, q, d.cached_blocks)
+        f.on_first_token(d.replica_id, q.request_id)
+        f.on_finish(d.replica_id, q.request_id)
+        turn2 = request_from_block_ids(f"{i}b", "m", [*ids, 30_000 + i], 2048)
+        assert p.choose(turn2, f, 0.0).cached_blocks == 3
+    assert max(counts.values()) / 400 < 3 / n
