@@ -148,8 +148,24 @@ def test_serve_config_is_json_and_yaml_clean() -> None:
 def test_builder_args_round_trip_to_the_same_plan() -> None:
     plan = plan_pool(POOL, POLICY, ServeOptions(router_grpc_port=0))
     args = plan.serve_application()["args"]
-    again = plan_pool(args["pool"], args["policy"], args["options"])
+    again = plan_pool(args["pool"], POLICY, args["options"])
     assert again.deployment_schemas() == plan.deployment_schemas()
+
+
+def test_policy_change_keeps_the_code_version() -> None:
+    """Serve restarts every replica when the app's code version (import_path + runtime_env + args)
+    changes; a RoutingPolicy change must only touch the router's user_config."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    other = copy.deepcopy(POLICY)
+    other["spec"]["strategy"] = "least_loaded"
+    a = ServeDeploySchema.model_validate(serve_config(plan_pool(POOL, POLICY))).applications[0]
+    b = ServeDeploySchema.model_validate(serve_config(plan_pool(POOL, other))).applications[0]
+    assert get_app_code_version(a) == get_app_code_version(b)
+    da = {d.name: d for d in a.deployments}
+    db = {d.name: d for d in b.deployments}
+    assert [n for n in da if da[n] != db[n]] == ["router"]
 
 
 def test_pydantic_models_are_accepted() -> None:

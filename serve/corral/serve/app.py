@@ -146,12 +146,18 @@ class PoolPlan:
         return out
 
     def serve_application(self) -> dict[str, Any]:
-        """This pool as one ``ServeApplicationSchema`` entry (``applications[]`` of a Serve config)."""
+        """This pool as one ``ServeApplicationSchema`` entry (``applications[]`` of a Serve config).
+
+        The RoutingPolicy is deliberately *not* in ``args``: Serve hashes ``import_path``, ``runtime_env``
+        and ``args`` into the application's code version, and a new code version restarts every replica.
+        The policy travels only in the router deployment's ``user_config``, so changing it is an in-place
+        ``reconfigure`` of the routers and leaves the engines alone.
+        """
         return {
             "name": self.app_name,
             "route_prefix": f"/corral/{self.pool_id}",
             "import_path": APP_BUILDER_IMPORT_PATH,
-            "args": {"pool": self.pool, "policy": self.policy, "options": self.options.to_dict()},
+            "args": {"pool": self.pool, "options": self.options.to_dict()},
             "deployments": self.deployment_schemas(),
         }
 
@@ -377,6 +383,6 @@ def build_application(plan: PoolPlan) -> Any:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Serve application builder (``import_path: corral.serve.app:build_app``; ``args``: pool, policy,
-    options, as :meth:`PoolPlan.serve_application` writes them)."""
+    """Serve application builder (``import_path: corral.serve.app:build_app``; ``args``: pool, options
+    and optionally policy; the config's per-deployment ``user_config`` carries the policy)."""
     return build_application(plan_pool(args["pool"], args.get("policy"), args.get("options")))

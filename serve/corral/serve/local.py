@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import random
-import threading
 import time
 import zlib
 from collections import Counter
@@ -33,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from .app import PoolPlan, ServeOptions, build_application, plan_pool
+from .app import PoolPlan, ServeOptions, plan_pool
+from .app import serve_config as make_serve_config
 
 # ---- manifests ---------------------------------------------------------------------------------------
 
@@ -249,31 +249,58 @@ class LocalStack:
         )
         self.started = True
         serve.start(proxy_location="Disabled")
-        errors: list[BaseException] = []
-
-        def deploy() -> None:
-            try:
-                for plan in self.plans:
-                    serve.run(build_application(plan), name=plan.app_name, route_prefix=None)
-            except BaseException as e:  # reported by the waiting loop
-                errors.append(e)
-
-        t = threading.Thread(target=deploy, name="corral-deploy", daemon=True)
-        t.start()
+        self.deploy()
         deadline = time.monotonic() + timeout_s
         while True:
-            if errors:
-                raise RuntimeError(f"deployment failed: {errors[0]}") from errors[0]
             state = self.replica_progress()
             if progress is not None:
                 progress(state)
-            if not t.is_alive() and all(r >= w for r, w in state.values()) and self._routers_ready():
+            failed = self.failed_apps()
+            if failed:
+                raise RuntimeError("deployment failed: " + "; ".join(failed))
+            if all(r >= w for r, w in state.values()) and self._routers_ready():
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"replicas not ready after {timeout_s:.0f}s: {state}")
             time.sleep(0.3)
         if progress is not None:
             progress(self.replica_progress())
+
+    def serve_config(self) -> dict[str, Any]:
+        return make_serve_config(self.plans, proxy_location="Disabled")
+
+    def deploy(self) -> None:
+        """Apply the pools' Serve config declaratively, as ``serve deploy`` / KubeRay do (the same
+        builder, ``args`` and per-deployment overrides); an unchanged deployment is left running."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        client = _get_global_client()
+        assert client is not None, "Serve is not started"
+        client.deploy_apps(ServeDeploySchema.model_validate(self.serve_config()))
+
+    def update_policy(self, policy: dict[str, Any], pool_id: str | None = None) -> None:
+        """Apply a changed RoutingPolicy live: only the routers' ``user_config`` changes (reconfigure)."""
+        i = next((k for k, p in enumerate(self.plans) if pool_id in (None, p.pool_id)), None)
+        if i is None:
+            raise KeyError(f"no pool {pool_id!r}")
+        old = self.plans[i]
+        self.plans[i] = plan_pool(old.pool, policy, old.options)
+        self.deploy()
+
+    def failed_apps(self) -> list[str]:
+        from ray import serve
+
+        try:
+            st = serve.status()
+        except Exception:
+            return []
+        out = []
+        for plan in self.plans:
+            app = st.applications.get(plan.app_name)
+            if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
+                out.append(f"{plan.app_name}: {app.message[-2000:]}")
+        return out
 
     def replica_progress(self) -> dict[str, tuple[int, int]]:
         """deployment -> (running replicas, target), over every pool."""
