@@ -51,3 +51,14 @@ def test_routers_and_leases() -> None:
     assert reg.lease_holder("paging/p") == "r2"
     reg.release_lease("paging/p", "r2")
     assert reg.lease_holder("paging/p") is None
+
+
+def test_demand_reports_sum_over_live_routers() -> None:
+    clock = _Clock()
+    reg = Registry(clock)
+    reg.report_demand("p", "r1", {"a": 2.0, "b": 1.0}, ttl_s=3)
+    reg.report_demand("p", "r2", {"a": 3.0}, ttl_s=1)
+    assert reg.demand("p") == {"a": 5.0, "b": 1.0}
+    assert reg.demand("p", exclude="r1") == {"a": 3.0}
+    clock.t = 2  # r2's report expired
+    assert reg.demand("p") == {"a": 2.0, "b": 1.0}

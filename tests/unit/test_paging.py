@@ -318,3 +318,13 @@ def test_fetch_rejects_bad_and_remote_sources(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(AdapterSourceError, match=r"no \.safetensors"):
         fetch_adapter("x", empty.as_uri(), tmp_path / "cache")
+
+
+def test_external_demand_from_other_routers_counts() -> None:
+    fleet = _Fleet(*(_Replica(f"r{i}") for i in range(4)))
+    pager, clock = _pager(fleet, replication_rps=5.0, half_life_s=2.0)
+    _drive(pager, clock, "a", rps=4.0, seconds=20)  # this router alone: 1 replica
+    assert pager.target("a", 4, clock()) == 1
+    pager.set_external_demand({"a": 8.0, "b": 0.0})  # the other router saw twice as much
+    assert pager.target("a", 4, clock()) == 3  # ceil(12 / 5)
+    assert pager.target("b", 4, clock()) == 0

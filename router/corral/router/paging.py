@@ -344,6 +344,7 @@ class AdapterPager:
         self.clock = clock
         self.adapters: dict[str, AdapterInfo] = {a.name: a for a in adapters}
         self.demand = DemandTracker(self.config.half_life_s)
+        self.external: dict[str, float] = {}  # demand other routers saw (active-active), req/s
         self.stats = PagerStats()
         self._loaded_at: dict[tuple[str, str], float] = {}
         self._unloaded_at: dict[tuple[str, str], float] = {}
@@ -367,13 +368,21 @@ class AdapterPager:
             if half_life_changed:
                 self.demand = DemandTracker(config.half_life_s)
 
+    def set_external_demand(self, rates: Mapping[str, float]) -> None:
+        """Demand seen by the other routers of the pool (each router dispatches only its own share)."""
+        self.external = {a: float(r) for a, r in rates.items() if r > 0}
+
+    def rate(self, adapter: str, now: float) -> float:
+        """Pool-wide demand estimate: this router's EWMA plus what the other routers reported."""
+        return self.demand.rate(adapter, now) + self.external.get(adapter, 0.0)
+
     # -- planning --
     def target(self, adapter: str, n_candidates: int, now: float) -> int:
         """How many replicas should hold ``adapter`` on GPU."""
         cfg = self.config
         if adapter in cfg.pin:
             return n_candidates
-        rps = self.demand.rate(adapter, now)
+        rps = self.rate(adapter, now)
         if rps < cfg.min_demand_rps:
             return 0
         want = max(1, math.ceil(rps / max(cfg.replication_rps, 1e-9)))
@@ -382,7 +391,7 @@ class AdapterPager:
         return min(want, n_candidates)
 
     def _priority(self, adapter: str, now: float) -> float:
-        return math.inf if adapter in self.config.pin else self.demand.rate(adapter, now)
+        return math.inf if adapter in self.config.pin else self.rate(adapter, now)
 
     def _expected_gpu(self, r: Any, now: float) -> set[str]:
         """GPU residency as reported, corrected for our own recent actions whose engine events may
@@ -485,7 +494,7 @@ class AdapterPager:
                     gpu[rid].discard(name)
 
         if cfg.prefetch_to_cpu:
-            warm = [n for n in order if targets[n] > 0 or self.demand.rate(n, now) > 0]
+            warm = [n for n in order if targets[n] > 0 or self.rate(n, now) > 0]
             for rid in sorted(gpu):
                 limit = cfg.cpu_slots
                 for name in warm:

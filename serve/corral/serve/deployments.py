@@ -340,16 +340,24 @@ class RouterDeployment:
         fleet.on_dispatch = on_dispatch
 
     async def _lease_loop(self) -> None:
+        """Hold (or wait for) the pool's paging lease, and share this router's adapter demand: each
+        router dispatches only its share, so the leader plans from the pool-wide sum."""
         ttl = 5.0
         while not self._stop.is_set():
             try:
                 reg = await aget_registry(self.namespace, timeout_s=10)
                 self._leader = bool(await reg.acquire_lease.remote(self._lease_key, self.router_id, ttl))
+                now = self.pager.clock()
+                await reg.report_demand.remote(
+                    self.pool_id, self.router_id, self.pager.demand.rates(now), ttl
+                )
+                if self._leader:
+                    self.pager.set_external_demand(await reg.demand.remote(self.pool_id, self.router_id))
             except Exception as e:
                 log.warning("paging lease: %s", e)
                 self._leader = False
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), ttl / 3)
+                await asyncio.wait_for(self._stop.wait(), 1.0)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a RoutingPolicy (and the pool's adapter catalog) live."""
@@ -378,6 +386,21 @@ class RouterDeployment:
             "policy": self.policy[0],
             "paging_leader": self._leader,
             "replicas": sorted(self.server.fleet.replicas),
+        }
+
+    def fleet_view(self) -> dict[str, Any]:
+        """This router's view of each engine replica (tests, ``corral`` tooling)."""
+        return {
+            rid: {
+                "model": r.model,
+                "gpu_class": r.gpu_class,
+                "healthy": r.healthy,
+                "address": r.address,
+                "adapters_gpu": sorted(r.adapters_gpu),
+                "adapters_cpu": sorted(r.adapters_cpu),
+                "dispatched": r.dispatched_total,
+            }
+            for rid, r in self.server.fleet.replicas.items()
         }
 
     def paging_stats(self) -> dict[str, Any]:

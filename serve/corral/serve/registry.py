@@ -46,6 +46,7 @@ class Registry:
         self._clock = clock
         self._engines: dict[str, dict[str, _Entry]] = {}
         self._routers: dict[str, dict[str, _Entry]] = {}
+        self._demand: dict[str, dict[str, _Entry]] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._version: dict[str, int] = {}
 
@@ -84,6 +85,21 @@ class Registry:
         self._expire(self._routers, pool_id)
         entries = self._routers.get(pool_id, {})
         return [entries[k].record for k in sorted(entries)]
+
+    # -- adapter demand (active-active routers each see a share) --
+    def report_demand(self, pool_id: str, router_id: str, rates: dict[str, float], ttl_s: float) -> None:
+        self._demand.setdefault(pool_id, {})[router_id] = _Entry(dict(rates), self._clock() + ttl_s)
+
+    def demand(self, pool_id: str, exclude: str | None = None) -> dict[str, float]:
+        """Sum of the live reports of ``pool_id``'s routers (except ``exclude``), adapter -> req/s."""
+        self._expire(self._demand, pool_id)
+        out: dict[str, float] = {}
+        for rid, e in self._demand.get(pool_id, {}).items():
+            if rid == exclude:
+                continue
+            for a, r in e.record.items():
+                out[a] = out.get(a, 0.0) + float(r)
+        return out
 
     # -- leases --
     def acquire_lease(self, key: str, holder: str, ttl_s: float) -> bool:
