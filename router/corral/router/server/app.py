@@ -1,0 +1,82 @@
+"""``RouterServer``: one process serving the router's gRPC and OpenAI-compatible HTTP fronts.
+
+::
+
+    server = RouterServer(StaticDiscovery(["127.0.0.1:50051"]), RouterConfig(policy="corral"))
+    await server.start(host="127.0.0.1", grpc_port=0, http_port=0)
+    server.grpc_address, server.http_url
+    server.update_policy("least_loaded", {})    # live, from Serve reconfigure(user_config)
+    await server.stop()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..engine_client import Discovery, StaticDiscovery
+from .core import Router, RouterConfig
+from .grpc_api import GrpcApi
+from .http_api import HttpApi
+
+
+def load_api_keys(path: str | Path) -> dict[str, str]:
+    """API keys file: a YAML or JSON map ``key -> tenant`` (or ``{"keys": {...}}``)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if isinstance(data, dict) and isinstance(data.get("keys"), dict):
+        data = data["keys"]
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"{path}: expected a map of API key -> tenant")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+class RouterServer:
+    """A router process: engine discovery + event streams, policy, and the gRPC/HTTP fronts."""
+
+    def __init__(
+        self,
+        discovery: Discovery | Iterable[str],
+        config: RouterConfig | None = None,
+        **pool_kw: Any,
+    ) -> None:
+        if not isinstance(discovery, Discovery):
+            discovery = StaticDiscovery(list(discovery))
+        self.discovery = discovery
+        self.router = Router(discovery, config, **pool_kw)
+        self.grpc = GrpcApi(self.router)
+        self.http = HttpApi(self.router)
+        self.grpc_address = ""
+        self.http_url = ""
+
+    @property
+    def fleet(self) -> Any:
+        return self.router.fleet
+
+    async def start(
+        self, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0, *, http: bool = True
+    ) -> RouterServer:
+        await self.router.start()
+        self.grpc_address = await self.grpc.start(host, grpc_port)
+        if http:
+            self.http_url = await self.http.start(host, http_port)
+        return self
+
+    async def stop(self, grace: float | None = 0.5) -> None:
+        await self.http.stop()
+        await self.grpc.stop(grace)
+        await self.router.stop()
+
+    def update_policy(self, strategy: str, params: dict[str, Any] | None = None) -> None:
+        """Swap the routing policy live (no state dropped, engines untouched)."""
+        self.router.update_policy(strategy, params)
+
+    def set_api_keys(self, keys: dict[str, str] | None) -> None:
+        self.router.set_api_keys(keys)
+
+    async def wait_for_replicas(self, n: int, timeout: float = 10.0, model: str | None = None) -> None:
+        await self.router.pool.wait_for_replicas(n, timeout, model)

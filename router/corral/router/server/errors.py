@@ -1,0 +1,54 @@
+"""Client-facing errors of the router service, each with its HTTP status, gRPC code and OpenAI type."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import grpc
+
+
+class RouterError(Exception):
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.http_status}}
+
+
+class BadRequest(RouterError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    type = "invalid_request_error"
+
+
+class Unauthorized(RouterError):
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    type = "authentication_error"
+
+
+class NotFound(RouterError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    type = "not_found_error"
+
+
+class Unavailable(RouterError):
+    """No healthy replica, or every attempt failed before the first token."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    type = "service_unavailable_error"
+
+
+class EngineFailed(RouterError):
+    """The engine failed after the first token was sent to the client (not retried)."""
+
+    http_status = 502
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    type = "engine_error"

@@ -1,0 +1,217 @@
+"""gRPC front of the router: ``corral.v1.Router`` (Generate, GenerateStream, ListModels, Explain), plus
+the standard ``grpc.health.v1`` service and server reflection.
+
+Errors map to status codes: INVALID_ARGUMENT (bad field, prompt too long), UNAUTHENTICATED (API key),
+NOT_FOUND (unknown model/adapter), UNAVAILABLE (no healthy replica; or the engine failed after the first
+token, with a message saying so).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from corral.v1 import router_pb2 as rpb
+from corral.v1 import router_pb2_grpc as rpb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .core import ExplainRecord, Prepared, Router, detokenize, run_to_completion
+from .errors import BadRequest, NotFound, RouterError
+from .http_api import list_models
+
+GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+]
+
+
+def _api_key(context: grpc.aio.ServicerContext) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization":
+            scheme, _, token = str(v).partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else str(v).strip()
+        if k == "x-api-key":
+            return str(v)
+    return None
+
+
+class RouterServicer(rpb_grpc.RouterServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def _prepare(self, req: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Prepared:
+        r = self.router
+        tenant = r.authenticate(_api_key(context)) if r.config.api_keys is not None else None
+        if not req.model:
+            raise BadRequest("missing required field 'model' (a model or adapter name)")
+        if not req.prompt and not req.prompt_token_ids:
+            raise BadRequest("missing required field 'prompt' (or 'prompt_token_ids')")
+        return r.prepare(
+            req.model,
+            req.prompt or None,
+            req.prompt_token_ids or None,
+            req.max_tokens or None,
+            tenant,
+            req.request_id or None,
+            req.sampling if req.HasField("sampling") else None,
+        )
+
+    async def Generate(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            p = self._prepare(request, context)
+            rid, toks, text, finish, (pt, ct, cached) = await run_to_completion(self.router, p, "grpc")
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        return rpb.CompletionResponse(
+            request_id=p.rr.request_id,
+            model=p.model,
+            text=text,
+            token_ids=toks,
+            finish_reason=finish,
+            usage=rpb.Usage(prompt_tokens=pt, completion_tokens=ct, cached_tokens=cached),
+            replica_id=rid,
+        )
+
+    async def GenerateStream(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            p = self._prepare(request, context)
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        first = True
+        gen = self.router.stream(p, "grpc")
+        try:
+            async for rid, c in gen:
+                out = rpb.CompletionChunk(
+                    request_id=p.rr.request_id,
+                    text=c.text or detokenize(c.token_ids),
+                    token_ids=c.token_ids,
+                    finish_reason=c.finish_reason,
+                )
+                if first:
+                    out.replica_id = rid
+                    first = False
+                if c.finish_reason:
+                    out.usage.CopyFrom(
+                        rpb.Usage(
+                            prompt_tokens=c.prompt_tokens,
+                            completion_tokens=c.completion_tokens,
+                            cached_tokens=c.cached_tokens,
+                        )
+                    )
+                await context.write(out)
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        finally:
+            await gen.aclose()
+
+    async def ListModels(self, request: rpb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
+        r = self.router
+        try:
+            if r.config.api_keys is not None:
+                r.authenticate(_api_key(context))
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        cards = [
+            rpb.ModelCard(
+                id=m["id"],
+                parent=m["parent"] or "",
+                replicas=m["replicas"],
+                gpu_classes=m["gpu_classes"],
+                max_model_len=m["max_model_len"] or 0,
+            )
+            for m in list_models(r)
+        ]
+        return rpb.ListModelsResponse(models=cards)
+
+    async def Explain(self, request: rpb.ExplainRequest, context: grpc.aio.ServicerContext) -> Any:
+        r = self.router
+        try:
+            if r.config.api_keys is not None:
+                r.authenticate(_api_key(context))
+            rec: ExplainRecord | None
+            if request.request_id:
+                rec = r.explains.get(request.request_id)
+                if rec is None:
+                    raise NotFound(
+                        f"no recent decision for request '{request.request_id}' "
+                        f"(this router keeps the last {r.config.explain_history})"
+                    )
+            elif request.HasField("request"):
+                rec = r.explain_dry_run(self._prepare(request.request, context))
+            else:
+                raise BadRequest("set 'request_id' (a recent request) or 'request' (a dry run)")
+        except RouterError as e:
+            await context.abort(e.grpc_code, e.message)
+        assert rec is not None
+        return explain_to_pb(rec)
+
+
+def explain_to_pb(rec: ExplainRecord) -> rpb.ExplainResponse:
+    d = rec.decision
+    out = rpb.ExplainResponse(
+        request_id=rec.request_id,
+        policy=rec.policy,
+        prompt_tokens=rec.prompt_tokens,
+        prompt_blocks=rec.prompt_blocks,
+        attempts=rec.attempts,
+        dry_run=rec.dry_run,
+    )
+    if d is not None:
+        out.replica_id = d.replica_id
+        out.reason = d.reason
+        out.cached_blocks = d.cached_blocks
+        for c in d.candidates or []:
+            extra = {k: float(v) for k, v in (c.extra or {}).items() if isinstance(v, (int, float))}
+            out.candidates.append(
+                rpb.CandidateCost(
+                    replica_id=c.replica_id,
+                    gpu_class=c.gpu_class,
+                    total_s=c.total_s,
+                    queue_s=c.queue_s,
+                    prefill_s=c.prefill_s,
+                    adapter_s=c.adapter_s,
+                    cached_blocks=c.cached_blocks,
+                    adapter_tier=c.adapter_tier,
+                    extra=extra,
+                )
+            )
+    return out
+
+
+class GrpcApi:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.address = ""
+
+    async def start(self, host: str, port: int) -> str:
+        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        rpb_grpc.add_RouterServicer_to_server(RouterServicer(self.router), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            rpb.DESCRIPTOR.services_by_name["Router"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind router gRPC on {host}:{port}")
+        await server.start()
+        self.server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("corral.v1.Router", health_pb2.HealthCheckResponse.SERVING)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
+        self.address = f"{shown}:{bound}"
+        return self.address
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            server, self.server = self.server, None
+            await server.stop(grace)
