@@ -184,3 +184,15 @@ def test_pydantic_models_are_accepted() -> None:
 def test_builder_module_does_not_import_ray() -> None:
     code = "import sys, corral.serve.app; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_policy_spec_maps_onto_policy_params() -> None:
+    from corral.serve.deployments import policy_from_spec
+
+    spec = {"strategy": "corral", "ttftSloMs": 500, "load": {"hotspotFactor": 1.0, "twoChoiceAbove": 8}}
+    name, params = policy_from_spec(spec)
+    # hotspotFactor 1.0 is out of the corral policy's range (c > 1): left at its default, not an error.
+    assert name == "corral" and params == {"ttft_slo_s": 0.5, "narrow_above": 8}
+    assert policy_from_spec({"strategy": "round_robin", "ttftSloMs": 500}) == ("round_robin", {})
+    with pytest.raises(ValueError):
+        policy_from_spec({"strategy": "nope"})

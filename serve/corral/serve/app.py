@@ -63,7 +63,6 @@ class ServeOptions:
     router_host: str = "0.0.0.0"
     router_grpc_port: int = 50051  # 0 = ephemeral (addresses are published in the registry)
     router_http_port: int = 8080
-    router_metrics_port: int = 0  # 0 = no separate metrics port
     router_num_cpus: float = 1.0
     engine_num_cpus: float = 1.0
     max_replicas_per_class: int | None = None  # cap (local mode on a small machine)
@@ -309,7 +308,6 @@ def plan_pool(
             "host": opts.router_host,
             "grpc_port": opts.router_grpc_port,
             "http_port": opts.router_http_port,
-            "metrics_port": opts.router_metrics_port,
             "advertise_host": opts.advertise_host,
             "models": [
                 {

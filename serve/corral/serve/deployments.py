@@ -230,19 +230,36 @@ class EngineDeployment:
 
 
 def policy_from_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """RoutingPolicy spec -> (policy name, params). Explicit ``params`` win; the SLO maps to
-    ``ttft_slo_s`` for policies that take it."""
-    strategy = str(spec.get("strategy") or "corral")
-    params = dict(spec.get("params") or spec.get("strategyParams") or {})
-    slo_ms = spec.get("ttftSloMs", spec.get("ttft_slo_ms"))
-    if slo_ms is not None and "ttft_slo_s" not in params:
-        from corral.router.policy import make_policy
+    """RoutingPolicy spec -> (policy name, params).
 
+    The spec's generic knobs map onto the params of policies that take them (each checked by building
+    the policy with that one param, so a baseline without an SLO simply ignores ``ttftSloMs``):
+    ``ttftSloMs`` -> ``ttft_slo_s``, ``load.hotspotFactor`` -> ``hotspot_c``, ``load.twoChoiceAbove`` ->
+    ``narrow_above``. Explicit ``params`` (if the spec carries any) win.
+    """
+    from corral.router.policy import make_policy
+
+    strategy = str(spec.get("strategy") or "corral")
+    explicit = dict(spec.get("params") or spec.get("strategyParams") or {})
+    load = spec.get("load") or {}
+    candidates: dict[str, Any] = {}
+    if (v := spec.get("ttftSloMs")) is not None:
+        candidates["ttft_slo_s"] = float(v) / 1000.0
+    if (v := load.get("hotspotFactor")) is not None:
+        candidates["hotspot_c"] = float(v)
+    if (v := load.get("twoChoiceAbove")) is not None:
+        candidates["narrow_above"] = int(v)
+    params: dict[str, Any] = {}
+    for k, v in candidates.items():
+        if k in explicit:
+            continue
         try:
-            make_policy(strategy, ttft_slo_s=float(slo_ms) / 1000.0)
-            params["ttft_slo_s"] = float(slo_ms) / 1000.0
+            make_policy(strategy, **{k: v})
         except (ValueError, TypeError):
-            pass
+            continue
+        params[k] = v
+    params.update(explicit)
+    make_policy(strategy, **params)  # fail here, in reconfigure, on a bad explicit param
     return strategy, params
 
 
@@ -282,7 +299,8 @@ class GrpcAdapterControl:
     graceful_shutdown_timeout_s=10,
 )
 class RouterDeployment:
-    """One router replica: the RouterServer on its own ports, registry discovery, live policy, paging."""
+    """One router replica: the RouterServer on its own ports (Prometheus metrics at ``/metrics`` on the HTTP
+    port), registry discovery, live policy, paging."""
 
     async def __init__(  # type: ignore[misc]
         self,
@@ -293,13 +311,13 @@ class RouterDeployment:
         host: str = "0.0.0.0",
         grpc_port: int = 0,
         http_port: int = 0,
-        metrics_port: int = 0,
         models: list[dict[str, Any]] | None = None,
         advertise_host: str | None = None,
     ) -> None:
         from corral.router.server import RouterConfig, RouterServer
 
         self.pool_id, self.namespace = pool_id, namespace
+        self.models = list(models or [])
         self.router_id = f"router-{_replica_tag()}"
         self.discovery = RayRegistryDiscovery(pool_id, namespace, poll_interval_s=0.5)
         self.server = RouterServer(self.discovery, RouterConfig(router_id=self.router_id))
@@ -384,6 +402,7 @@ class RouterDeployment:
             "http": self.http_url,
             "pid": os.getpid(),
             "policy": self.policy[0],
+            "models": self.models,
             "paging_leader": self._leader,
             "replicas": sorted(self.server.fleet.replicas),
         }
