@@ -386,7 +386,8 @@ def k8s_cluster(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 def k8s_namespace(k8s_cluster: K8sCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace (default ServiceAccount present); deleted after the test (not waited for)."""
+    """A fresh namespace (default ServiceAccount present); deleted after the test (not waited for:
+    KCM's namespace controller waits a fixed 5 s before it even starts, ~10 s with a 30 s-grace pod)."""
     prefix = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-") or "t"
     name = k8s_cluster.create_namespace(prefix)
     try:
