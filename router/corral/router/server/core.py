@@ -324,12 +324,12 @@ class Router:
                         if not first:
                             first = True
                             fleet.on_first_token(rid, rr.request_id)
-                            (m.ttft_http if api == "http" else m.ttft_grpc).observe(time.perf_counter() - t0)
-                            m.prompt_blocks.inc(len(rr.block_hashes))
-                            m.prefix_hit_blocks.inc(d.cached_blocks)
-                            m.prompt_tokens.inc(rr.prompt_tokens)
+                            m.ttft[api].observe(time.perf_counter() - t0)
+                            m.prompt_blocks += len(rr.block_hashes)
+                            m.prefix_hit_blocks += d.cached_blocks
+                            m.prompt_tokens += rr.prompt_tokens
                         if chunk.cached_tokens:
-                            m.prefix_hit_tokens.inc(chunk.cached_tokens)
+                            m.prefix_hit_tokens += chunk.cached_tokens
                         yield rid, chunk
                     if not first:  # an empty stream: treat as a failure before the first token
                         raise grpc.aio.AioRpcError(
@@ -373,8 +373,7 @@ class Router:
             code = "499"
             raise
         finally:
-            (m.lat_http if api == "http" else m.lat_grpc).observe(time.perf_counter() - t0)
-            m.requests.labels(api, code).inc()
+            m.request_done(api, code, time.perf_counter() - t0)
             span.end()
 
     def _annotate(self, span: Any, rec: ExplainRecord, elapsed: float) -> None:

@@ -1,0 +1,366 @@
+"""Router overhead benchmark: what one Corral router process adds over calling an engine directly.
+
+Zero-cost engines (:class:`corral.serve.endpoint.EchoEngine`, answering at once) run in their own process
+behind gRPC endpoints; the router (policy ``corral`` by default, so prefix affinity is on, with tiny
+prompts that share prefixes) runs in another; a closed-loop load generator with ``--concurrency`` clients
+runs in this process. Cases, measured side by side in one run:
+
+- ``direct_grpc``: client -> engine endpoint (Engine.Generate stream), round-robin over the engines;
+- ``router_grpc``: client -> router (Router.Generate, unary) -> engine;
+- ``router_http``: client -> router (POST /v1/completions, JSON) -> engine;
+- ``ray_serve_http`` (``--ray``): client -> Serve HTTP proxy -> ingress replica -> DeploymentHandle ->
+  echo replica, the Serve-native path, for reference.
+
+Each case runs once with 1 client (unloaded latency) and once with ``--concurrency`` clients (latency
+under load and max throughput). Writes ``docs/benchmarks/router_overhead.{json,md}``.
+
+    python bench/router_overhead.py [--quick] [--ray] [--duration S] [--concurrency N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "echo"
+
+
+def _uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+# ---- server processes -------------------------------------------------------------------------------------
+def _engine_proc(n: int, q: Any, stop: Any) -> None:
+    _uvloop()
+    from corral.serve.endpoint import EchoEngine, EngineEndpoint
+
+    async def run() -> None:
+        eps = []
+        for i in range(n):
+            eng = EchoEngine(replica_id=f"echo-{i}", model=MODEL, gpu_class="H100", profile="H100")
+            eps.append(await EngineEndpoint.start(eng, "127.0.0.1", 0))
+        q.put([e.address for e in eps])
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        for e in eps:
+            await e.stop(0)
+
+    asyncio.run(run())
+
+
+def _router_proc(engines: list[str], policy: str, q: Any, stop: Any) -> None:
+    _uvloop()
+    from corral.router.server import RouterConfig, RouterServer
+
+    async def run() -> None:
+        srv = RouterServer(engines, RouterConfig(policy=policy, explain_all=False))
+        await srv.start("127.0.0.1", 0, 0)
+        await srv.wait_for_replicas(len(engines), 20)
+        q.put((srv.grpc_address, srv.http_url))
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        await srv.stop(0)
+
+    asyncio.run(run())
+
+
+# ---- load generation -----------------------------------------------------------------------------------
+def _prompts(n: int = 64) -> list[str]:
+    # tiny prompts (~48 tokens = 3 blocks): 8 shared prefixes x distinct suffixes
+    return [f"system prompt number {i % 8:02d} for the tenant; " + f"question {i:04d}?" for i in range(n)]
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def _cpu_s(pid: int) -> float:
+    """User+system CPU seconds of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+PIDS: dict[str, int] = {}
+
+
+async def _closed_loop(call: Any, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
+    lat: list[float] = []
+    errors = 0
+    t_start = time.perf_counter()
+    t_measure = t_start + warmup
+    t_end = t_measure + duration
+    prompts = _prompts()
+
+    async def worker(w: int) -> None:
+        nonlocal errors
+        i = w
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_end:
+                return
+            try:
+                await call(prompts[i % len(prompts)], i)
+            except Exception:
+                errors += 1
+            t1 = time.perf_counter()
+            if t0 >= t_measure:
+                lat.append(t1 - t0)
+            i += concurrency
+
+    async def cpu_mark() -> dict[str, float]:
+        await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
+        return {k: _cpu_s(pid) for k, pid in PIDS.items()}
+
+    mark = asyncio.create_task(cpu_mark())
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - t_measure
+    cpu0 = await mark
+    cpu = {k: _cpu_s(pid) - cpu0[k] for k, pid in PIDS.items()}
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "errors": errors,
+        "rps": len(lat) / wall if wall > 0 else 0.0,
+        "p50_ms": _pct(lat, 50) * 1e3,
+        "p90_ms": _pct(lat, 90) * 1e3,
+        "p99_ms": _pct(lat, 99) * 1e3,
+        "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
+        # CPU seconds each process used per second of the run, and the router's CPU per request
+        "cpu_util": {k: round(v / wall, 3) for k, v in cpu.items()},
+        "router_cpu_us_per_req": cpu.get("router", 0.0) / len(lat) * 1e6 if lat else float("nan"),
+    }
+
+
+async def _run_cases(
+    engines: list[str],
+    router: tuple[str, str],
+    ray_url: str | None,
+    conc: int,
+    duration: float,
+    warmup: float,
+) -> list[dict[str, Any]]:
+    import aiohttp
+    import grpc
+    from corral.v1 import engine_pb2 as epb
+    from corral.v1 import engine_pb2_grpc as epb_grpc
+    from corral.v1 import router_pb2 as rpb
+    from corral.v1 import router_pb2_grpc as rpb_grpc
+
+    engine_stubs = [epb_grpc.EngineStub(grpc.aio.insecure_channel(a)) for a in engines]
+    router_stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(router[0]))
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+
+    async def direct(prompt: str, i: int) -> None:
+        ids = list(prompt.encode())
+        req = epb.GenerateRequest(request_id=f"d{i}", model=MODEL, prompt_token_ids=ids, max_tokens=4)
+        async for _ in engine_stubs[i % len(engine_stubs)].Generate(req):
+            pass
+
+    async def via_grpc(prompt: str, i: int) -> None:
+        await router_stub.Generate(rpb.CompletionRequest(model=MODEL, prompt=prompt, max_tokens=4))
+
+    url = router[1] + "/v1/completions"
+
+    async def via_http(prompt: str, i: int) -> None:
+        async with session.post(url, json={"model": MODEL, "prompt": prompt, "max_tokens": 4}) as r:
+            await r.read()
+            if r.status != 200:
+                raise RuntimeError(r.status)
+
+    async def via_ray(prompt: str, i: int) -> None:
+        assert ray_url is not None
+        async with session.post(ray_url, json={"model": MODEL, "prompt": prompt, "max_tokens": 4}) as r:
+            await r.read()
+            if r.status != 200:
+                raise RuntimeError(r.status)
+
+    cases: list[tuple[str, Any]] = [
+        ("direct_grpc", direct),
+        ("router_grpc", via_grpc),
+        ("router_http", via_http),
+    ]
+    if ray_url:
+        cases.append(("ray_serve_http", via_ray))
+    out = []
+    for c in sorted({1, conc}):
+        for name, fn in cases:
+            res = await _closed_loop(fn, c, duration, warmup)
+            res["case"] = name
+            out.append(res)
+            print(
+                f"  {name:15s} c={c:3d}  {res['rps']:8.0f} req/s  p50 {res['p50_ms']:7.2f} ms"
+                f"  p99 {res['p99_ms']:7.2f} ms  errors {res['errors']}  cpu {res['cpu_util']}"
+                f"  router {res['router_cpu_us_per_req']:.0f} us/req",
+                flush=True,
+            )
+    await session.close()
+    return out
+
+
+# ---- Ray Serve reference path ----------------------------------------------------------------------------
+def _start_ray_serve() -> str:
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 0 or 8123})
+
+    @serve.deployment(max_ongoing_requests=64)
+    class Echo:
+        async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+            ids = list(body["prompt"].encode())[-4:]
+            return {"choices": [{"text": bytes(ids).decode(), "finish_reason": "length"}]}
+
+    @serve.deployment(max_ongoing_requests=64)
+    class Ingress:
+        def __init__(self, echo: Any) -> None:
+            self.echo = echo
+
+        async def __call__(self, request: Any) -> dict[str, Any]:
+            body = await request.json()
+            return await self.echo.remote(body)  # type: ignore[no-any-return]
+
+    serve.run(Ingress.bind(Echo.bind()), name="echo", route_prefix="/", blocking=False)
+    return "http://127.0.0.1:8123/"
+
+
+def _stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+# ---- report -----------------------------------------------------------------------------------------------
+def _summary(results: list[dict[str, Any]], conc: int) -> dict[str, Any]:
+    def get(case: str, c: int) -> dict[str, Any] | None:
+        return next((r for r in results if r["case"] == case and r["concurrency"] == c), None)
+
+    s: dict[str, Any] = {}
+    for c in sorted({1, conc}):
+        d = get("direct_grpc", c)
+        for case in ("router_grpc", "router_http", "ray_serve_http"):
+            r = get(case, c)
+            if d and r:
+                s[f"{case}_extra_p50_ms_c{c}"] = r["p50_ms"] - d["p50_ms"]
+                s[f"{case}_extra_p99_ms_c{c}"] = r["p99_ms"] - d["p99_ms"]
+    s["router_max_rps_grpc"] = max((r["rps"] for r in results if r["case"] == "router_grpc"), default=0.0)
+    s["router_max_rps_http"] = max((r["rps"] for r in results if r["case"] == "router_http"), default=0.0)
+    s["goal"] = "<= +2 ms p50 and >= 3000 req/s through one router process (prefix affinity on)"
+    return s
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        "# Router overhead",
+        "",
+        f"Machine: {doc['machine']['cpus']} CPU(s), {doc['machine']['platform']}, Python "
+        f"{doc['machine']['python']}, loop {doc['machine']['loop']}. Engines: {doc['engines']} zero-cost echo "
+        f"replicas (gRPC endpoints, one process); router: one process, policy `{doc['policy']}`; load "
+        f"generator: closed loop in a third process. Tiny prompts (~48 tokens, 8 shared prefixes), "
+        f"max_tokens 4. {doc['duration_s']} s per case after {doc['warmup_s']} s warm-up. All processes share "
+        "the same cores, so the router competes with the load generator and the engines for CPU.",
+        "",
+        "| case | clients | req/s | p50 ms | p90 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        lines.append(
+            f"| {r['case']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['errors']} |"
+        )
+    lines += ["", "Router overhead over direct engine calls (ms):", ""]
+    for k, v in doc["summary"].items():
+        lines.append(f"- `{k}`: {v:.2f}" if isinstance(v, float) else f"- `{k}`: {v}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short run (1 s per case)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--engines", type=int, default=2, help="zero-cost engine replicas")
+    ap.add_argument("--policy", default="corral")
+    ap.add_argument("--ray", action="store_true", help="also measure the Ray Serve-native path (starts Ray)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ns = ap.parse_args(argv)
+    if ns.quick:
+        ns.duration, ns.warmup = 1.0, 0.3
+    loop_name = _uvloop()
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    q: Any = ctx.Queue()
+    procs = [ctx.Process(target=_engine_proc, args=(ns.engines, q, stop), daemon=True)]
+    procs[0].start()
+    engines = q.get(timeout=60)
+    procs.append(ctx.Process(target=_router_proc, args=(engines, ns.policy, q, stop), daemon=True))
+    procs[1].start()
+    router = q.get(timeout=60)
+    PIDS.update(engines=procs[0].pid or 0, router=procs[1].pid or 0, loadgen=os.getpid())
+    ray_url = None
+    try:
+        if ns.ray:
+            try:
+                ray_url = _start_ray_serve()
+            except Exception as e:  # Ray is optional here
+                print(f"Ray Serve path skipped: {e}", file=sys.stderr)
+        print(f"engines {engines}  router grpc {router[0]} http {router[1]}", flush=True)
+        results = asyncio.run(_run_cases(engines, router, ray_url, ns.concurrency, ns.duration, ns.warmup))
+    finally:
+        stop.set()
+        if ray_url:
+            _stop_ray()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+    doc = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loop": loop_name,
+        },
+        "engines": ns.engines,
+        "policy": ns.policy,
+        "duration_s": ns.duration,
+        "warmup_s": ns.warmup,
+        "results": results,
+        "summary": _summary(results, ns.concurrency),
+    }
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "router_overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "router_overhead.md").write_text(_markdown(doc))
+    print(_markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
