@@ -10,6 +10,7 @@ NOT_FOUND, like vLLM, while a request that carries ``adapter_source`` registers 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from corral.api.profiles import GpuProfile
 from corral.router.events import EngineEvent, LoadSample
@@ -66,7 +67,7 @@ class SimEndpointEngine(EngineEventSource):
         max_cpu_loras: int | None = None,
         gpu_class: str | None = None,
         max_model_len: int = 32768,
-        **sim_kw: object,
+        **sim_kw: Any,
     ) -> SimEndpointEngine:
         sim = SimEngine(profile, replica_id, block_size, max_loras, max_cpu_loras, **sim_kw)
         return cls(RealtimeSimEngine(sim, time_scale), model, gpu_class, max_model_len)
