@@ -16,8 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
     )
     add_local_arguments(p)
-    p.add_argument("--conversations", type=int, default=24, help="conversations (default 24)")
-    p.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    p.add_argument("--conversations", type=int, default=40, help="conversations (default 40)")
+    p.add_argument("--turns", type=int, default=5, help="turns per conversation (default 5)")
     p.set_defaults(func=run)
     return p
 

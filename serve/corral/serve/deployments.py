@@ -93,19 +93,21 @@ async def make_engine(
             max_model_len=max_model_len,
         )
     if engine == "sim":
-        from .endpoint.sim import make_sim_engine
+        from corral.api.profiles import resolve_profile
 
-        return make_sim_engine(
-            replica_id=replica_id,
-            model=model,
-            gpu_class=gpu_class,
-            profile=profile,
+        from .endpoint.sim import SimEndpointEngine
+
+        prof = resolve_profile(profile, profile_overrides or None)
+        return SimEndpointEngine.create(
+            prof,  # type: ignore[arg-type]  # SimEngine takes a GpuProfile or a name
+            replica_id,
+            model,
+            time_scale=sim_time_scale,
             block_size=block_size,
             max_loras=max_loras,
             max_cpu_loras=max_cpu_loras,
+            gpu_class=gpu_class,
             max_model_len=max_model_len,
-            time_scale=sim_time_scale,
-            profile_overrides=profile_overrides or {},
         )
     raise ValueError(f"unknown engine {engine!r}")
 

@@ -25,7 +25,7 @@ import random
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,9 @@ def _sim_available() -> bool:
     import importlib.util
 
     try:
-        return importlib.util.find_spec("corral.serve.endpoint.sim") is not None
+        return importlib.util.find_spec("corral.serve.endpoint.sim") is not None and (
+            importlib.util.find_spec("corral.serve.sim") is not None
+        )
     except ImportError:
         return False
 
@@ -362,11 +364,38 @@ class LocalStack:
         import ray
         from ray import serve
 
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            ray.shutdown()
+        # Serve's own shutdown kills its controller while a retried call to it is pending, and Ray then
+        # prints a harmless "actor is dead" line from the raylet; keep the terminal clean.
+        with _quiet_output():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
         self.started = False
+
+
+@contextlib.contextmanager
+def _quiet_output() -> Iterator[None]:
+    """Silence fds 1 and 2 (Ray's background log printers write there directly)."""
+    import sys
+
+    try:
+        fds = [sys.stdout.fileno(), sys.stderr.fileno()]
+    except (AttributeError, OSError, ValueError):  # pytest capture, notebooks
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in fds:
+                os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, keep in zip(fds, saved, strict=True):
+            os.dup2(keep, fd)
+            os.close(keep)
 
 
 # ---- CLI entry points --------------------------------------------------------------------------------
@@ -470,7 +499,8 @@ class DemoStats:
     ttft: list[float] = field(default_factory=list)
     per_replica: Counter[str] = field(default_factory=Counter)
     adapter_requests: int = 0
-    adapter_loads: float = 0.0
+    adapter_loads: float = 0.0  # into GPU slots, as the engines reported them
+    adapter_prefetches: float = 0.0  # into host memory (paging manager prefetch)
     last_error: str = ""
 
     def pct(self, q: float) -> float:
@@ -491,7 +521,10 @@ def _table(stats: DemoStats, total: int, elapsed: float) -> Any:
     hit = stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
     t.add_row("prefix cache hit rate (tokens)", f"{hit:6.1%}")
     t.add_row("adapter requests", str(stats.adapter_requests))
-    t.add_row("adapter loads (engines)", f"{stats.adapter_loads:.0f}")
+    t.add_row(
+        "adapter loads to GPU / prefetches to CPU",
+        f"{stats.adapter_loads:.0f} / {stats.adapter_prefetches:.0f}",
+    )
     t.add_row("TTFT p50 / p90", f"{stats.pct(0.5) * 1e3:6.1f} / {stats.pct(0.9) * 1e3:6.1f} ms")
     t.add_row("throughput", f"{stats.done / elapsed:5.1f} req/s" if elapsed > 0 else "-")
     for rid, n in sorted(stats.per_replica.items()):
@@ -499,16 +532,21 @@ def _table(stats: DemoStats, total: int, elapsed: float) -> Any:
     return t
 
 
-async def _scrape_adapter_loads(session: Any, url: str) -> float:
+async def _scrape_adapter_loads(session: Any, url: str) -> tuple[float, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     async with session.get(url + "/metrics") as r:
         text = await r.text()
-    total = 0.0
+    gpu = cpu = 0.0
     for fam in text_string_to_metric_families(text):
         if fam.name.startswith("corral_adapter_loads"):
-            total += sum(s.value for s in fam.samples if s.name.endswith("_total"))
-    return total
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    if s.labels.get("tier") == "cpu":
+                        cpu += s.value
+                    else:
+                        gpu += s.value
+    return gpu, cpu
 
 
 async def demo_workload(
@@ -532,7 +570,7 @@ async def demo_workload(
     zipf = [1.0 / (i + 1) for i in range(len(adapters))]
     convs = []
     for c in range(conversations):
-        system = _TOPICS[c % len(_TOPICS)] * 3
+        system = _TOPICS[c % len(_TOPICS)] * 6
         use_adapter = adapters and rng.random() < 0.35
         model = rng.choices(list(adapters), zipf)[0] if use_adapter else models[c % len(models)]
         convs.append((c, system, model))
@@ -593,7 +631,9 @@ async def demo_workload(
         async def scraper() -> None:
             while True:
                 with contextlib.suppress(Exception):
-                    stats.adapter_loads = await _scrape_adapter_loads(session, http_url)
+                    stats.adapter_loads, stats.adapter_prefetches = await _scrape_adapter_loads(
+                        session, http_url
+                    )
                 if on_update is not None:
                     on_update(stats)
                 await asyncio.sleep(0.5)
@@ -606,11 +646,11 @@ async def demo_workload(
             with contextlib.suppress(asyncio.CancelledError):
                 await scrape
             with contextlib.suppress(Exception):
-                stats.adapter_loads = await _scrape_adapter_loads(session, http_url)
+                stats.adapter_loads, stats.adapter_prefetches = await _scrape_adapter_loads(session, http_url)
     return stats
 
 
-def demo_main(paths: Sequence[str], options: LocalOptions, conversations: int = 24, turns: int = 4) -> int:
+def demo_main(paths: Sequence[str], options: LocalOptions, conversations: int = 40, turns: int = 5) -> int:
     """``corral demo``: start the stack, run the workload with a live table, stop; exit 0 on success."""
     from rich.console import Console
     from rich.live import Live
