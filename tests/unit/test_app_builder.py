@@ -130,6 +130,7 @@ def test_serve_config_validates_against_rays_schema() -> None:
         "router",
     }
     assert deps["engine-llama-8b-h100"].num_replicas == 3
+    assert deps["router"].max_replicas_per_node == 1  # fixed router ports: one replica per node
     assert deps["engine-llama-8b-h100"].ray_actor_options.accelerator_type == "H100"
     router_cfg = deps["router"].user_config
     assert router_cfg is not None and router_cfg["policy"]["blockSize"] == 32
@@ -146,7 +147,8 @@ def test_serve_config_is_json_and_yaml_clean() -> None:
 
 
 def test_builder_args_round_trip_to_the_same_plan() -> None:
-    plan = plan_pool(POOL, POLICY, ServeOptions(router_grpc_port=0))
+    plan = plan_pool(POOL, POLICY, ServeOptions(router_grpc_port=0, router_http_port=0))
+    assert plan.router.max_replicas_per_node is None  # ephemeral ports: routers may share a node
     args = plan.serve_application()["args"]
     again = plan_pool(args["pool"], POLICY, args["options"])
     assert again.deployment_schemas() == plan.deployment_schemas()

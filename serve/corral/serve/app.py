@@ -115,6 +115,7 @@ class RouterDeploymentPlan:
     max_ongoing_requests: int
     init_kwargs: dict[str, Any]
     user_config: dict[str, Any]
+    max_replicas_per_node: int | None = None  # 1 when the router listens on fixed ports
 
 
 @dataclass(slots=True)
@@ -131,8 +132,12 @@ class PoolPlan:
         out = []
         deployments: list[EngineDeploymentPlan | RouterDeploymentPlan] = [*self.engines, self.router]
         for d in deployments:
+            extra = {}
+            if isinstance(d, RouterDeploymentPlan) and d.max_replicas_per_node is not None:
+                extra["max_replicas_per_node"] = d.max_replicas_per_node
             out.append(
                 {
+                    **extra,
                     "name": d.name,
                     "num_replicas": d.num_replicas,
                     "max_ongoing_requests": d.max_ongoing_requests,
@@ -318,6 +323,7 @@ def plan_pool(
             ],
         },
         user_config={"policy": pspec, "adapters": adapters, "adapterCache": dict(cache)},
+        max_replicas_per_node=1 if (opts.router_grpc_port or opts.router_http_port) else None,
     )
     return PoolPlan(
         app_name=f"corral-{pool_id}",
@@ -369,7 +375,11 @@ def build_application(plan: PoolPlan) -> Any:
         for e in plan.engines
     ]
     r = plan.router
+    extra: dict[str, Any] = {}
+    if r.max_replicas_per_node is not None:
+        extra["max_replicas_per_node"] = r.max_replicas_per_node
     return router_dep.options(
+        **extra,
         name=r.name,
         num_replicas=r.num_replicas,
         ray_actor_options=r.ray_actor_options,
