@@ -227,7 +227,7 @@ class SimEngine:
             hashes.extend(output_block_hashes)
         seq = SimSeq(request_id, prompt_tokens, max_tokens, hashes, adapter, adapter_mb, t, user)
         bs = self.block_size
-        hit = len(self.pool.match(hashes, (prompt_tokens - 1) // bs)) if self.enable_prefix_caching else 0
+        hit = self.pool.match_len(hashes, (prompt_tokens - 1) // bs) if self.enable_prefix_caching else 0
         seq.expected_uncached = prompt_tokens - hit * bs
         self.metrics.advance(t, self.num_in_system)
         self.seqs[request_id] = seq

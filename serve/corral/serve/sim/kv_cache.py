@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import islice, takewhile
 
 
 class BlockPool:
@@ -53,16 +54,15 @@ class BlockPool:
         """Blocks needed to hold ``tokens`` tokens."""
         return -(-tokens // self.block_size)
 
+    def match_len(self, hashes: Sequence[int], max_blocks: int) -> int:
+        """Length of the longest leading run of ``hashes[:max_blocks]`` held in the cache."""
+        return len(list(takewhile(self.cached.__contains__, islice(hashes, max_blocks))))
+
     def match(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Block ids of the longest leading run of ``hashes[:max_blocks]`` held in the cache."""
         cached = self.cached
-        out: list[int] = []
-        for i in range(min(max_blocks, len(hashes))):
-            b = cached.get(hashes[i])
-            if b is None:
-                break
-            out.append(b)
-        return out
+        n = len(list(takewhile(cached.__contains__, islice(hashes, max_blocks))))
+        return [cached[h] for h in hashes[:n]] if n else []
 
     def num_evictable(self, blocks: Sequence[int]) -> int:
         """How many of ``blocks`` (a prefix hit) currently sit in the free queue."""

@@ -432,8 +432,8 @@ def multi_turn(
 def zero_reuse(
     n_requests: int = 2000,
     *,
-    prompt_tokens: tuple[int, int] = (256, 6144),
-    output_tokens: tuple[int, int] = (32, 512),
+    prompt_tokens: tuple[int, int] = (512, 12288),
+    output_tokens: tuple[int, int] = (64, 768),
     rate: float = 10.0,
     block_size: int = 16,
     seed: int = 0,
