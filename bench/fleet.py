@@ -127,15 +127,16 @@ def _rel(path: Path) -> str:
 
 
 def capacity_estimate(w: W.Workload, cfg: FleetConfig) -> float:
-    """Rough fleet capacity (req/s) for a workload: per replica, one request costs its prefill (half the
-    reusable share assumed hit) plus its decode share at a batch of 32; summed over replicas."""
+    """Rough fleet capacity (req/s) for a workload: per replica, one request costs its prefill (the
+    reusable share assumed hit) plus its decode share at a batch of 32; summed over replicas. Only used
+    to place the rate grid (the search extends it either way)."""
     reqs = w.requests
     p = sum(r.prompt_tokens for r in reqs) / len(reqs)
     o = sum(r.max_tokens for r in reqs) / len(reqs)
     reuse = W.prefix_reuse(reqs, w.block_size)
     cap = 0.0
     for _, prof in cfg.replicas:
-        per_req = p * (1 - reuse / 2) * prof.b1_us + o * (prof.b0_us / 32 + prof.b2_us)
+        per_req = p * (1 - reuse) * prof.b1_us + o * (prof.b0_us / 32 + prof.b2_us)
         cap += 1e6 / per_req
     return cap
 
@@ -181,9 +182,8 @@ def run_task(task: Task) -> tuple[Task, dict[str, Any]]:
     t0 = time.perf_counter()
     if task.phase == "search":
         res = goodput_search(w, task.policy, task.rates, config=cfg, bisect_steps=task.bisect)
-        grid = set(task.rates)
         base = w.base_rate
-        curve = [_curve_point(r) for r in res.runs if any(abs(r.scale * base - g) < 1e-9 for g in grid)]
+        curve = [_curve_point(r) for r in res.runs]  # grid, extension and bisection runs, by rate
         out: dict[str, Any] = {
             "goodput_rps": res.goodput_rps,
             "goodput_rate_rps": res.best.scale * base if res.best else 0.0,
@@ -532,15 +532,21 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
     for ax, (name, w) in zip(axes.flat, wls, strict=False):
         slo = w["slo_ttft_s"]
         for p, r in w["policies"].items():
-            pts = [(c["rate_rps"], c["ttft_p90_s"]) for c in r["curve"] if c["ttft_p90_s"] is not None]
+            pts = [
+                (c["rate_rps"], min(c["ttft_p90_s"], slo * 20), c["saturated"])
+                for c in r["curve"]
+                if c["ttft_p90_s"] is not None
+            ]
             if pts:
-                xs, ys = zip(*pts, strict=True)
-                ys = tuple(min(y, slo * 20) for y in ys)
+                xs, ys, cut = zip(*pts, strict=True)
                 lw = 2.4 if p.startswith("corral") else 1.2
                 ax.plot(xs, ys, marker="o", ms=3, lw=lw, label=p, color=color[p])
+                cx = [x for x, c in zip(xs, cut, strict=True) if c]
+                cy = [y for y, c in zip(ys, cut, strict=True) if c]
+                ax.plot(cx, cy, ls="", marker="o", ms=6, mfc="none", color=color[p])
         ax.axhline(slo, color="k", ls="--", lw=0.8)
         ax.set_yscale("log")
-        ax.set_title(f"{name} (SLO {slo:g}s)", fontsize=10)
+        ax.set_title(f"{name} (SLO {slo:g}s; hollow = run cut short, lower bound)", fontsize=9)
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_ylabel("P90 TTFT (s)")
         ax.grid(alpha=0.3)
