@@ -2,13 +2,14 @@
 PY ?= .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help k8s-bins k8s-bin-dir k8s-up test test-unit test-integration lint
+.PHONY: help demo k8s-bins k8s-bin-dir k8s-up test test-unit test-integration lint
 
 help:
 	@echo "make k8s-bins          build (or reuse cached) kube-apiserver/KCM/scheduler/kubectl/etcd/kwok/helm"
 	@echo "make k8s-bin-dir       print where those binaries live"
 	@echo "make k8s-up            start a local control plane (prints export lines; stop: e2e/cluster/down.sh DIR)"
-	@echo "make test              pytest (unit + integration)"
+	@echo "make demo              set up .venv and run the local demo (scripts/demo.sh)"
+	@echo "make test              the whole suite as CI runs it (scripts/test.sh)"
 	@echo "make test-unit         pytest -m 'not integration'"
 	@echo "make test-integration  pytest -m integration"
 	@echo "make lint              ruff check + ruff format --check"
@@ -22,8 +23,11 @@ k8s-bin-dir:
 k8s-up:
 	bash e2e/cluster/up.sh
 
+demo:
+	bash scripts/demo.sh
+
 test:
-	$(PY) -m pytest $(PYTEST_ARGS)
+	bash scripts/test.sh $(PYTEST_ARGS)
 
 test-unit:
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
