@@ -1,0 +1,90 @@
+"""``corral explain``: ask a running router (gRPC ``Explain``) why a request went where it did, or dry-run
+a prompt, and print the decision with every candidate's cost terms (queue, prefill, adapter load)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .explain import format_decision
+from .types import CandidateCost, Decision
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("explain", help="Explain a routing decision and its cost terms.", description=__doc__)
+    p.add_argument("--router", required=True, metavar="HOST:PORT", help="the router's gRPC address")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--request-id", help="a recent request's id (the router keeps a bounded history)")
+    what.add_argument("--prompt", help="dry-run this prompt (nothing is sent to an engine)")
+    p.add_argument("--model", help="model or adapter name for --prompt")
+    p.add_argument("--api-key", help="API key, when the router requires one")
+    p.add_argument("--json", action="store_true", help="print the raw decision as JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(func=run)
+    return p
+
+
+def response_to_decision(resp: object) -> Decision:
+    """Turn a ``corral.v1.ExplainResponse`` into the policy core's ``Decision``."""
+    r = resp  # typed loosely: generated protobuf classes carry no static types
+    cands = [
+        CandidateCost(
+            replica_id=c.replica_id,
+            gpu_class=c.gpu_class,
+            total_s=c.total_s,
+            queue_s=c.queue_s,
+            prefill_s=c.prefill_s,
+            adapter_s=c.adapter_s,
+            cached_blocks=c.cached_blocks,
+            adapter_tier=c.adapter_tier,
+            extra=dict(c.extra),
+        )
+        for c in r.candidates  # type: ignore[attr-defined]
+    ]
+    return Decision(
+        replica_id=r.replica_id,  # type: ignore[attr-defined]
+        policy=r.policy,  # type: ignore[attr-defined]
+        reason=r.reason,  # type: ignore[attr-defined]
+        cached_blocks=r.cached_blocks,  # type: ignore[attr-defined]
+        candidates=cands,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    from corral.v1 import router_pb2 as rpb
+    from corral.v1 import router_pb2_grpc as rpb_grpc
+
+    if args.prompt is not None and not args.model:
+        print("error: --prompt needs --model (a base model or adapter name)", file=sys.stderr)
+        return 2
+    req = (
+        rpb.ExplainRequest(request_id=args.request_id)
+        if args.request_id
+        else rpb.ExplainRequest(request=rpb.CompletionRequest(model=args.model, prompt=args.prompt))
+    )
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+    with grpc.insecure_channel(args.router) as ch:
+        try:
+            resp = rpb_grpc.RouterStub(ch).Explain(req, timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            code = e.code().name if e.code() else "UNKNOWN"
+            print(f"error: router {args.router}: {code}: {e.details()}", file=sys.stderr)
+            return 1
+    d = response_to_decision(resp)
+    if args.json:
+        print(json.dumps({"request_id": resp.request_id, "dry_run": resp.dry_run, **_as_dict(d)}, indent=2))
+    else:
+        kind = "dry run" if resp.dry_run else f"request {resp.request_id}"
+        print(f"{kind}: {resp.prompt_tokens} prompt tokens, {resp.prompt_blocks} blocks")
+        if resp.attempts:
+            print("attempts: " + " -> ".join(resp.attempts))
+        print(format_decision(d))
+    return 0
+
+
+def _as_dict(d: Decision) -> dict[str, object]:
+    from dataclasses import asdict
+
+    return asdict(d)
