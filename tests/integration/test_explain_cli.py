@@ -4,7 +4,6 @@ unknown request id gives a clear error naming it."""
 from __future__ import annotations
 
 import pytest
-
 from corral.api.cli import main
 
 pytestmark = pytest.mark.integration

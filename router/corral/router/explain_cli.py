@@ -12,7 +12,9 @@ from .types import CandidateCost, Decision
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("explain", help="Explain a routing decision and its cost terms.", description=__doc__)
+    p = subparsers.add_parser(
+        "explain", help="Explain a routing decision and its cost terms.", description=__doc__
+    )
     p.add_argument("--router", required=True, metavar="HOST:PORT", help="the router's gRPC address")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--request-id", help="a recent request's id (the router keeps a bounded history)")
