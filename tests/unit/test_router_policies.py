@@ -226,19 +226,32 @@ def _done(f: FleetState, rid: str, q: object) -> None:
     f.on_finish(rid, q.request_id)  # type: ignore[attr-defined]
 
 
-def test_corral_slo_guard_falls_back_to_least_loaded() -> None:
+def test_corral_slo_guard_keeps_near_ties_within_slo() -> None:
     f = fleet(3)
     _done(f, "r000", req("a", prompt(0, 16_000)))  # cached on r000 ...
-    f.on_dispatch("r000", req("x", prompt(10, 20_000)))  # ... behind a 20k-token queue
+    f.on_dispatch("r000", req("x", prompt(10, 20_000)))  # ... behind a 20k-token queue (~0.36 s)
     f.on_dispatch("r001", req("y", prompt(20, 30_000)))
-    f.on_dispatch("r002", req("z", prompt(30, 8_000)))
+    q = req("b", prompt(0, 16_000))  # cold on the idle r002: ~0.29 s
+    # A wide tie window would trade 0.07 s for the cache hit; the SLO guard stops it at the SLO.
+    d = make_policy("corral", ttft_slo_s=0.3, tie_tolerance_slo=0.5, hotspot_c=None).choose(q, f, 0.0)
+    assert d.replica_id == "r002" and d.cached_blocks == 0
+    d = make_policy("corral", ttft_slo_s=0.3, tie_tolerance_slo=0.5, slo_guard=False, hotspot_c=None)
+    assert d.choose(q, f, 0.0).replica_id == "r000"
+    d = make_policy("corral", ttft_slo_s=5.0, hotspot_c=None).choose(q, f, 0.0)  # both within SLO: reuse
+    assert d.replica_id == "r000" and d.cached_blocks == 1000
+
+
+def test_corral_over_slo_does_not_spread_cache_misses() -> None:
+    """Earlier versions sent requests over the SLO to the least-loaded replica even when its estimate was
+    worse: a cache miss that adds fleet work. Now the cost model's pick stands."""
+    f = fleet(3)
+    _done(f, "r000", req("a", prompt(0, 16_000)))
+    f.on_dispatch("r000", req("x", prompt(10, 20_000)))
+    f.on_dispatch("r001", req("y", prompt(20, 30_000)))
+    f.on_dispatch("r002", req("z", prompt(30, 8_000)))  # least loaded, but 0.42 s cold vs 0.36 s cached
     q = req("b", prompt(0, 16_000))
     d = make_policy("corral", ttft_slo_s=0.2, hotspot_c=None).choose(q, f, 0.0, explain=True)
-    assert d.replica_id == "r002" and d.reason.startswith("SLO guard: best")
-    d = make_policy("corral", ttft_slo_s=0.2, slo_guard=False, hotspot_c=None).choose(q, f, 0.0)
-    assert d.replica_id == "r000" and d.cached_blocks == 1000
-    d = make_policy("corral", ttft_slo_s=5.0, hotspot_c=None).choose(q, f, 0.0)
-    assert d.replica_id == "r000"
+    assert d.replica_id == "r000" and d.cached_blocks == 1000 and "over SLO" in d.reason
 
 
 def test_corral_slo_classes() -> None:
@@ -248,18 +261,22 @@ def test_corral_slo_classes() -> None:
     f.on_dispatch("r001", req("y", prompt(6, 1000)))
     assert p.choose(req("b", prompt(0, 8000)), f, 0.0).replica_id == "r000"
     d = p.choose(req("b", prompt(0, 8000), slo_class="fast"), f, 0.0)
-    assert d.replica_id == "r001" and "SLO guard" in d.reason
+    assert d.replica_id == "r000" and "over SLO 0.001s" in d.reason
 
 
-def test_corral_hotspot_guard_bounds_share() -> None:
-    f, p = fleet(4), make_policy("corral", hotspot_c=1.25, hotspot_floor=1, ttft_slo_s=100.0)
+def test_corral_hotspot_guard_bounds_pending_prefill_seconds() -> None:
+    f, p = fleet(4), make_policy("corral", hotspot_c=1.25, hotspot_floor_slo=0.1, ttft_slo_s=1.0)
     q = req("a", prompt(0, 16_000))
     f.on_dispatch("r003", q)
     for i in range(3):
         f.on_first_token("r003", "a")
         f.on_dispatch("r003", req(f"d{i}", prompt(0, 16_000)))
         f.on_first_token("r003", f"d{i}")
-    d = p.choose(req("b", prompt(0, 16_000)), f, 0.0)  # 4 outstanding > cap ceil(1.25*5/4)=2
+    # Decoding requests are not prefill work: the next turn stays with its cache.
+    d = p.choose(req("b", prompt(0, 16_000)), f, 0.0)
+    assert d.replica_id == "r003" and d.cached_blocks == 1000
+    f.on_dispatch("r003", req("w", prompt(50, 10_000)))  # 10k uncached tokens queued: ~0.18 s
+    d = p.choose(req("b", prompt(0, 16_000)), f, 0.0)  # > floor 0.1 s and 1.25 x fleet mean ~0.05 s
     assert d.replica_id != "r003" and d.reason.startswith("hotspot guard")
 
 

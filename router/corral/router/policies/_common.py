@@ -177,8 +177,12 @@ def estimate_ttft(
     chunk_tokens: int,
     adapter_mb: float,
     cached_blocks: int | None = None,
+    slot_wait: bool = False,
 ) -> TtftEstimate:
-    """Estimated TTFT of ``req`` on ``r`` in seconds: queueing + own uncached prefill + adapter load."""
+    """Estimated TTFT of ``req`` on ``r`` in seconds: queueing + own uncached prefill + adapter load.
+
+    With ``slot_wait``, a non-resident adapter is also charged ``adapter_slot_wait_s`` (all GPU LoRA slots
+    held by adapters with requests in flight)."""
     p = r.profile
     chunk_tokens = chunk_tokens or p.max_num_batched_tokens
     if cached_blocks is None:
@@ -194,9 +198,36 @@ def estimate_ttft(
     prefill_s = (uncached * p.b1_us + (all_steps - q_steps) * per_step) * 1e-6
     tier = r.adapter_tier(req.adapter)
     adapter_s = 0.0 if tier == "gpu" else float(p.adapter_load_s(adapter_mb, tier))  # type: ignore[arg-type]
+    if slot_wait and tier != "gpu":
+        adapter_s += adapter_slot_wait_s(r, decode)
     return TtftEstimate(
         queue_s + prefill_s + adapter_s, queue_s, prefill_s, adapter_s, cached_blocks, uncached, tier
     )
+
+
+def adapter_slot_wait_s(r: ReplicaState, decode: int) -> float:
+    """Expected wait for a GPU LoRA slot on ``r`` for an adapter that is not GPU-resident.
+
+    0 while a slot is free or held by an adapter with nothing in flight (it can be evicted at once). When
+    every one of the ``max_gpu_adapters`` slots holds an adapter with requests in flight, a batch cannot
+    take another adapter until one drains: the estimate is the soonest-draining adapter's longest remaining
+    decode (``max_tokens``, or half of it once the first token was seen) at the current step time
+    ``b0 + b2 x decodes``.
+    """
+    gpu = r.adapters_gpu
+    if len(gpu) < r.max_gpu_adapters:
+        return 0.0
+    left: dict[str, int] = {}
+    for f in r.in_flight.values():
+        a = f.adapter
+        if a is not None and a in gpu:
+            t = f.max_tokens // 2 if f.started else f.max_tokens
+            if t > left.get(a, 0):
+                left[a] = t
+    if len(left) < len(gpu):
+        return 0.0
+    p = r.profile
+    return min(left.values()) * (p.b0_us + p.b2_us * decode) * 1e-6
 
 
 def cost_of(r: ReplicaState, e: TtftEstimate, **extra: Any) -> CandidateCost:

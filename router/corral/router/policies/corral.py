@@ -6,7 +6,10 @@
                    + prefill_s  this request's uncached tokens (prompt minus cached leading blocks) on that
                                 replica's GPU-class profile
                    + adapter_s  0 if the adapter is GPU-resident, else the profile's CPU->GPU or
-                                disk->GPU load time for ``adapter_mb``
+                                disk->GPU load time for ``adapter_mb``, plus the expected wait for a LoRA
+                                slot when all ``max_gpu_adapters`` slots hold adapters with requests in
+                                flight (the soonest-draining adapter's remaining decode at the current step
+                                time, see ``adapter_slot_wait_s``)
 
 so an H100 and an L4 are compared in the same unit. Around the minimum:
 
@@ -20,16 +23,21 @@ so an H100 and an L4 are compared in the same unit. Around the minimum:
     While the affinity best is under ``switch_fraction`` x SLO, another replica wins only if it is at
     least ``affinity_gain`` faster (a cached conversation elsewhere, an idle H100 vs a busy L4); otherwise
     a hot shared prefix would pull every cold request onto the one replica that holds it.
-(b) SLO guard: if the best estimate still exceeds the request's TTFT SLO, the request goes to the
-    least-loaded healthy replica (by estimated queue seconds): the SLO is lost anyway, so spread load
-    rather than pile onto the replica that is already slowest to drain.
-(c) hotspot guard: a replica may hold at most ``max(hotspot_floor, ceil(hotspot_c x (T + 1) x w / W))`` of
-    the T requests this router has outstanding (weights w = prefill throughput 1/b1, so faster GPUs take
-    proportionally more; consistent hashing with bounded loads); if the pick is over its cap, the next
-    best evaluated candidate under its cap is taken.
-(d) near-ties (within ``max(tie_tolerance_s, tie_tolerance_rel x best)``) go to the candidate with more
-    cached blocks (same latency, less fleet compute), then to the ring candidates in ring order, so an
-    idle or uniform fleet maps keys by the rings and a join/leave moves only ~1/N of the prefixes.
+(b) near-ties: estimates within ``max(tie_tolerance_s, tie_tolerance_rel x best, tie_tolerance_slo x SLO)``
+    of the best go to the candidate with more cached blocks (a little latency for less fleet compute:
+    DualMap's cache-first rule inside the cost model), then to the ring candidates in ring order (the
+    adapter pair first), so an idle or uniform fleet maps keys by the rings and a join/leave moves only
+    ~1/N of the prefixes.
+(c) SLO guard (``slo_guard``): the near-tie window and the hotspot guard may trade latency for reuse or
+    balance only within the SLO. While the best estimate is within the SLO the tie window stops at the
+    SLO, and the hotspot guard does not move a request that meets the SLO to one that misses it. When
+    every estimate is over the SLO the cost model's pick stands: sending the request to the least-loaded
+    replica instead (earlier versions) spread cache misses, which added prefill work and fed back.
+(d) hotspot guard: the prefill seconds queued on the pick may exceed ``hotspot_floor_slo`` x SLO only up
+    to ``hotspot_c`` x the fleet mean of pending prefill seconds (this request included); otherwise the
+    best evaluated candidate under the cap is taken, else the least loaded. Seconds are each replica's own
+    GPU time, so faster GPUs take proportionally more work (bounded loads, weighted by speed), and cheap
+    decoding requests do not count: a conversation's next turn stays on the replica holding its cache.
 """
 
 from __future__ import annotations
@@ -66,13 +74,18 @@ class CorralParams(PolicyParams):
     narrow_above: int = Field(16, ge=1)
     tie_tolerance_s: float = Field(0.002, ge=0.0)
     tie_tolerance_rel: float = Field(0.02, ge=0.0)
-    """Estimates within max(abs, rel x best) count as tied: the candidate with more cached blocks wins."""
+    tie_tolerance_slo: float = Field(0.2, ge=0.0)
+    """Estimates within max(abs, rel x best, slo x SLO) of the best count as tied: the candidate with more
+    cached blocks wins. With ``slo_guard`` the window stops at the SLO while the best is within it."""
     switch_fraction: float = Field(0.5, gt=0.0)
     affinity_gain: float = Field(0.3, ge=0.0, lt=1.0)
     """Below ``switch_fraction`` x SLO, leave the ring candidates only for an estimate this much lower."""
     slo_guard: bool = True
-    hotspot_c: float | None = Field(1.5, gt=1.0)
-    hotspot_floor: int = Field(4, ge=1)
+    """Near-ties and the hotspot guard may trade latency for reuse/balance only within the SLO."""
+    hotspot_c: float | None = Field(3.0, gt=1.0)
+    hotspot_floor_slo: float = Field(0.5, ge=0.0)
+    """Queued prefill seconds on the pick may exceed ``hotspot_floor_slo`` x SLO only up to ``hotspot_c`` x
+    the fleet mean pending prefill seconds (this request included); ``hotspot_c=None`` disables the guard."""
     chunk_tokens: int = Field(0, ge=0)
     """Prefill tokens per engine step; 0 = the replica profile's ``max_num_batched_tokens``."""
     adapter_mb: float = Field(85.0, gt=0.0)
@@ -144,12 +157,16 @@ class Corral(BasePolicy):
             roles.setdefault(rid, role)
 
         est: dict[str, tuple[ReplicaState, TtftEstimate]] = {}
+        slo = self.slo_for(req)
+        tie_slo = p.tie_tolerance_slo * slo
 
         def evaluate(r: ReplicaState) -> None:
             if r.replica_id not in est:
                 est[r.replica_id] = (
                     r,
-                    estimate_ttft(r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb),
+                    estimate_ttft(
+                        r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb, slot_wait=True
+                    ),
                 )
 
         def best_of(
@@ -157,14 +174,15 @@ class Corral(BasePolicy):
         ) -> tuple[ReplicaState, TtftEstimate]:
             items = list(est.values()) if pool is None else pool
             lo = min(e.total_s for _, e in items)
-            tol = lo + max(p.tie_tolerance_s, p.tie_tolerance_rel * lo)
+            tol = lo + max(p.tie_tolerance_s, p.tie_tolerance_rel * lo, tie_slo)
+            if p.slo_guard and lo <= slo:
+                tol = min(tol, max(slo, lo + p.tie_tolerance_s))
             near = [t for t in items if t[1].total_s <= tol]
             if len(near) == 1:
                 return near[0]
             # Near-ties: more reuse (less fleet compute), then ring order (stable), then the estimate.
             return min(near, key=lambda t: (-t[1].cached_blocks, rank.get(t[0].replica_id, n), t[1].total_s))
 
-        slo = self.slo_for(req)
         switch = p.switch_fraction * slo
         by_id = fw.by_id
         for rid in rank:  # the affinity set first
@@ -205,44 +223,32 @@ class Corral(BasePolicy):
             reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
         chosen, chosen_e = best_r, best
 
-        if p.slo_guard and best.total_s > slo:
-            if least is None:
-                least = self._least_loaded(cands, now)
-                roles.setdefault(least.replica_id, "least-loaded")
-            evaluate(least)
-            if least is not best_r:
-                chosen, chosen_e = least, est[least.replica_id][1]
-                reason = (
-                    f"SLO guard: best {best.total_s:.3f}s on {best_r.replica_id} > SLO {slo:.3f}s "
-                    f"-> least loaded {least.replica_id} (queue {chosen_e.queue_s:.3f}s)"
-                )
-            else:
-                reason += f"; over SLO {slo:.3f}s but already the least loaded"
-
-        # cap >= hotspot_floor, so the O(N) total is only needed when the pick is above the floor
-        if p.hotspot_c is not None and len(chosen.in_flight) + 1 > p.hotspot_floor:
-            total = sum(len(r.in_flight) for r in cands)
-
-            def cap(r: ReplicaState) -> float:
-                return max(
-                    p.hotspot_floor,
-                    math.ceil(p.hotspot_c * (total + 1) * fw.weight[r.replica_id] / fw.weight_sum),  # type: ignore[operator]
-                )
-
-            held = len(chosen.in_flight)
-            if held + 1 > cap(chosen):
+        if p.hotspot_c is not None and chosen_e.queue_s > p.hotspot_floor_slo * slo:
+            # Bound the prefill *seconds* queued ahead (GPU-speed weighted by construction): decoding
+            # requests are cheap and must not push a conversation's next turn off its cache.
+            fleet_s = chosen_e.prefill_s
+            for r in cands:
+                hit = est.get(r.replica_id)
+                fleet_s += hit[1].queue_s if hit is not None else queue_seconds(r, now, age, chunk)
+            cap_s = max(p.hotspot_floor_slo * slo, p.hotspot_c * fleet_s / n)
+            if chosen_e.queue_s > cap_s:
                 ordered = sorted(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n)))
-                alt = next((t for t in ordered if len(t[0].in_flight) + 1 <= cap(t[0])), None)
+                alt = next((t for t in ordered if t[1].queue_s <= cap_s), None)
                 if alt is None:
-                    lr = min(cands, key=lambda r: (len(r.in_flight) / fw.weight[r.replica_id], r.replica_id))
-                    roles.setdefault(lr.replica_id, "least-outstanding")
+                    lr = self._least_loaded(cands, now)
+                    roles.setdefault(lr.replica_id, "least-loaded")
                     evaluate(lr)
                     alt = est[lr.replica_id]
-                reason = (
-                    f"hotspot guard: {chosen.replica_id} holds {held} of {total} outstanding "
-                    f"(cap {cap(chosen):.0f}) -> {alt[0].replica_id} ({alt[1].total_s:.3f}s); was: {reason}"
-                )
-                chosen, chosen_e = alt
+                if alt[0] is not chosen and not (p.slo_guard and alt[1].total_s > slo >= chosen_e.total_s):
+                    reason = (
+                        f"hotspot guard: {chosen.replica_id} queue {chosen_e.queue_s:.3f}s > cap {cap_s:.3f}s"
+                        " "
+                        f"({p.hotspot_c:g} x fleet mean pending prefill) -> {alt[0].replica_id} "
+                        f"({alt[1].total_s:.3f}s); was: {reason}"
+                    )
+                    chosen, chosen_e = alt
+        if best.total_s > slo:
+            reason += f"; estimate over SLO {slo:.3f}s"
 
         trace: list[CandidateCost] | None = None
         if explain:
