@@ -123,7 +123,7 @@ def test_defaults_and_helpers() -> None:
     )  # fmt: skip
     s = rp.spec
     assert (s.strategy, s.block_size, s.load.hotspot_factor, s.adapter_paging.prefetch_to_cpu) == (
-        "corral", 16, 1.25, True
+        "corral", 16, 3.0, True
     )  # fmt: skip
     assert "dualmap" in STRATEGIES and len(STRATEGIES) == 9
 

@@ -60,10 +60,13 @@ class LoadSpec(CorralModel):
         default=32, ge=1, le=100_000, description="Waiting requests per replica beyond which it is skipped."
     )
     hotspot_factor: float = Field(
-        default=1.25,
+        default=3.0,
         ge=1.0,
         le=10.0,
-        description="Bounded-load factor c: no replica takes more than c x the mean load.",
+        description=(
+            "Hotspot bound c: no replica is given work while its queued prefill time exceeds c x the "
+            "fleet's mean (and half the TTFT SLO)."
+        ),
     )
     two_choice_above: int = Field(
         default=16,
