@@ -8,7 +8,7 @@ import json
 import sys
 
 from .explain import format_decision
-from .types import CandidateCost, Decision
+from .types import Decision
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,36 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def response_to_decision(resp: object) -> Decision:
-    """Turn a ``corral.v1.ExplainResponse`` into the policy core's ``Decision``."""
-    r = resp  # typed loosely: generated protobuf classes carry no static types
-    cands = [
-        CandidateCost(
-            replica_id=c.replica_id,
-            gpu_class=c.gpu_class,
-            total_s=c.total_s,
-            queue_s=c.queue_s,
-            prefill_s=c.prefill_s,
-            adapter_s=c.adapter_s,
-            cached_blocks=c.cached_blocks,
-            adapter_tier=c.adapter_tier,
-            extra=dict(c.extra),
-        )
-        for c in r.candidates  # type: ignore[attr-defined]
-    ]
-    return Decision(
-        replica_id=r.replica_id,  # type: ignore[attr-defined]
-        policy=r.policy,  # type: ignore[attr-defined]
-        reason=r.reason,  # type: ignore[attr-defined]
-        cached_blocks=r.cached_blocks,  # type: ignore[attr-defined]
-        candidates=cands,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     import grpc
     from corral.v1 import router_pb2 as rpb
     from corral.v1 import router_pb2_grpc as rpb_grpc
+
+    from .wire import decision_from_pb
 
     if args.prompt is not None and not args.model:
         print("error: --prompt needs --model (a base model or adapter name)", file=sys.stderr)
@@ -74,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             code = e.code().name if e.code() else "UNKNOWN"
             print(f"error: router {args.router}: {code}: {e.details()}", file=sys.stderr)
             return 1
-    d = response_to_decision(resp)
+    d = decision_from_pb(resp)
     if args.json:
         print(json.dumps({"request_id": resp.request_id, "dry_run": resp.dry_run, **_as_dict(d)}, indent=2))
     else:

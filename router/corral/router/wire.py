@@ -2,7 +2,8 @@
 
 Shared by the engine endpoint (``corral.serve.endpoint``, which encodes) and the router's engine client
 (:mod:`corral.router.engine_client`, which decodes), so both ends agree on one mapping of
-:mod:`corral.router.events` onto ``EngineEvent`` messages. Replica ids are not on the wire per event: a
+:mod:`corral.router.events` onto ``EngineEvent`` messages; likewise the decision trace's candidate costs
+(router ``Explain`` encodes, ``corral explain`` decodes). Replica ids are not on the wire per event: a
 subscription belongs to one engine, whose id is in the snapshot's ``EngineInfo``.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.v1 import engine_pb2 as epb
+from corral.v1 import router_pb2 as rpb
 
 from .events import (
     AdapterLoaded,
@@ -23,6 +25,7 @@ from .events import (
     EngineEvent,
     LoadSample,
 )
+from .types import CandidateCost, Decision
 
 
 @dataclass(slots=True)
@@ -150,4 +153,45 @@ def snapshot_to_pb(
         resident_blocks=list(resident_blocks),
         adapters=[epb.AdapterResidency(name=n, tier=t, source_uri=s) for n, t, s in adapters],
         time=now,
+    )
+
+
+def candidate_to_pb(c: CandidateCost) -> rpb.CandidateCost:
+    """One candidate's cost terms; only numeric ``extra`` entries travel."""
+    extra = {k: float(v) for k, v in (c.extra or {}).items() if isinstance(v, (int, float))}
+    return rpb.CandidateCost(
+        replica_id=c.replica_id,
+        gpu_class=c.gpu_class,
+        total_s=c.total_s,
+        queue_s=c.queue_s,
+        prefill_s=c.prefill_s,
+        adapter_s=c.adapter_s,
+        cached_blocks=c.cached_blocks,
+        adapter_tier=c.adapter_tier,
+        extra=extra,
+    )
+
+
+def candidate_from_pb(m: rpb.CandidateCost) -> CandidateCost:
+    return CandidateCost(
+        replica_id=m.replica_id,
+        gpu_class=m.gpu_class,
+        total_s=m.total_s,
+        queue_s=m.queue_s,
+        prefill_s=m.prefill_s,
+        adapter_s=m.adapter_s,
+        cached_blocks=m.cached_blocks,
+        adapter_tier=m.adapter_tier,
+        extra=dict(m.extra),
+    )
+
+
+def decision_from_pb(m: rpb.ExplainResponse) -> Decision:
+    """The policy core's ``Decision`` back from an ``ExplainResponse``."""
+    return Decision(
+        replica_id=m.replica_id,
+        policy=m.policy,
+        reason=m.reason,
+        cached_blocks=m.cached_blocks,
+        candidates=[candidate_from_pb(c) for c in m.candidates],
     )

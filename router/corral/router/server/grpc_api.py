@@ -16,6 +16,7 @@ from corral.v1 import router_pb2_grpc as rpb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..wire import candidate_to_pb
 from .core import ExplainRecord, Prepared, Router, detokenize, run_to_completion
 from .errors import BadRequest, NotFound, RouterError
 from .http_api import list_models
@@ -164,21 +165,7 @@ def explain_to_pb(rec: ExplainRecord) -> rpb.ExplainResponse:
         out.replica_id = d.replica_id
         out.reason = d.reason
         out.cached_blocks = d.cached_blocks
-        for c in d.candidates or []:
-            extra = {k: float(v) for k, v in (c.extra or {}).items() if isinstance(v, (int, float))}
-            out.candidates.append(
-                rpb.CandidateCost(
-                    replica_id=c.replica_id,
-                    gpu_class=c.gpu_class,
-                    total_s=c.total_s,
-                    queue_s=c.queue_s,
-                    prefill_s=c.prefill_s,
-                    adapter_s=c.adapter_s,
-                    cached_blocks=c.cached_blocks,
-                    adapter_tier=c.adapter_tier,
-                    extra=extra,
-                )
-            )
+        out.candidates.extend(candidate_to_pb(c) for c in d.candidates or [])
     return out
 
 
