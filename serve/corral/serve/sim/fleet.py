@@ -36,6 +36,7 @@ from corral.router.state import FleetState
 from corral.router.types import RoutingRequest
 
 from .engine import SimEngine, Step
+from .virtual import submit
 from .workloads import Workload
 
 DEFAULT_REPLICAS = "H100:4,A100-80GB:4"
@@ -278,16 +279,7 @@ def run_fleet(
             eng = engines[rid]
             i += 1
             try:
-                eng.add_request(
-                    r.request_id,
-                    r.prompt_tokens,
-                    r.max_tokens,
-                    r.block_hashes,
-                    adapter=r.adapter,
-                    adapter_mb=r.adapter_mb,
-                    output_block_hashes=r.output_block_hashes,
-                    now=now,
-                )
+                submit(eng, r, now)
             except ValueError:  # larger than that replica's whole KV cache: rejected (counts as a miss)
                 fleet.on_finish(rid, r.request_id)
                 rejected += 1
