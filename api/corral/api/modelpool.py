@@ -131,6 +131,17 @@ class ModelSpec(CorralModel):
         le=1 << 20,
         description="Maximum context length in tokens (engine default if unset).",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Tokenizer the router hashes prompts with, so its blocks line up with the engine's: file://PATH "
+            "(or a plain PATH) of a Hugging Face tokenizer.json, or of a folder holding tokenizer.json and "
+            "optionally tokenizer_config.json with a chat_template. Unset: the tokenizer the engine reports "
+            "at registration (vLLM), else the simulator's byte tokenizer."
+        ),
+    )
 
     @field_validator("engine_args", mode="before")
     @classmethod

@@ -47,6 +47,9 @@ STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
 BlockSize = Literal[8, 16, 32, 64, 128]
 """KV cache block sizes vLLM supports; prefix hashing must use the engines' block size."""
 
+PrefixIndex = Literal["precise", "approximate"]
+"""Source of the router's prefix index: engine KV events, or the router's own dispatch record."""
+
 MAX_PINNED = 256
 MAX_RULES = 64
 
@@ -151,6 +154,13 @@ class RoutingPolicySpec(CorralModel):
     )
     block_size: BlockSize = Field(
         default=16, description="KV cache block size in tokens used for prefix hashing (8..128)."
+    )
+    prefix_index: PrefixIndex = Field(
+        default="precise",
+        description=(
+            "Where the router's prefix index comes from: 'precise' (the engines' KV block events) or "
+            "'approximate' (the router's own record of what it sent where)."
+        ),
     )
     ttft_slo_ms: float = Field(
         default=2000.0, gt=0, le=600_000, description="Time-to-first-token SLO in milliseconds (> 0)."
