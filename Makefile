@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help demo k8s-bins k8s-bin-dir k8s-up test test-unit test-integration lint
+.PHONY: help demo k8s-bins k8s-bin-dir k8s-up test test-unit test-integration lint bench-docs
 
 help:
 	@echo "make k8s-bins          build (or reuse cached) kube-apiserver/KCM/scheduler/kubectl/etcd/kwok/helm"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-unit         pytest -m 'not integration'"
 	@echo "make test-integration  pytest -m integration"
 	@echo "make lint              ruff check + ruff format --check"
+	@echo "make bench-docs        rerun fleet/router/overhead benchmarks into docs/benchmarks (fleet ~6 min)"
 
 k8s-bins:
 	bash e2e/cluster/build.sh
@@ -38,3 +39,9 @@ test-integration:
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# The committed results: `corral bench X` alone writes to ./corral-bench/.
+bench-docs:
+	.venv/bin/corral bench fleet --out docs/benchmarks
+	.venv/bin/corral bench router --out docs/benchmarks
+	.venv/bin/corral bench overhead --ray --out docs/benchmarks

@@ -118,7 +118,7 @@ def test_azure_csv_loader(tmp_path: Path) -> None:
 
 def test_shipped_mooncake_sample_matches_the_shared_trace_head() -> None:
     root = Path(__file__).resolve().parents[2]
-    sample = root / "bench" / "data" / "conversation_trace_head.jsonl"
+    sample = root / "bench" / "corral" / "bench" / "data" / "conversation_trace_head.jsonl"
     if not sample.exists():
         pytest.skip("sample not shipped")
     shared = root.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"

@@ -1,6 +1,7 @@
 """Fleet benchmark: trace replay and synthetic workloads through N simulated vLLM replicas, every policy.
 
-    python bench/fleet.py [--quick] [--trace FILE ...] [--policies NAME,...] [--replicas SPEC] [--out DIR]
+    python -m corral.bench.fleet [--quick] [--trace FILE ...] [--policies NAME,...] [--replicas SPEC]
+                                 [--out DIR]
     corral bench fleet [same options]
 
 For each workload and policy (same arrival sequence for all), a fleet of sim engines
@@ -16,10 +17,10 @@ policy code; engine events reach the router after ``--event-delay`` (50 ms). Per
 - the TTFT-vs-rate curve (the grid runs).
 The first ``warmup`` share of requests (cold caches) is excluded from every metric.
 
-Writes ``DIR/fleet.json`` (the contract in docs/DESIGN.md section 7, plus extra fields), ``DIR/fleet.md``
-and PNG plots (default DIR: docs/benchmarks/). Without ``--trace`` the default suite runs: the Mooncake
-conversation trace (``<repo>/../shared/traces/mooncake/conversation_trace.jsonl``, or the 1,500-request
-sample in ``bench/data/`` when the shared file is absent) and the synthetic workloads of
+Writes ``DIR/fleet.json`` (per policy the ``CONTRACT_KEYS`` that other tools read, plus extra fields),
+``DIR/fleet.md`` and PNG plots (default DIR: ./corral-bench/). Without ``--trace`` the default suite runs:
+the Mooncake conversation trace (``<repo>/../shared/traces/mooncake/conversation_trace.jsonl``, or the
+1,500-request sample in ``corral/bench/data/`` when the shared file is absent) and the synthetic workloads of
 :mod:`corral.serve.sim.workloads`.
 """
 
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.bench import DATA, DEFAULT_OUT, checkout_root
 from corral.router.policy import policy_names
 from corral.serve.sim import workloads as W
 from corral.serve.sim.fleet import (
@@ -53,14 +55,14 @@ from corral.serve.sim.fleet import (
     run_fleet,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "docs" / "benchmarks"
+CHECKOUT = checkout_root()
+REPO = CHECKOUT or Path.cwd()  # paths in results are written relative to this; git runs here
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
-SAMPLE_TRACE = REPO / "bench" / "data" / "conversation_trace_head.jsonl"
+SAMPLE_TRACE = DATA / "conversation_trace_head.jsonl"
 LOAD_ONLY = ("round_robin", "random", "least_loaded", "pow2")
 REF_FRACTION = 0.8
-# Per-policy fields of fleet.json that docs/DESIGN.md section 7 makes a contract (goodput first; the rest
-# are measured at the reference rate).
+# Per-policy fields of fleet.json that readers of the file may rely on (goodput first; the rest are
+# measured at the reference rate); validate() checks them.
 CONTRACT_KEYS = (
     "goodput_rps",
     "ttft_p50_s",
@@ -624,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--replicas", default=DEFAULT_REPLICAS, help=f"GPU:COUNT,... (default {DEFAULT_REPLICAS})"
     )
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default docs/benchmarks)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     ap.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--event-delay", type=float, default=0.05, help="engine event delay to the router, s")
     ap.add_argument("--max-loras", type=int, default=8)

@@ -5,12 +5,12 @@ is measured on prompts that are already hashed (the router hashes once per reque
 mixed GPU classes (H100, A100, L4), every prompt's prefix (25-100 %) cached on two random replicas,
 random queued work, adapters resident on GPU/CPU. Hashing (16-token blocks, xxh3 chain) is timed apart.
 
-    python bench/router_micro.py [--quick] [--out DIR] [--runs K]
+    python -m corral.bench.router_micro [--quick] [--out DIR] [--runs K]
     corral bench router [--quick] [--out DIR]
 
 Writes ``DIR/router.json`` ({"cases": [{"replicas", "prompt_tokens", "adapters", "decision_p50_us",
 "decision_p99_us", "hash_us", ...}]}, the top-level numbers being the ``corral`` policy's) and
-``DIR/router.md`` (default DIR: docs/benchmarks/). With ``--runs K`` each case runs K times and the
+``DIR/router.md`` (default DIR: ./corral-bench/). With ``--runs K`` each case runs K times and the
 median of the per-run percentiles is reported (the machine may be shared; ``load_avg`` is recorded).
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from corral.api.profiles import BUILTIN_PROFILES
+from corral.bench import DEFAULT_OUT
 from corral.router.hashing import block_hashes, salt_for
 from corral.router.policy import make_policy, policy_names
 from corral.router.state import FleetState
@@ -40,7 +41,6 @@ SYSTEM_PROMPT_TOKENS = 1024
 REPLICAS = (8, 32, 128)
 PROMPTS = (2048, 32768)
 ADAPTERS = 8
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 
 def _gpu(i: int) -> str:
@@ -222,7 +222,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="corral bench router", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer decisions per case, one run")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default docs/benchmarks)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     ap.add_argument(
         "--runs", type=int, default=None, help="runs per case, median reported (default 3; 1 quick)"
     )

@@ -12,9 +12,9 @@ runs in this process. Cases, measured side by side in one run:
   echo replica, the Serve-native path, for reference.
 
 Each case runs once with 1 client (unloaded latency) and once with ``--concurrency`` clients (latency
-under load and max throughput). Writes ``docs/benchmarks/router_overhead.{json,md}``.
+under load and max throughput). Writes ``DIR/router_overhead.{json,md}`` (default DIR: ./corral-bench/).
 
-    python bench/router_overhead.py [--quick] [--ray] [--duration S] [--concurrency N] [--out DIR]
+    python -m corral.bench.router_overhead [--quick] [--ray] [--duration S] [--concurrency N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from corral.bench import DEFAULT_OUT
+
 MODEL = "echo"
 
 
@@ -324,7 +325,7 @@ def _markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="corral bench overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short run (1 s per case)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
     ap.add_argument("--warmup", type=float, default=1.0)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", type=int, default=2, help="zero-cost engine replicas")
     ap.add_argument("--policy", default="corral")
     ap.add_argument("--ray", action="store_true", help="also measure the Ray Serve-native path (starts Ray)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default ./{DEFAULT_OUT})")
     ns = ap.parse_args(argv)
     if ns.quick:
         ns.duration, ns.warmup = 1.0, 0.3

@@ -1,8 +1,8 @@
-"""``corral bench``: run the benchmarks of ``bench/`` (``fleet``, ``router``, ``overhead``).
+"""``corral bench``: run the benchmarks of :mod:`corral.bench` (``fleet``, ``router``, ``overhead``).
 
-The benchmark scripts live in the source tree's ``bench/`` folder (they are not part of the wheel); this
-command finds that folder next to the installed source roots (an editable install or a checkout) or via
-``$CORRAL_BENCH_DIR``, loads the script and calls its ``main(argv)`` with the remaining arguments::
+The benchmarks are modules of the installed package (they ship in the wheel with their data), imported by
+name so that their worker processes (``multiprocessing`` spawn) can import them too. Each one's
+``main(argv)`` gets the remaining arguments and writes to ``--out`` (default ``./corral-bench/``)::
 
     corral bench fleet --quick
     corral bench router --quick --out docs/benchmarks
@@ -11,53 +11,26 @@ command finds that folder next to the installed source roots (an editable instal
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
+import importlib
 import sys
-from pathlib import Path
 from types import ModuleType
 
 BENCHES = {
-    "fleet": ("fleet.py", "fleet benchmark: trace replay through sim replicas, every policy"),
-    "router": ("router_micro.py", "router micro-benchmark: decision latency per policy, hashing cost"),
-    "overhead": ("router_overhead.py", "router overhead: direct vs through the router (gRPC/HTTP)"),
+    "fleet": ("corral.bench.fleet", "fleet benchmark: trace replay through sim replicas, every policy"),
+    "router": ("corral.bench.router_micro", "router micro-benchmark: decision latency per policy, hashing"),
+    "overhead": ("corral.bench.router_overhead", "router overhead: direct vs through the router (gRPC/HTTP)"),
 }
 
 
-def bench_dir() -> Path | None:
-    env = os.environ.get("CORRAL_BENCH_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "bench" / "fleet.py").exists():
-            return parent / "bench"
-    return None
-
-
 def load(name: str) -> ModuleType:
-    d = bench_dir()
-    if d is None:
-        raise FileNotFoundError(
-            "the benchmark scripts (bench/) were not found: run from a Corral checkout or an editable "
-            "install, or set CORRAL_BENCH_DIR"
-        )
-    path = d / BENCHES[name][0]
-    if not path.exists():
-        raise FileNotFoundError(f"benchmark script not found: {path}")
-    mod_name = f"corral_bench_{name}"
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod  # worker processes (multiprocessing) resolve its functions by name
-    spec.loader.exec_module(mod)
-    return mod
+    """The benchmark module ``name`` (a key of :data:`BENCHES`)."""
+    return importlib.import_module(BENCHES[name][0])
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
-        help="Run the router and fleet benchmarks.",
+        help="Run the router and fleet benchmarks (results in ./corral-bench/ unless --out DIR).",
         description="\n".join(f"  {k:9s} {v[1]}" for k, v in BENCHES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     try:
         mod = load(args.which)
-    except FileNotFoundError as e:
-        print(f"corral bench: {e}", file=sys.stderr)
+    except ImportError as e:
+        print(f"corral bench: cannot import the benchmark {BENCHES[args.which][0]}: {e}", file=sys.stderr)
         return 2
     return int(mod.main(list(args.args)) or 0)
