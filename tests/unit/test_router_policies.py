@@ -6,7 +6,8 @@ import pytest
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.router.events import AdapterLoaded, BlockStored, LoadSample
 from corral.router.explain import format_decision
-from corral.router.policy import NoReplicaError, make_policy, policy_names
+from corral.router.policies import make_policy, policy_names
+from corral.router.policy import NoReplicaError
 from corral.router.request import request_from_block_ids
 from corral.router.state import FleetState
 from router_testkit import fleet, prompt, req

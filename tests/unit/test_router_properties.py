@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from corral.api.profiles import BUILTIN_PROFILES
-from corral.router.policy import make_policy, policy_names
+from corral.router.policies import make_policy, policy_names
 from corral.router.state import FleetState
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

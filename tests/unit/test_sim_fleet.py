@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from corral.api.profiles import BUILTIN_PROFILES
-from corral.router.policy import make_policy
+from corral.router.policies import make_policy
+from corral.router.policies._common import BasePolicy
+from corral.router.policy import PolicyRegistry
 from corral.serve import bench_cli
 from corral.serve.sim import workloads as W
 from corral.serve.sim.fleet import FleetConfig, goodput_search, parse_policy, parse_replicas, run_fleet
@@ -20,7 +22,8 @@ def test_parse_replicas_and_policy_specs() -> None:
     with pytest.raises(ValueError):
         parse_replicas("H100:x")
     assert parse_policy("corral") == ("corral", "precise")
-    assert parse_policy("dualmap") == ("dualmap", "approximate")
+    assert parse_policy("dualmap") == ("dualmap", "precise")  # the CRD's prefixIndex default
+    assert parse_policy("approx_prefix") == ("approx_prefix", "approximate")  # SGLang's own tree
     assert parse_policy("corral@approximate") == ("corral", "approximate")
 
 
@@ -50,10 +53,11 @@ def test_a_policy_sees_engine_events_in_precise_mode() -> None:
     w = W.shared_prefix(200, groups=4, seed=3)
     seen = {}
 
-    class Spy:
+    class Spy(BasePolicy):
         name = "spy"
 
-        def __init__(self) -> None:
+        def __init__(self, **params: object) -> None:
+            super().__init__(**params)
             self.inner = make_policy("round_robin")
 
         def choose(self, req, fleet, now, explain=False):  # type: ignore[no-untyped-def]
@@ -61,14 +65,8 @@ def test_a_policy_sees_engine_events_in_precise_mode() -> None:
             seen["samples"] = sum(r.last_sample is not None for r in fleet.replicas.values())
             return self.inner.choose(req, fleet, now, explain)
 
-    import corral.serve.sim.fleet as F
-
-    orig = F.make_policy
-    F.make_policy = lambda name, **kw: Spy() if name == "spy" else orig(name, **kw)  # type: ignore[assignment]
-    try:
-        run_fleet(w, "spy@precise", scale=1.0, config=FleetConfig(replicas=parse_replicas("H100:2")))
-    finally:
-        F.make_policy = orig
+    reg = PolicyRegistry([Spy])
+    run_fleet(w, "spy@precise", scale=1.0, config=FleetConfig(replicas=parse_replicas("H100:2")), policies=reg)
     assert seen["blocks"] > 0 and seen["samples"] == 2
 
 

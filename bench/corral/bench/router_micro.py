@@ -32,7 +32,7 @@ import numpy as np
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.bench import DEFAULT_OUT
 from corral.router.hashing import block_hashes, salt_for
-from corral.router.policy import make_policy, policy_names
+from corral.router.policies import make_policy, policy_names
 from corral.router.state import FleetState
 from corral.router.types import RoutingRequest
 

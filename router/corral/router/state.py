@@ -8,13 +8,15 @@
 Each replica keeps a prefix index in one of two modes behind one interface:
 - ``approximate``: the router records the blocks it sent to a replica, LRU-bounded by the replica's
   KV capacity (SGLang / GIE "approximate prefix" style; needs no engine events);
-- ``precise``: only engine ``BlockStored`` / ``BlockRemoved`` events change the index (llm-d style).
+- ``precise``: engine ``BlockStored`` / ``BlockRemoved`` events are the truth (llm-d style); blocks the
+  router just sent count as held until the engine confirms them or ``CONFIRM_GRACE_S`` passes, so the
+  milliseconds before the events arrive do not look cold.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import takewhile
 from typing import Literal
@@ -33,6 +35,11 @@ from .events import (
 from .types import RoutingRequest
 
 IndexMode = Literal["approximate", "precise"]
+
+CONFIRM_GRACE_S = 10.0
+"""Precise mode: seconds a dispatched block counts as held before the engine's BlockStored confirms it.
+Long enough for a queued prefill to run (requests waiting longer than this are already far over any
+TTFT SLO); an unconfirmed block is dropped after it, so a failed or rejected request leaves no trace."""
 
 
 class PrefixIndex:
@@ -153,7 +160,9 @@ class ReplicaState:
     pending_prefill_tokens: int = 0  # uncached prompt tokens sent, first token not yet seen
     decode_requests: int = 0  # requests past their first token, still generating
     last_sample: LoadSample | None = None
+    sample_received_at: float = 0.0  # when ``last_sample`` arrived, on the router's clock (see apply)
     dispatched_total: int = 0
+    unconfirmed: dict[int, float] = field(default_factory=dict)  # precise mode: block -> confirm deadline
 
     @property
     def outstanding(self) -> int:
@@ -175,8 +184,10 @@ class ReplicaState:
 class FleetState:
     """All replicas one router knows, keyed by replica id."""
 
-    def __init__(self, index_mode: IndexMode = "approximate") -> None:
+    def __init__(self, index_mode: IndexMode = "approximate", clock: Callable[[], float] | None = None) -> None:
         self.index_mode: IndexMode = index_mode
+        self.clock = clock  # the router's clock: stamps load samples on receipt (see apply)
+        self.confirm_grace_s = CONFIRM_GRACE_S
         self.replicas: dict[str, ReplicaState] = {}
         self._by_model: dict[str, list[ReplicaState]] = {}
         self.version = 0  # bumped on membership/health changes (policies may cache rings on it)
@@ -231,6 +242,18 @@ class FleetState:
         """Healthy replicas serving ``model``, in a stable order (sorted by id)."""
         return self._by_model.get(model, [])
 
+    def members(self, model: str) -> list[ReplicaState]:
+        """All healthy replicas of ``model`` (what hash rings are built from); == candidates here."""
+        return self._by_model.get(model, [])
+
+    @property
+    def base(self) -> FleetState:
+        """The underlying fleet (a :class:`FleetView` returns the fleet it views)."""
+        return self
+
+    excluded: frozenset[str] = frozenset()
+    """Replica ids hidden from ``candidates`` (always empty on the fleet itself; see FleetView)."""
+
     def models(self) -> list[str]:
         return sorted({r.model for r in self.replicas.values()})
 
@@ -250,7 +273,28 @@ class FleetState:
                 r.adapters_gpu.add(req.adapter)
                 r.adapters_cpu.discard(req.adapter)
         else:
-            r.index.touch(req.block_hashes[:cached_blocks])
+            self._expect_blocks(r, req.block_hashes, cached_blocks)
+
+    def _expect_blocks(self, r: ReplicaState, hashes: Sequence[int], cached_blocks: int) -> None:
+        """Precise mode: the blocks just sent count as held until the engine's ``BlockStored`` confirms
+        them or ``confirm_grace_s`` passes without it (then they are dropped again). Without this, every
+        request in the few milliseconds before the engine's events arrive would see a cold replica."""
+        r.index.touch(hashes[:cached_blocks])
+        now = self.clock() if self.clock is not None else 0.0
+        pending = r.unconfirmed
+        while pending:  # expire (deadlines are in insertion order)
+            h, deadline = next(iter(pending.items()))
+            if deadline > now:
+                break
+            del pending[h]
+            r.index.remove((h,))
+        new = [h for h in hashes[cached_blocks:] if h not in r.index or h in pending]
+        if new:
+            deadline = now + self.confirm_grace_s
+            for h in new:
+                pending.pop(h, None)
+                pending[h] = deadline
+            r.index.insert(new, evict=False)
 
     def on_first_token(self, replica_id: str, request_id: str) -> None:
         r = self.replicas.get(replica_id)
@@ -274,12 +318,22 @@ class FleetState:
             r.pending_prefill_tokens -= f.uncached_tokens
 
     # ---- engine events ----------------------------------------------------------------------------
-    def apply(self, ev: EngineEvent) -> None:
+    def apply(self, ev: EngineEvent, now: float | None = None) -> None:
+        """Apply one engine event received at ``now`` (the router's clock; default: ``clock()``).
+
+        A load sample is stamped with its receipt time (``ReplicaState.sample_received_at``): its own
+        ``time`` is the engine's clock, which no router clock can be compared with (another process or
+        machine, another epoch). With neither ``now`` nor a clock, the sample's own time is used: only
+        right when engines and router share one clock (the virtual-time simulator).
+        """
         r = self.replicas.get(ev.replica_id)
         if r is None:
             return
         if isinstance(ev, LoadSample):
             r.last_sample = ev
+            if now is None:
+                now = self.clock() if self.clock is not None else ev.time
+            r.sample_received_at = now
         elif isinstance(ev, AdapterLoaded):
             if ev.tier == "gpu":
                 r.adapters_gpu.add(ev.adapter)
@@ -294,7 +348,40 @@ class FleetState:
         elif self.index_mode == "precise":
             if isinstance(ev, BlockStored):
                 r.index.insert(ev.block_hashes, evict=False)
+                if r.unconfirmed:
+                    for h in ev.block_hashes:
+                        r.unconfirmed.pop(h, None)
             elif isinstance(ev, BlockRemoved):
                 r.index.remove(ev.block_hashes)
+                if r.unconfirmed:
+                    for h in ev.block_hashes:
+                        r.unconfirmed.pop(h, None)
             elif isinstance(ev, AllBlocksCleared):
                 r.index.clear()
+                r.unconfirmed.clear()
+
+
+class FleetView:
+    """A fleet with some replicas hidden from :meth:`candidates` (a retry's exclusions or replicas at
+    their queue bound). Membership (:meth:`members`), ``version`` and ``base`` are the fleet's own, so
+    policies keep their hash rings and only skip the hidden replicas; everything else delegates."""
+
+    __slots__ = ("_fleet", "excluded")
+
+    def __init__(self, fleet: FleetState, excluded: frozenset[str]) -> None:
+        self._fleet = fleet
+        self.excluded = excluded
+
+    def candidates(self, model: str) -> list[ReplicaState]:
+        ex = self.excluded
+        return [r for r in self._fleet.candidates(model) if r.replica_id not in ex]
+
+    def members(self, model: str) -> list[ReplicaState]:
+        return self._fleet.members(model)
+
+    @property
+    def base(self) -> FleetState:
+        return self._fleet
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fleet, name)

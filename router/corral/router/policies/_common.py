@@ -10,6 +10,7 @@ import random
 from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ class PolicyParams(BaseModel):
 
     seed: int = 0
     sample_max_age_s: float = 5.0
-    """A replica's LoadSample is trusted for this long (engine clock == ``now``)."""
+    """A replica's LoadSample is trusted for this long after the router received it."""
 
 
 class BasePolicy(Policy):
@@ -88,8 +89,10 @@ def no_replica_error(model: str, fleet: FleetState) -> NoReplicaError:
 
 # ---- load views -------------------------------------------------------------------------------------
 def fresh_sample(r: ReplicaState, now: float, max_age: float) -> Any:
+    """``r``'s last load sample if it arrived at most ``max_age`` before ``now`` (both on the router's
+    clock: ``FleetState.apply`` stamps each sample on receipt), else ``None``."""
     s = r.last_sample
-    if s is None or now - s.time > max_age:
+    if s is None or now - r.sample_received_at > max_age:
         return None
     return s
 
@@ -97,8 +100,8 @@ def fresh_sample(r: ReplicaState, now: float, max_age: float) -> Any:
 def request_load(r: ReplicaState, now: float, max_age: float) -> int:
     """Outstanding requests: the router's count, or the engine's running+waiting if larger and fresh."""
     n = len(r.in_flight)
-    s = r.last_sample
-    if s is not None and now - s.time <= max_age:
+    s = fresh_sample(r, now, max_age)
+    if s is not None:
         m = s.running + s.waiting
         if m > n:
             return m
@@ -108,8 +111,8 @@ def request_load(r: ReplicaState, now: float, max_age: float) -> int:
 def waiting_load(r: ReplicaState, now: float, max_age: float) -> int:
     """Requests not yet past their first token (router count, or the engine's ``waiting``)."""
     n = len(r.in_flight) - r.decode_requests
-    s = r.last_sample
-    if s is not None and now - s.time <= max_age and s.waiting > n:
+    s = fresh_sample(r, now, max_age)
+    if s is not None and s.waiting > n:
         return s.waiting
     return n
 
@@ -117,24 +120,24 @@ def waiting_load(r: ReplicaState, now: float, max_age: float) -> int:
 def token_load(r: ReplicaState, now: float, max_age: float) -> int:
     """Pending uncached prefill tokens (router count, or the engine's waiting prefill tokens)."""
     n = r.pending_prefill_tokens
-    s = r.last_sample
-    if s is not None and now - s.time <= max_age and s.waiting_prefill_tokens > n:
+    s = fresh_sample(r, now, max_age)
+    if s is not None and s.waiting_prefill_tokens > n:
         return s.waiting_prefill_tokens
     return n
 
 
 def decode_load(r: ReplicaState, now: float, max_age: float) -> int:
     n = r.decode_requests
-    s = r.last_sample
-    if s is not None and now - s.time <= max_age and s.running > n:
+    s = fresh_sample(r, now, max_age)
+    if s is not None and s.running > n:
         return s.running
     return n
 
 
 def kv_usage(r: ReplicaState, now: float, max_age: float) -> float:
     """KV-cache usage in [0, 1]: the engine's gauge when fresh, else in-flight tokens / capacity."""
-    s = r.last_sample
-    if s is not None and now - s.time <= max_age:
+    s = fresh_sample(r, now, max_age)
+    if s is not None:
         return min(1.0, max(0.0, s.kv_usage))
     used = sum(f.prompt_tokens for f in r.in_flight.values())
     return min(1.0, used / max(1, r.index.capacity * r.block_size))
@@ -278,10 +281,17 @@ class HashRing:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def lookup(self, key: int) -> str:
-        """The clockwise-nearest node of ``key`` (a 64-bit key, re-hashed under the ring's seed)."""
+    def lookup(self, key: int, skip: AbstractSet[str] = frozenset()) -> str:
+        """The clockwise-nearest node of ``key`` (a 64-bit key, re-hashed under the ring's seed) that is
+        not in ``skip`` (``KeyError`` if every node is)."""
         i = bisect_right(self._pos, key_position(key, self.seed))
-        return self._owner[i % len(self._owner)]
+        node = self._owner[i % len(self._owner)]
+        if node not in skip:
+            return node
+        for node in self.walk(key):
+            if node not in skip:
+                return node
+        raise KeyError("every ring node is excluded")
 
     def walk(self, key: int) -> Iterator[str]:
         """Distinct nodes clockwise from ``key``'s position (for bounded loads)."""
@@ -310,11 +320,18 @@ class DualRing:
         self.r1 = HashRing(self.nodes, vnodes, seed=1)
         self.r2 = HashRing(self.nodes, vnodes, seed=2)
 
-    def pair(self, key: int) -> tuple[str, str]:
-        c1 = self.r1.lookup(key)
-        c2 = self.r2.lookup(key)
-        if c1 == c2 and len(self.nodes) > 1:
-            c2 = self.nodes[(self.nodes.index(c1) + 1) % len(self.nodes)]
+    def pair(self, key: int, skip: AbstractSet[str] = frozenset()) -> tuple[str, str]:
+        """The two candidates of ``key``, skipping nodes in ``skip`` (equal only if one node is left)."""
+        c1 = self.r1.lookup(key, skip)
+        c2 = self.r2.lookup(key, skip)
+        if c1 == c2:
+            nodes = self.nodes
+            k = nodes.index(c1)
+            for j in range(1, len(nodes)):
+                cand = nodes[(k + j) % len(nodes)]
+                if cand not in skip:
+                    c2 = cand
+                    break
         return c1, c2
 
 
@@ -325,11 +342,14 @@ class RingCache:
         self._factory = factory
         self._cache: dict[str, tuple[FleetState, int, tuple[str, ...], Any]] = {}
 
-    def get(self, model: str, fleet: FleetState, cands: Sequence[ReplicaState]) -> Any:
+    def get(self, model: str, fleet: FleetState) -> Any:
+        """The ring over ``fleet``'s healthy *members* of ``model``: a view hiding replicas (a retry's
+        exclusions) shares its fleet's ring, and lookups skip the hidden ones (``fleet.excluded``)."""
+        fleet = fleet.base
         hit = self._cache.get(model)
         if hit is not None and hit[0] is fleet and hit[1] == fleet.version:
             return hit[3]
-        ids = tuple(r.replica_id for r in cands)
+        ids = tuple(r.replica_id for r in fleet.members(model))
         ring = hit[3] if hit is not None and hit[2] == ids else self._factory(ids)
         self._cache[model] = (fleet, fleet.version, ids, ring)
         return ring

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, PolicyParams, explain_costs, request_load
@@ -23,8 +22,8 @@ class ApproxPrefixParams(PolicyParams):
     balance_rel_threshold: float = Field(1.5, ge=1.0)
 
 
-@register("approx_prefix")
 class ApproxPrefix(BasePolicy):
+    name = "approx_prefix"
     Params = ApproxPrefixParams
     category = "BALANCE"
     params: ApproxPrefixParams

@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, HashRing, PolicyParams, RingCache, explain_costs, fixed_prefix_key
@@ -26,8 +25,8 @@ class ChblParams(PolicyParams):
     by: Literal["requests", "tokens"] = "requests"
 
 
-@register("chbl")
 class ConsistentHashBoundedLoads(BasePolicy):
+    name = "chbl"
     Params = ChblParams
     category = "AFFINITY"
     params: ChblParams
@@ -39,7 +38,7 @@ class ConsistentHashBoundedLoads(BasePolicy):
     def choose(self, req: RoutingRequest, fleet: FleetState, now: float, explain: bool = False) -> Decision:
         cands = self.candidates(req, fleet)
         by_id = {r.replica_id: r for r in cands}
-        ring: HashRing = self._rings.get(req.model, fleet, cands)
+        ring: HashRing = self._rings.get(req.model, fleet)
         bs = cands[0].block_size
         key = fixed_prefix_key(req, math.ceil(self.params.key_tokens / bs))
         load = load_fn(self.params.by, now, self.params.sample_max_age_s)
@@ -49,6 +48,8 @@ class ConsistentHashBoundedLoads(BasePolicy):
         chosen = None
         hops = 0
         for rid in ring.walk(key):
+            if rid not in by_id:  # hidden (a retry's exclusion)
+                continue
             home = home or rid
             if loads[rid] + 1 <= cap:
                 chosen = by_id[rid]

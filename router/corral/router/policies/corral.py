@@ -47,7 +47,6 @@ import math
 import xxhash
 from pydantic import Field
 
-from ..policy import register
 from ..state import FleetState, ReplicaState
 from ..types import CandidateCost, Decision, RoutingRequest
 from ._common import (
@@ -109,8 +108,8 @@ class _Fleetwide:
         self.weight_sum = sum(self.weight.values())
 
 
-@register("corral")
 class Corral(BasePolicy):
+    name = "corral"
     Params = CorralParams
     category = "BALANCE"
     params: CorralParams
@@ -122,11 +121,12 @@ class Corral(BasePolicy):
         self._fw: dict[str, tuple[FleetState, int, _Fleetwide]] = {}
         self._rings = RingCache(lambda ids: DualRing(ids, p.vnodes))
 
-    def _fleetwide(self, model: str, fleet: FleetState, cands: list[ReplicaState]) -> _Fleetwide:
+    def _fleetwide(self, model: str, fleet: FleetState) -> _Fleetwide:
+        fleet = fleet.base  # a view hiding replicas shares the fleet's rings (lookups skip them)
         hit = self._fw.get(model)
         if hit is not None and hit[0] is fleet and hit[1] == fleet.version:
             return hit[2]
-        fw = _Fleetwide(self._rings.get(model, fleet, cands), cands)
+        fw = _Fleetwide(self._rings.get(model, fleet), fleet.members(model))
         self._fw[model] = (fleet, fleet.version, fw)
         return fw
 
@@ -141,14 +141,15 @@ class Corral(BasePolicy):
         adapter_mb = req.adapter_size_mb if req.adapter_size_mb is not None else p.adapter_mb
         cands = self.candidates(req, fleet)
         n = len(cands)
-        fw = self._fleetwide(req.model, fleet, cands)
+        fw = self._fleetwide(req.model, fleet)
+        skip = fleet.excluded
         k = self.keyer.key(req.block_hashes, unit_blocks(p.key_block_tokens, cands[0].block_size), n)
         key = k[1] if k is not None else fallback_key(req)
-        c1, c2 = fw.rings.pair(key)
+        c1, c2 = fw.rings.pair(key, skip)
         rank: dict[str, int] = {}
         roles: dict[str, str] = {}
         if req.adapter is not None:
-            a1, a2 = fw.rings.pair(_xxh(b"adapter\x00" + req.adapter.encode()))
+            a1, a2 = fw.rings.pair(_xxh(b"adapter\x00" + req.adapter.encode()), skip)
             for rid, role in ((a1, "adapter-ring-1"), (a2, "adapter-ring-2")):
                 rank.setdefault(rid, len(rank))
                 roles.setdefault(rid, role)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..policy import register
 from ..state import FleetState, ReplicaState
 from ..types import CandidateCost, Decision, RoutingRequest
 from ._common import (
@@ -50,8 +49,8 @@ class DualMapParams(PolicyParams):
     tpct_s: float | None = Field(None, gt=0.0)
 
 
-@register("dualmap")
 class DualMap(BasePolicy):
+    name = "dualmap"
     Params = DualMapParams
     category = "BALANCE"
     params: DualMapParams
@@ -73,11 +72,11 @@ class DualMap(BasePolicy):
         p = self.params
         cands = self.candidates(req, fleet)
         by_id = {r.replica_id: r for r in cands}
-        rings: DualRing = self._rings.get(req.model, fleet, cands)
+        rings: DualRing = self._rings.get(req.model, fleet)
         hs = req.block_hashes
         k = self.keyer.key(hs, unit_blocks(p.key_block_tokens, cands[0].block_size), len(cands))
         depth, key = k if k is not None else (0, fallback_key(req))
-        id1, id2 = rings.pair(key)
+        id1, id2 = rings.pair(key, fleet.excluded)
         a, b = by_id[id1], by_id[id2]
         ha, hb = a.index.match(hs), b.index.match(hs)
         ua = max(0, req.prompt_tokens - ha * a.block_size)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..policy import register
 from ..state import FleetState, ReplicaState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, PolicyParams, explain_costs, request_load, token_load
@@ -24,8 +23,8 @@ def load_fn(by: str, now: float, max_age: float):  # type: ignore[no-untyped-def
     return lambda r: request_load(r, now, max_age)
 
 
-@register("least_loaded")
 class LeastLoaded(BasePolicy):
+    name = "least_loaded"
     Params = LeastLoadedParams
     category = "DISTRIBUTION"
     params: LeastLoadedParams

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, PolicyParams, explain_costs, request_load
@@ -23,8 +22,8 @@ class LoraAffinityParams(PolicyParams):
     room_score: float = Field(0.8, ge=0.0, le=1.0)
 
 
-@register("lora_affinity")
 class LoraAffinity(BasePolicy):
+    name = "lora_affinity"
     Params = LoraAffinityParams
     category = "AFFINITY"
     params: LoraAffinityParams

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, PolicyParams, explain_costs
@@ -15,8 +14,8 @@ class Pow2Params(PolicyParams):
     by: Literal["requests", "tokens"] = "requests"
 
 
-@register("pow2")
 class PowerOfTwo(BasePolicy):
+    name = "pow2"
     Params = Pow2Params
     category = "DISTRIBUTION"
     params: Pow2Params

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, PolicyParams, explain_costs, kv_usage, waiting_load
@@ -22,8 +21,8 @@ class PrecisePrefixParams(PolicyParams):
     kv_weight: float = Field(2.0, ge=0.0)
 
 
-@register("precise_prefix")
 class PrecisePrefix(BasePolicy):
+    name = "precise_prefix"
     Params = PrecisePrefixParams
     category = "BALANCE"
     params: PrecisePrefixParams

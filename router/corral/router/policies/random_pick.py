@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, explain_costs
 
 
-@register("random")
 class RandomPick(BasePolicy):
+    name = "random"
     category = "DISTRIBUTION"
 
     def choose(self, req: RoutingRequest, fleet: FleetState, now: float, explain: bool = False) -> Decision:

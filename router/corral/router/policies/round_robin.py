@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from ..policy import register
 from ..state import FleetState
 from ..types import Decision, RoutingRequest
 from ._common import BasePolicy, explain_costs
 
 
-@register("round_robin")
 class RoundRobin(BasePolicy):
+    name = "round_robin"
     category = "DISTRIBUTION"
 
     def __init__(self, **params: object) -> None:

@@ -1,17 +1,19 @@
 """A fleet of sim engines behind one routing policy, in virtual time: the core of the fleet benchmark.
 
-One discrete-event loop holds N :class:`~.engine.SimEngine` replicas (mixed GPU classes), the production
-policy code (:func:`corral.router.policy.make_policy`) and its :class:`~corral.router.state.FleetState`:
+One discrete-event loop holds N :class:`~.engine.SimEngine` replicas (mixed GPU classes) and the shipped
+router core (:class:`corral.router.core.RouterCore`, built from :func:`corral.router.settings.router_settings`
+of a RoutingPolicy with the CRD's defaults, the workload's TTFT SLO and the strategy under test), driven by
+a virtual clock:
 
-- **arrival**: the request (already hashed) is routed with ``policy.choose``; the router's accounting is
-  updated at once (``on_dispatch``), and the engine receives it (idle engines start a step at once; a
-  macro decode step in flight is cut at the next step boundary).
+- **arrival**: the request (already hashed) is routed with ``RouterCore.route`` (queue bound, policy) and
+  accounted with ``RouterCore.dispatch``; the engine receives it (idle engines start a step at once; a
+  macro decode step in flight is cut at the next step boundary). A request refused by the queue bound
+  (``Saturated``) counts as rejected and as an SLO miss.
 - **step end**: the engine applies the step; first tokens and finishes reach the router immediately
-  (the router proxies the stream: ``on_first_token`` / ``on_finish``).
-- **engine events** (KV ``BlockStored``/``BlockRemoved``, adapter residency, ``LoadSample``) reach the
-  router's ``FleetState.apply`` only after ``event_delay_s`` (real routers see them over a network and a
-  publisher queue). ``FleetState`` uses block events only in ``precise`` index mode; in ``approximate``
-  mode the router's index is its own record of what it sent.
+  (the router proxies the stream: ``first_token`` / ``finish``).
+- **engine events** (KV ``BlockStored``/``BlockRemoved``, adapter residency, ``LoadSample``) reach
+  ``RouterCore.apply`` only after ``event_delay_s`` (real routers see them over a network and a publisher
+  queue), and are stamped on receipt with the router's (virtual) clock, as in the service.
 
 Latency metrics use the requests after the first ``warmup_fraction`` (cold caches excluded). A run can
 stop early once more than ``stop_fraction`` of the measured requests are certain to miss the TTFT SLO
@@ -25,14 +27,17 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from corral.api.profiles import GpuProfile, resolve_profile
+from corral.api.routingpolicy import STRATEGIES, RoutingPolicySpec
+from corral.router.core import RouterCore, Saturated
 from corral.router.events import EngineEvent
-from corral.router.policy import make_policy
-from corral.router.state import FleetState
+from corral.router.policies import BUILTIN_POLICIES
+from corral.router.policy import PolicyRegistry
+from corral.router.settings import RouterSettings, router_settings
 from corral.router.types import RoutingRequest
 
 from .engine import SimEngine, Step
@@ -40,10 +45,9 @@ from .virtual import submit
 from .workloads import Workload
 
 DEFAULT_REPLICAS = "H100:4,A100-80GB:4"
-PRECISE_BY_DEFAULT = frozenset({"corral", "precise_prefix"})
-"""Policies whose router consumes engine KV events (precise index); the others keep their own record."""
-SLO_AWARE = frozenset({"corral", "dualmap"})
-"""Policies given the workload's TTFT SLO as ``ttft_slo_s``."""
+ALGORITHM_INDEX: dict[str, str] = {"approx_prefix": "approximate"}
+"""Strategies whose published algorithm defines the index (SGLang's cache-aware router keeps its own
+approximate tree); every other strategy runs with the RoutingPolicy's default ``prefixIndex``."""
 
 
 def parse_replicas(spec: str) -> list[tuple[str, GpuProfile]]:
@@ -70,13 +74,48 @@ def parse_replicas(spec: str) -> list[tuple[str, GpuProfile]]:
 
 
 def parse_policy(spec: str) -> tuple[str, str]:
-    """``"corral"`` -> ("corral", default mode); ``"corral@approximate"`` -> ("corral", "approximate")."""
+    """``"corral"`` -> ("corral", default mode); ``"corral@approximate"`` -> ("corral", "approximate").
+
+    The default mode is the RoutingPolicy CRD's ``prefixIndex`` default (see :data:`ALGORITHM_INDEX`)."""
     name, _, mode = spec.partition("@")
     if not mode:
-        mode = "precise" if name in PRECISE_BY_DEFAULT else "approximate"
+        mode = ALGORITHM_INDEX.get(name, RoutingPolicySpec.model_fields["prefix_index"].default)
     if mode not in ("precise", "approximate"):
         raise ValueError(f"bad index mode {mode!r} in {spec!r}: expected precise or approximate")
     return name, mode
+
+
+def fleet_settings(policy: str, slo_s: float, policy_params: dict[str, Any] | None = None) -> RouterSettings:
+    """The router settings a benchmark run uses: :func:`router_settings` of a RoutingPolicy with every
+    field at the CRD default except ``strategy`` (for the CR strategies), ``ttftSloMs`` (the workload's SLO)
+    and ``prefixIndex`` (see :func:`parse_policy`); ``policy_params`` (ablations) override params."""
+    name, mode = parse_policy(policy)
+    spec = RoutingPolicySpec.model_validate(
+        {
+            "poolRef": "bench",
+            "strategy": name if name in STRATEGIES else "corral",
+            "ttftSloMs": slo_s * 1000.0,
+            "prefixIndex": mode,
+        }
+    )
+    s = router_settings(spec)
+    if name not in STRATEGIES:  # a policy outside the CRD's enum (lora_affinity, test policies)
+        s = replace(s, strategy=name, policy_params={})
+    if policy_params:
+        s = replace(s, policy_params={**s.policy_params, **policy_params})
+    return s
+
+
+class VirtualClock:
+    """The simulation's clock, read by the router core (``now`` is advanced by the event loop)."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @dataclass
@@ -159,17 +198,17 @@ def run_fleet(
     policy_params: dict[str, Any] | None = None,
     stop_fraction: float | None = None,
     max_requests: int | None = None,
+    policies: PolicyRegistry = BUILTIN_POLICIES,
 ) -> RunResult:
     """Replay ``workload`` (arrivals divided by ``scale``) through the fleet under ``policy``.
 
-    ``policy`` is a registered name, optionally ``name@precise`` / ``name@approximate`` for the router's
-    index mode. Policies in :data:`SLO_AWARE` get ``ttft_slo_s`` = the workload's SLO unless given."""
+    ``policy`` is a strategy name, optionally ``name@precise`` / ``name@approximate`` for the router's
+    index mode; the router runs with :func:`fleet_settings` (the shipped RoutingPolicy defaults)."""
     cfg = config or FleetConfig()
-    name, mode = parse_policy(policy)
-    params = dict(policy_params or {})
-    if name in SLO_AWARE:
-        params.setdefault("ttft_slo_s", workload.slo_ttft_s)
-    pol = make_policy(name, **params)
+    settings = fleet_settings(policy, workload.slo_ttft_s, policy_params)
+    clock = VirtualClock()
+    router = RouterCore(settings, clock=clock, policies=policies)
+    fleet = router.fleet
     reqs = workload.requests if max_requests is None else workload.requests[:max_requests]
     n = len(reqs)
     bs = workload.block_size
@@ -177,7 +216,6 @@ def run_fleet(
     n_warm = int(n * cfg.warmup_fraction)
     measured_n = n - n_warm
 
-    fleet = FleetState(mode)  # type: ignore[arg-type]
     engines: dict[str, SimEngine] = {}
     pending: list[EngineEvent] = []
     for rid, prof in cfg.replicas:
@@ -197,7 +235,7 @@ def run_fleet(
     steps: dict[str, Step] = {}
     delay = cfg.event_delay_s
     max_steps = cfg.max_macro_steps
-    apply = fleet.apply
+    apply = router.apply
     inv = 1.0 / scale
     arrivals = [r.arrival * inv for r in reqs]
     t_first = arrivals[0] if n else 0.0
@@ -235,6 +273,7 @@ def run_fleet(
         t_arr = arrivals[i] if i < n else math.inf
         if heap and heap[0][0] <= t_arr:
             now, _, kind, obj = heapq.heappop(heap)
+            clock.now = now
             if kind == _STEP:
                 rid, done_step = obj
                 cur = steps.get(rid)
@@ -245,11 +284,11 @@ def run_fleet(
                 for s, _gen, first, finished in eng.finish_step(cur):
                     rq = s.request_id
                     if first:
-                        fleet.on_first_token(rid, rq)
+                        router.first_token(rid, rq)
                         if unstarted.pop(rq, None) is not None and now - s.arrival > slo:
                             bad += 1
                     if finished:
-                        fleet.on_finish(rid, rq)
+                        router.finish(rid, rq)
                 flush(now)
                 if eng.has_work():
                     start(rid, now)
@@ -257,7 +296,7 @@ def run_fleet(
                 for ev in obj:
                     apply(ev)
         elif i < n:
-            now = t_arr
+            now = clock.now = t_arr
             r = reqs[i]
             if i == n_warm:
                 loads_at_warm = _loads(engines)
@@ -272,16 +311,23 @@ def run_fleet(
                 adapter_size_mb=r.adapter_mb,
             )
             t0 = time.perf_counter()
-            d = pol.choose(rr, fleet, now)
+            i += 1
+            try:
+                d = router.route(rr)
+            except Saturated:  # every replica at the queue bound: refused (429), counts as a miss
+                decide_s += time.perf_counter() - t0
+                rejected += 1
+                if i > n_warm:
+                    bad += 1
+                continue
             decide_s += time.perf_counter() - t0
             rid = d.replica_id
-            fleet.on_dispatch(rid, rr, d.cached_blocks)
+            router.dispatch(rid, rr, d)
             eng = engines[rid]
-            i += 1
             try:
                 submit(eng, r, now)
             except ValueError:  # larger than that replica's whole KV cache: rejected (counts as a miss)
-                fleet.on_finish(rid, r.request_id)
+                router.finish(rid, r.request_id)
                 rejected += 1
                 if i > n_warm:
                     bad += 1
