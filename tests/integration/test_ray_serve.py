@@ -16,7 +16,8 @@ import grpc
 import orjson
 import pytest
 import requests
-from corral.serve.local import LocalOptions, LocalStack, make_tiny_adapter
+from corral.serve.local_adapters import make_tiny_adapter
+from corral.serve.local_stack import LocalOptions, LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -307,7 +308,7 @@ def test_killing_an_engine_loses_no_request_that_had_not_started(stack: LocalSta
 
 
 def test_adapter_files_are_real_safetensors(tmp_path: Path) -> None:
-    from corral.router.paging import fetch_adapter
+    from corral.serve.adapter_sources import fetch_adapter
 
     art = fetch_adapter("x", make_tiny_adapter(tmp_path / "x", rank=8).as_uri(), tmp_path / "c")
     assert art.rank == 8 and art.tensors == 4

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from corral.router.paging import fetch_adapter
+from corral.serve.adapter_sources import fetch_adapter
 from corral.serve.app import gpu_class_resource
-from corral.serve.local import LocalOptions, LocalStack, load_manifests, localize_adapters
+from corral.serve.local_adapters import localize_adapters, make_tiny_adapter
+from corral.serve.local_stack import LocalOptions, LocalStack
+from corral.serve.manifests import load_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "manifests" / "examples"
@@ -43,8 +45,6 @@ def test_local_stack_caps_replicas_declares_class_resources_and_localizes_adapte
 
 
 def test_localize_keeps_fetchable_sources(tmp_path: Path) -> None:
-    from corral.serve.local import make_tiny_adapter
-
     real = make_tiny_adapter(tmp_path / "real", rank=4).as_uri()
     pool: dict[str, Any] = {"metadata": {"name": "p"}, "spec": {"adapters": [
         {"name": "real", "rank": 4, "source": real},

@@ -10,17 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from corral.router.paging import (
-    Action,
-    AdapterInfo,
-    AdapterNotFetchable,
-    AdapterPager,
-    AdapterSourceError,
-    DemandTracker,
-    PagingConfig,
-    fetch_adapter,
-    parse_source,
-)
+from corral.router.paging import Action, AdapterInfo, AdapterPager, DemandTracker, PagingConfig
+from corral.serve.adapter_sources import AdapterNotFetchable, AdapterSourceError, fetch_adapter, parse_source
 
 
 @dataclass

@@ -1,21 +1,33 @@
 """``corral serve``: run a ModelPool (+ RoutingPolicy) locally on Ray Serve, or print its Serve config.
 
-``corral serve -f manifests/examples/`` starts a local Ray, deploys the pools (simulated engines + the
-router) and prints the router's addresses; Ctrl-C stops everything. ``--print-config`` prints the Serve
-config file (``ServeDeploySchema`` YAML) instead, for ``serve deploy`` or a RayService's ``serveConfigV2``.
+``corral serve -f manifests/examples/`` reads the manifests as ``corral validate`` does, starts a local
+Ray, deploys the pools (simulated engines + the router) and prints the router's addresses; Ctrl-C stops
+everything. ``--print-config`` prints the Serve config file (``ServeDeploySchema`` YAML) instead, for
+``serve deploy`` or a RayService's ``serveConfigV2``.
+
+What a user can fix (a missing path, an empty folder, bad YAML, an invalid object, a port in use, a
+deployment that fails) is reported as one line, ``corral serve: ...``, with exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .local_stack import LocalOptions, LocalStack, RouterAddress
+
+Pairs = Sequence[tuple[dict[str, Any], dict[str, Any] | None]]  # (ModelPool, RoutingPolicy) CR dicts
 
 
 def add_local_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``corral serve`` and ``corral demo``."""
     p.add_argument(
         "-f", "--filename", action="append", required=True, metavar="PATH",
-        help="ModelPool / RoutingPolicy YAML file or folder (repeatable)",
+        help="ModelPool / RoutingPolicy YAML file or folder (repeatable; read as `corral validate` does)",
     )  # fmt: skip
     p.add_argument(
         "--max-replicas-per-class", type=int, default=2, metavar="N",
@@ -36,8 +48,8 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def local_options(args: argparse.Namespace) -> Any:
-    from .local import LocalOptions
+def local_options(args: argparse.Namespace) -> LocalOptions:
+    from .local_stack import LocalOptions
 
     return LocalOptions(
         max_replicas_per_class=args.max_replicas_per_class or None,
@@ -67,16 +79,121 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from .local import load_manifests, serve_main
+def reported(command: str, body: Callable[[], int]) -> int:
+    """Run ``body``; a user-fixable failure becomes one line on stderr and exit code 1."""
+    from .local_stack import LocalStackError
+    from .manifests import ManifestError
 
+    try:
+        return body()
+    except (ManifestError, LocalStackError) as e:
+        print(f"corral {command}: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return reported("serve", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .manifests import load_manifests
+
+    pairs = load_manifests(args.filename)  # before anything heavy: errors in the input come first
     if args.print_config:
         import yaml
 
         from .app import ServeOptions, plan_pool, serve_config
 
         opts = ServeOptions(router_grpc_port=args.grpc_port or 50051, router_http_port=args.http_port or 8080)
-        plans = [plan_pool(pool, policy, opts) for pool, policy in load_manifests(args.filename)]
+        plans = [plan_pool(pool, policy, opts) for pool, policy in pairs]
         print(yaml.safe_dump(serve_config(plans), sort_keys=False), end="")
         return 0
-    return serve_main(args.filename, local_options(args))
+    return serve_main(pairs, local_options(args))
+
+
+# ---- shared by serve and demo -------------------------------------------------------------------------
+
+
+def _progress_printer(console: Any) -> tuple[Any, Callable[[dict[str, tuple[int, int]]], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    prog = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(state: dict[str, tuple[int, int]]) -> None:
+        for name, (running, target) in state.items():
+            if name not in tasks:
+                tasks[name] = prog.add_task(name, total=target)
+            prog.update(tasks[name], completed=min(running, target), total=target)
+
+    return prog, update
+
+
+def start_stack(
+    pairs: Sequence[tuple[dict[str, Any], Any]], options: LocalOptions, console: Any
+) -> LocalStack:
+    """Build the stack for the loaded manifests, start it with a progress display; stop it on failure."""
+    from .local_stack import LocalStack
+
+    stack = LocalStack(pairs, options, log=console.print)
+    for plan in stack.plans:
+        console.print(f"[bold]pool {plan.pool_id}[/]: " + "; ".join(plan.summary()))
+    for n in stack.notes:
+        console.print(f"[yellow]note:[/] {n}")
+    console.print(f"starting a local Ray cluster (GPU-class resources: {stack.resources()})")
+    prog, update = _progress_printer(console)
+    try:
+        with prog:
+            stack.start(update)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def print_addresses(stack: LocalStack, console: Any) -> list[RouterAddress]:
+    out = []
+    for plan in stack.plans:
+        for r in stack.routers(plan.pool_id):
+            console.print(f"[green]ready[/] pool [bold]{plan.pool_id}[/] router {r.router_id}")
+            console.print(f"  HTTP (OpenAI): [bold]{r.http}[/]   e.g. curl {r.http}/v1/models")
+            console.print(f"  gRPC:          [bold]{r.grpc}[/]   (corral.v1.Router)")
+            out.append(r)
+    return out
+
+
+def try_next(router: RouterAddress, model: str, console: Any) -> None:
+    """Commands to try against a running router."""
+    body = f'{{"model": "{model}", "prompt": "Hello, who are you?", "max_tokens": 16}}'
+    console.print("[bold]try next[/] (while the router runs):")
+    console.print(f"  curl -s {router.http}/v1/completions -H 'content-type: application/json' -d '{body}'")
+    console.print(f"  corral explain --router {router.grpc} --model {model} --prompt 'Hello, who are you?'")
+    console.print(f"  curl -s {router.http}/metrics | grep corral_")
+
+
+def serve_main(pairs: Pairs, options: LocalOptions) -> int:
+    """``corral serve``: run until Ctrl-C."""
+    from rich.console import Console
+
+    console = Console()
+    stack = start_stack(pairs, options, console)
+    try:
+        routers = print_addresses(stack, console)
+        if routers:
+            models = [m["name"] for m in stack.plans[0].router.init_kwargs["models"]]
+            try_next(routers[0], models[0] if models else "MODEL", console)
+        console.print("serving; press Ctrl-C to stop")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.stop()
+    return 0

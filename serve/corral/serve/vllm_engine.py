@@ -3,8 +3,10 @@
 :class:`VllmEngine` embeds vLLM 0.33's ``AsyncLLM`` (``vllm.v1.engine.async_llm``) in the engine replica
 and satisfies the same :class:`corral.serve.endpoint.Engine` protocol as the simulator:
 
-- **generate**: ``AsyncLLM.generate(prompt, sampling_params, request_id, *, lora_request=...)`` with
-  ``TokensPrompt(prompt_token_ids=...)`` (the router already tokenized) or the text prompt, and
+- **generate**: ``AsyncLLM.generate(prompt, sampling_params, request_id, *, prompt_text=...,
+  lora_request=...)`` with ``TokensPrompt(prompt_token_ids=...)`` (the router already tokenized, with this
+  model's tokenizer, so vLLM's blocks are the router's blocks) and the text alongside, or the text prompt
+  alone, and
   ``SamplingParams(output_kind=RequestOutputKind.DELTA)`` so each output carries only new tokens;
   ``abort(request_id)`` when the client goes away.
 - **adapters**: ``add_lora(LoRARequest(lora_name, lora_int_id, lora_path))`` and
@@ -19,6 +21,9 @@ and satisfies the same :class:`corral.serve.endpoint.Engine` protocol as the sim
   decodes ``KVEventBatch`` (msgpack ``[ts, events, dp_rank]``) and :class:`KvEventTranslator` maps vLLM's
   block hashes onto Corral's chained xxhash space (recomputed from each ``BlockStored``'s token ids and
   its LoRA name), so the router's precise prefix index works unchanged.
+- **tokenizer**: the engine reports where vLLM loaded its tokenizer from (``model_config.tokenizer``: a
+  local folder, or a hub id resolved to its local snapshot; nothing is downloaded) as
+  ``EngineInfo.tokenizer``, which the router loads unless the ModelPool names one.
 - **load samples**: vLLM's own Prometheus gauges (``vllm:num_requests_running`` / ``waiting``,
   ``vllm:kv_cache_usage_perc``) read from the in-process registry, falling back to this wrapper's counts.
 
@@ -49,8 +54,8 @@ from corral.router.events import (
     LoadSample,
 )
 from corral.router.hashing import root_seed, salt_for
-from corral.router.paging import fetch_adapter
 from corral.router.wire import EngineInfo
+from corral.serve.adapter_sources import fetch_adapter
 
 from .endpoint.engine import AdapterNotFoundError, EngineEventSource, EngineRequest, TokenChunk
 
@@ -95,6 +100,33 @@ def import_vllm() -> VllmApi:
         TokensPrompt,
         KVEventsConfig,
     )
+
+
+def tokenizer_location(llm: Any, base_model: str, engine_args: Mapping[str, Any] | None = None) -> str:
+    """Where vLLM loaded its tokenizer from, as a local path the router can load (``EngineInfo.tokenizer``):
+    ``model_config.tokenizer`` when it is a folder or file, else a hub id's snapshot in the local Hugging
+    Face cache (already downloaded by vLLM; nothing is fetched), else the name as vLLM has it."""
+    from pathlib import Path
+
+    name, revision = "", None
+    with contextlib.suppress(Exception):
+        mc = llm.vllm_config.model_config
+        name = str(mc.tokenizer or "")
+        revision = getattr(mc, "tokenizer_revision", None)
+    name = name or str((engine_args or {}).get("tokenizer") or "") or base_model
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        return str(p.resolve())
+    if p.is_file():
+        return str(p.resolve())
+    with contextlib.suppress(Exception):
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "tokenizer.json", revision=revision)
+        if isinstance(hit, str):
+            return str(Path(hit).parent)
+    log.warning("vLLM tokenizer %r is not a local tokenizer.json: routers cannot load it", name)
+    return name
 
 
 def _free_port() -> int:
@@ -265,6 +297,7 @@ class VllmEngine(EngineEventSource):
             max_cpu_loras=max(max_cpu_loras, max_loras),
             max_model_len=max_model_len,
             engine="vllm",
+            tokenizer=tokenizer_location(llm, base_model, kw),
         )
         eng = cls(
             api,
@@ -315,8 +348,9 @@ class VllmEngine(EngineEventSource):
                     f"max_model_len {self._info.max_model_len}"
                 )
             prompt: Any = self.api.TokensPrompt(prompt_token_ids=list(req.prompt_token_ids))
+            text = req.prompt or None  # the router's text of those ids (for vLLM's outputs)
         elif req.prompt:
-            prompt = req.prompt
+            prompt, text = req.prompt, None
         else:
             raise ValueError("empty prompt")
 
@@ -324,7 +358,8 @@ class VllmEngine(EngineEventSource):
         self._waiting.add(rid)
         completion = 0
         try:
-            async for out in self.llm.generate(prompt, self._sampling(req), rid, lora_request=lora):
+            gen = self.llm.generate(prompt, self._sampling(req), rid, prompt_text=text, lora_request=lora)
+            async for out in gen:
                 if rid in self._waiting:
                     self._waiting.discard(rid)
                     self._running.add(rid)

@@ -8,7 +8,7 @@ This module owns the :class:`Command` table. A command module provides::
         p.set_defaults(func=run)        # run(args: argparse.Namespace) -> int (exit code)
         return p
 
-Commands of other components (``bench``, ``serve``, ``demo``, ``explain``, ``operator``) are listed here by
+Commands of other components (``bench``, ``serve``, ``demo``, ``explain``) are listed here by
 module path only, so ``corral validate`` never imports Ray or kopf; ``corral --help`` lists them without
 importing anything. To add a command, add a :class:`Command` row below (or call :func:`register`).
 """
@@ -49,13 +49,13 @@ def unregister(name: str) -> None:
 
 for _cmd in (
     Command("validate", "corral.api.commands.validate", "Validate Corral custom resources offline."),
-    Command("crds", "corral.api.commands.crds", "Generate the CRDs from the models (or --check them)."),
+    Command("crds", "corral.api.commands.crds", "Print the CRDs (--out DIR writes them, --check compares)."),
     Command("version", "corral.api.commands.version", "Print the Corral and API versions."),
     # Implemented by other components; the module paths are the contract (change them here if they move).
+    # ``operator`` is added here when corral.operator.cli exists (not advertised before).
     Command("serve", "corral.serve.cli", "Run Corral on a Ray cluster (router + engines).", "serve"),
     Command("bench", "corral.serve.bench_cli", "Run the router and fleet benchmarks.", "serve"),
     Command("demo", "corral.serve.demo_cli", "Start a local demo fleet and send requests.", "serve"),
     Command("explain", "corral.router.explain_cli", "Explain a routing decision and its cost terms."),
-    Command("operator", "corral.operator.cli", "Run the Kubernetes operator.", "operator"),
 ):
     register(_cmd)

@@ -1,4 +1,4 @@
-"""``corral crds``: write the CRDs generated from the models, or ``--check`` the committed ones."""
+"""``corral crds``: print the CRDs generated from the models, write them (``--out DIR``), or ``--check``."""
 
 from __future__ import annotations
 
@@ -12,28 +12,36 @@ from .. import crdgen
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "crds",
-        help="Generate the CRDs from the models (or --check them).",
-        description="Generate structural CRDs (with CEL rules) from the pydantic models.",
+        help="Print the CRDs (--out DIR writes them, --check compares).",
+        description="Generate structural CRDs (with CEL rules) from the pydantic models. Without --out they "
+        "are printed to stdout as one multi-document YAML stream (`corral crds | kubectl apply -f -`).",
     )
     p.add_argument(
-        "--out", type=Path, default=crdgen.DEFAULT_OUT, help="output directory (default: %(default)s)"
-    )
+        "--out", type=Path, default=None, metavar="DIR",
+        help=f"write one file per CRD into DIR (the repository's are in {crdgen.DEFAULT_OUT})",
+    )  # fmt: skip
     p.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 and show a diff if the files are stale"
-    )
+        "--check", action="store_true",
+        help=f"write nothing; exit 1 and show a diff if the files in --out (default {crdgen.DEFAULT_OUT}) "
+        "are stale",
+    )  # fmt: skip
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     if args.check:
-        diffs = crdgen.check(args.out)
+        out = args.out or crdgen.DEFAULT_OUT
+        diffs = crdgen.check(out)
         for d in diffs:
             sys.stdout.write(d)
         if diffs:
-            print(f"CRDs in {args.out} are out of date: run `corral crds --out {args.out}`", file=sys.stderr)
+            print(f"CRDs in {out} are out of date: run `corral crds --out {out}`", file=sys.stderr)
             return 1
-        print(f"CRDs in {args.out} are up to date")
+        print(f"CRDs in {out} are up to date")
+        return 0
+    if args.out is None:
+        sys.stdout.write("---\n".join(crdgen.render_all().values()))
         return 0
     for path in crdgen.write(args.out):
         print(f"wrote {path}")

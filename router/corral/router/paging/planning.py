@@ -1,194 +1,29 @@
-"""Adapter paging: keep LoRA adapters where demand is, ahead of the requests that need them.
+"""Adapter paging, planning half: from per-adapter demand to the load/unload actions that keep LoRA
+adapters where the requests for them are. Pure and deterministic given the fleet view and a clock.
 
-The engines load an adapter on demand when a request names one that is not resident, which costs a
-disk->GPU load on the request's critical path (the "thrash cliff"). The paging manager moves that work
-off the request path:
-
-- it tracks per-adapter demand as an exponentially weighted request rate (:class:`DemandTracker`, fed
-  by the router's dispatches);
-- it turns demand into a per-adapter *replica target*: ``ceil(rps / replication_rps)``, at least one
+- :class:`DemandTracker`: per-adapter demand as an exponentially weighted request rate, fed by the
+  router's dispatches (plus what the other routers of the pool report, active-active);
+- :meth:`AdapterPlanner.target`: demand -> *replica target*, ``ceil(rps / replication_rps)``, at least one
   while the adapter is warm, capped by ``max_replicas_per_adapter`` and by the replicas serving its base
   model; pinned adapters are wanted on every replica of their base model and are never unloaded;
-- it plans loads (GPU tier) and unloads against each replica's GPU slots, evicting only adapters that
-  are colder than the one coming in, not pinned, and **never one with requests in flight** on that
-  replica (the router's :class:`~corral.router.state.FleetState` in-flight table);
-- optionally it prefetches warm adapters to the CPU tier of the replicas that do not hold them on GPU,
-  so that a later promotion is a cheap CPU->GPU copy;
-- it executes the plan through an :class:`AdapterControl` (implemented over the engine endpoint's
-  ``LoadAdapter`` / ``UnloadAdapter`` RPCs) and learns the result from the engines' own adapter events.
+- :meth:`AdapterPlanner.plan`: loads (GPU tier) and unloads against each replica's GPU slots, evicting only
+  adapters colder than the one coming in, not pinned, and **never one with requests in flight** on that
+  replica; optionally CPU-tier prefetches of warm adapters to the replicas that lack them.
 
-Planning (:meth:`AdapterPager.plan`) is pure and deterministic given the fleet view and a clock, so it is
-unit-tested with a fake clock; :meth:`AdapterPager.run` is the small async loop around it.
-
-Adapter weights are named by a source URI (``ModelPool.spec.adapters[].source``). :func:`fetch_adapter`
-resolves ``file://`` sources (validating the safetensors files and copying them into a local cache);
-``s3://`` and ``hf://`` are parsed but reported as not fetchable here (no credentials or network).
-
-No Ray import: the router process runs this, and so do the benchmark and tests.
+The planner remembers what the executor (:mod:`corral.router.paging.executing`) did recently
+(:meth:`~AdapterPlanner.record_loaded` ...) so a round's actions are not planned again before the engines'
+own adapter events show them. No I/O, no Ray.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
-from urllib.parse import unquote, urlparse
-
-log = logging.getLogger(__name__)
 
 Tier = Literal["gpu", "cpu"]
-
-
-# ---- adapter sources --------------------------------------------------------------------------------
-
-
-class AdapterSourceError(ValueError):
-    """An adapter source URI is malformed, missing, or not a valid safetensors adapter."""
-
-
-class AdapterNotFetchable(AdapterSourceError):
-    """The URI is well formed but its scheme cannot be fetched in this environment."""
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterSource:
-    """A parsed adapter source: ``file:///abs/dir``, ``s3://bucket/key``, ``hf://org/repo[@rev]``."""
-
-    scheme: Literal["file", "s3", "hf"]
-    location: str  # absolute path (file), "bucket/key" (s3), "org/repo" (hf)
-    revision: str | None = None
-    uri: str = ""
-
-
-def parse_source(uri: str) -> AdapterSource:
-    """Parse an adapter source URI; raise :class:`AdapterSourceError` when it is malformed."""
-    if not uri or "://" not in uri:
-        raise AdapterSourceError(f"adapter source {uri!r} is not a URI (expected file://, s3:// or hf://)")
-    u = urlparse(uri)
-    scheme = u.scheme.lower()
-    if scheme == "file":
-        if u.netloc not in ("", "localhost"):
-            raise AdapterSourceError(
-                f"file:// URI {uri!r} names host {u.netloc!r}; use file:///absolute/path"
-            )
-        path = unquote(u.path)
-        if not path.startswith("/"):
-            raise AdapterSourceError(f"file:// URI {uri!r} must hold an absolute path")
-        return AdapterSource("file", path, uri=uri)
-    if scheme == "s3":
-        key = u.path.lstrip("/")
-        if not u.netloc or not key:
-            raise AdapterSourceError(f"s3 URI {uri!r} must look like s3://bucket/prefix")
-        return AdapterSource("s3", f"{u.netloc}/{key}", uri=uri)
-    if scheme == "hf":
-        repo, _, rev = (u.netloc + u.path).partition("@")
-        parts = [p for p in repo.split("/") if p]
-        if len(parts) != 2:
-            raise AdapterSourceError(f"hf URI {uri!r} must look like hf://org/repo[@revision]")
-        return AdapterSource("hf", "/".join(parts), revision=rev or None, uri=uri)
-    raise AdapterSourceError(f"adapter source {uri!r}: unsupported scheme {u.scheme!r} (file, s3, hf)")
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterArtifact:
-    """A fetched, validated adapter directory (vLLM's ``lora_path`` shape)."""
-
-    name: str
-    path: Path
-    size_bytes: int
-    tensors: int
-    rank: int | None
-    digest: str
-
-
-_WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def _validate_safetensors(path: Path) -> tuple[int, int | None]:
-    """Open the header of a safetensors file; return (tensor count, LoRA rank if inferable)."""
-    try:
-        from safetensors import safe_open
-    except ImportError as e:  # pragma: no cover - safetensors ships with the [serve] extra
-        raise AdapterSourceError("reading adapters needs the 'safetensors' package (corral[serve])") from e
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            keys = list(f.keys())
-            rank = None
-            for k in keys:
-                if "lora_A" in k:
-                    shape = f.get_slice(k).get_shape()
-                    rank = int(shape[0]) if shape else None
-                    break
-    except Exception as e:
-        raise AdapterSourceError(f"{path} is not a valid safetensors file: {e}") from e
-    if not keys:
-        raise AdapterSourceError(f"{path} holds no tensors")
-    return len(keys), rank
-
-
-def fetch_adapter(name: str, uri: str, cache_dir: str | Path) -> AdapterArtifact:
-    """Resolve an adapter source into a local, validated directory under ``cache_dir``.
-
-    ``file://`` may name a directory (holding ``*.safetensors`` and optionally ``adapter_config.json``)
-    or a single ``.safetensors`` file. The files are validated (safetensors header parsed, at least one
-    tensor) and copied into ``cache_dir/<name>-<digest>/`` so engines never read a file that changes
-    under them; a repeat fetch of unchanged weights reuses the cached copy.
-    """
-    src = parse_source(uri)
-    if src.scheme != "file":
-        raise AdapterNotFetchable(
-            f"adapter {name!r}: {src.scheme}:// sources ({uri}) are not fetchable here; "
-            f"stage the weights locally and use file:///path/to/adapter"
-        )
-    p = Path(src.location)
-    if not p.exists():
-        raise AdapterSourceError(f"adapter {name!r}: {uri} does not exist")
-    if p.is_dir():
-        weights = sorted(p.glob("*.safetensors"))
-        extras = [q for q in (p / "adapter_config.json",) if q.is_file()]
-    elif p.suffix == ".safetensors":
-        weights, extras = [p], []
-    else:
-        raise AdapterSourceError(f"adapter {name!r}: {uri} is neither a directory nor a .safetensors file")
-    if not weights:
-        raise AdapterSourceError(f"adapter {name!r}: no .safetensors file in {p}")
-
-    h = hashlib.sha256()
-    tensors, rank, size = 0, None, 0
-    for w in [*weights, *extras]:
-        data = w.read_bytes()
-        h.update(w.name.encode() + b"\0" + data)
-        size += len(data)
-    for w in weights:
-        n, r = _validate_safetensors(w)
-        tensors += n
-        rank = rank or r
-    digest = h.hexdigest()[:16]
-    dest = Path(cache_dir) / f"{name}-{digest}"
-    if not dest.exists():
-        tmp = dest.with_name(dest.name + f".tmp{time.monotonic_ns()}")
-        tmp.mkdir(parents=True)
-        for w in weights:
-            target = _WEIGHTS_NAME if len(weights) == 1 else w.name
-            shutil.copyfile(w, tmp / target)
-        for x in extras:
-            shutil.copyfile(x, tmp / x.name)
-        try:
-            tmp.rename(dest)
-        except OSError:  # a concurrent fetch won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return AdapterArtifact(name=name, path=dest, size_bytes=size, tensors=tensors, rank=rank, digest=digest)
-
-
-# ---- demand -----------------------------------------------------------------------------------------
 
 
 class DemandTracker:
@@ -216,17 +51,6 @@ class DemandTracker:
 
     def rates(self, now: float) -> dict[str, float]:
         return {a: self.rate(a, now) for a in self._v}
-
-
-# ---- control + fleet view ---------------------------------------------------------------------------
-
-
-class AdapterControl(Protocol):
-    """Load/unload adapters on one engine replica (engine endpoint RPCs, or in-process for tests)."""
-
-    async def load_adapter(self, replica_id: str, adapter: str, source: str, tier: Tier) -> None: ...
-
-    async def unload_adapter(self, replica_id: str, adapter: str) -> None: ...
 
 
 class _InFlightView(Protocol):
@@ -324,22 +148,20 @@ def _busy(replica: Any, adapter: str) -> bool:
     return any(getattr(f, "adapter", None) == adapter for f in replica.in_flight.values())
 
 
-# ---- the manager ------------------------------------------------------------------------------------
+# ---- the planner --------------------------------------------------------------------------------------
 
 
-class AdapterPager:
-    """Plans and executes adapter placement from demand. One per router process (or per lease holder)."""
+class AdapterPlanner:
+    """Plans adapter placement from demand (pure: reads the fleet view, returns actions)."""
 
     def __init__(
         self,
         fleet: FleetView,
-        control: AdapterControl,
         adapters: Iterable[AdapterInfo],
         config: PagingConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fleet = fleet
-        self.control = control
         self.config = config or PagingConfig()
         self.clock = clock
         self.adapters: dict[str, AdapterInfo] = {a.name: a for a in adapters}
@@ -375,6 +197,28 @@ class AdapterPager:
     def rate(self, adapter: str, now: float) -> float:
         """Pool-wide demand estimate: this router's EWMA plus what the other routers reported."""
         return self.demand.rate(adapter, now) + self.external.get(adapter, 0.0)
+
+    # -- what the executor did (until the engines' events show it) --
+    def is_pending(self, replica_id: str, adapter: str) -> bool:
+        return (replica_id, adapter) in self._pending
+
+    def mark_pending(self, replica_id: str, adapter: str) -> None:
+        """A load of ``adapter`` on ``replica_id`` is under way: count it as a holder, do not plan it."""
+        self._pending.add((replica_id, adapter))
+
+    def clear_pending(self, replica_id: str, adapter: str) -> None:
+        self._pending.discard((replica_id, adapter))
+
+    def record_loaded(self, replica_id: str, adapter: str, now: float | None = None) -> None:
+        """A GPU load finished: it is resident (and not removable for ``min_resident_s``)."""
+        key = (replica_id, adapter)
+        self._loaded_at[key] = self.clock() if now is None else now
+        self._unloaded_at.pop(key, None)
+
+    def record_unloaded(self, replica_id: str, adapter: str, now: float | None = None) -> None:
+        key = (replica_id, adapter)
+        self._loaded_at.pop(key, None)
+        self._unloaded_at[key] = self.clock() if now is None else now
 
     # -- planning --
     def target(self, adapter: str, n_candidates: int, now: float) -> int:
@@ -504,57 +348,3 @@ class AdapterPager:
                         break
                     actions.append(Action("load", rid, name, "cpu", "prefetch"))
                     cpu[rid].add(name)
-
-    # -- execution --
-    async def execute(self, actions: Sequence[Action]) -> None:
-        """Run the actions (unloads before the loads they make room for; per replica in order)."""
-        per_replica: dict[str, list[Action]] = {}
-        for a in actions:
-            per_replica.setdefault(a.replica_id, []).append(a)
-
-        async def run_one(rid: str, acts: list[Action]) -> None:
-            for a in acts:
-                key = (rid, a.adapter)
-                try:
-                    if a.kind == "unload":
-                        await self.control.unload_adapter(rid, a.adapter)
-                        self.stats.unloads += 1
-                        self._loaded_at.pop(key, None)
-                        self._unloaded_at[key] = self.clock()
-                    else:
-                        self._pending.add(key)
-                        try:
-                            await self.control.load_adapter(
-                                rid, a.adapter, self.adapters[a.adapter].source, a.tier
-                            )
-                        finally:
-                            self._pending.discard(key)
-                        if a.tier == "gpu":
-                            self.stats.loads += 1
-                            self._loaded_at[key] = self.clock()
-                            self._unloaded_at.pop(key, None)
-                        else:
-                            self.stats.prefetches += 1
-                except Exception as e:
-                    self.stats.failures += 1
-                    log.warning("adapter paging: %s %s on %s failed: %s", a.kind, a.adapter, rid, e)
-
-        await asyncio.gather(*(run_one(rid, acts) for rid, acts in per_replica.items()))
-
-    async def step(self, now: float | None = None) -> list[Action]:
-        actions = self.plan(now)
-        if actions:
-            await self.execute(actions)
-        return actions
-
-    async def run(self, stop: asyncio.Event, is_active: Callable[[], bool] = lambda: True) -> None:
-        """Plan and execute every ``interval_s`` until ``stop`` is set (while ``is_active()``, e.g. while
-        this router replica holds the paging lease)."""
-        while not stop.is_set():
-            if is_active():
-                try:
-                    await self.step()
-                except Exception:  # keep paging alive whatever one round did
-                    log.exception("adapter paging round failed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.interval_s)
