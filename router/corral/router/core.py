@@ -102,6 +102,9 @@ class RouterCore:
         members = fleet.candidates(rr.model)
         if not members:
             raise NoReplicaError(_no_replica_message(fleet, rr.model))
+        for r in members:  # precise mode: forget sent blocks the engine never confirmed
+            if r.unconfirmed:
+                fleet.expire_unconfirmed(r, now)
         excl = frozenset(excluded)
         left = [r for r in members if r.replica_id not in excl] if excl else members
         if not left:

@@ -184,7 +184,9 @@ class ReplicaState:
 class FleetState:
     """All replicas one router knows, keyed by replica id."""
 
-    def __init__(self, index_mode: IndexMode = "approximate", clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, index_mode: IndexMode = "approximate", clock: Callable[[], float] | None = None
+    ) -> None:
         self.index_mode: IndexMode = index_mode
         self.clock = clock  # the router's clock: stamps load samples on receipt (see apply)
         self.confirm_grace_s = CONFIRM_GRACE_S
@@ -282,12 +284,7 @@ class FleetState:
         r.index.touch(hashes[:cached_blocks])
         now = self.clock() if self.clock is not None else 0.0
         pending = r.unconfirmed
-        while pending:  # expire (deadlines are in insertion order)
-            h, deadline = next(iter(pending.items()))
-            if deadline > now:
-                break
-            del pending[h]
-            r.index.remove((h,))
+        self.expire_unconfirmed(r, now)
         new = [h for h in hashes[cached_blocks:] if h not in r.index or h in pending]
         if new:
             deadline = now + self.confirm_grace_s
@@ -295,6 +292,17 @@ class FleetState:
                 pending.pop(h, None)
                 pending[h] = deadline
             r.index.insert(new, evict=False)
+
+    @staticmethod
+    def expire_unconfirmed(r: ReplicaState, now: float) -> None:
+        """Drop the blocks the engine has not confirmed within their grace (precise mode)."""
+        pending = r.unconfirmed
+        while pending:  # deadlines are in insertion order
+            h, deadline = next(iter(pending.items()))
+            if deadline > now:
+                return
+            del pending[h]
+            r.index.remove((h,))
 
     def on_first_token(self, replica_id: str, request_id: str) -> None:
         r = self.replicas.get(replica_id)
