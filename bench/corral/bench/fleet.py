@@ -605,7 +605,7 @@ def write(doc: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
 
 
 def validate(doc: dict[str, Any]) -> None:
-    """Check the fleet.json contract of docs/DESIGN.md section 7 (raises AssertionError)."""
+    """Check the fleet.json contract (``CONTRACT_KEYS`` per policy; raises AssertionError)."""
     assert isinstance(doc.get("workloads"), dict) and doc["workloads"], "no workloads"
     for name, w in doc["workloads"].items():
         assert isinstance(w.get("slo_ttft_s"), float), f"{name}: slo_ttft_s"

@@ -173,9 +173,12 @@ def try_next(router: RouterAddress, model: str, console: Any) -> None:
     """Commands to try against a running router."""
     body = f'{{"model": "{model}", "prompt": "Hello, who are you?", "max_tokens": 16}}'
     console.print("[bold]try next[/] (while the router runs):")
-    console.print(f"  curl -s {router.http}/v1/completions -H 'content-type: application/json' -d '{body}'")
-    console.print(f"  corral explain --router {router.grpc} --model {model} --prompt 'Hello, who are you?'")
-    console.print(f"  curl -s {router.http}/metrics | grep corral_")
+    for line in (
+        f"curl -s {router.http}/v1/completions -H 'content-type: application/json' -d '{body}'",
+        f"corral explain --router {router.grpc} --model {model} --prompt 'Hello, who are you?'",
+        f"curl -s {router.http}/metrics | grep ^corral_",
+    ):
+        console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
 def serve_main(pairs: Pairs, options: LocalOptions) -> int:

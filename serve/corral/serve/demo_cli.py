@@ -100,14 +100,15 @@ def demo_main(
             while True:
                 time.sleep(3600)
         f = " ".join(f"-f {p}" for p in paths) or "-f PATH"
-        console.print("[bold]try next[/]:")
-        console.print(
-            f"  corral demo {f} --keep-running   the same, then keeps the router up for curl / explain"
-        )
-        console.print(f"  corral serve {f}                  run the fleet and print the router's addresses")
-        console.print(
-            "  corral bench fleet --quick        every routing policy on a simulated fleet (~1 min)"
-        )
+        hints = [
+            (f"corral demo {f} --keep-running", "then curl / corral explain the still-running router"),
+            (f"corral serve {f}", "just the fleet, with its router addresses"),
+            ("corral bench fleet --quick", "every routing policy on a simulated fleet (~1 min)"),
+        ]
+        width = max(len(c) for c, _ in hints)
+        console.print("[bold]try next:[/]")
+        for cmd, what in hints:
+            console.print(f"  {cmd:<{width}}   # {what}", markup=False, highlight=False, soft_wrap=True)
         return 0 if ok else 1
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -43,6 +43,7 @@ def check_port_free(host: str, port: int, what: str = "port") -> None:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is fine
         try:
             s.bind((host, port))
         except OSError as e:
