@@ -98,3 +98,37 @@ def test_membership_and_health_bump_version() -> None:
     assert [r.replica_id for r in f.candidates("m")] == ["r002"]
     f.apply(LoadSample("r002", 1.0, 2, 3, 400, 900, 0.5))
     assert f.replicas["r002"].last_sample is not None
+
+
+def test_load_samples_age_on_the_routers_clock_not_the_engines() -> None:
+    """A sample's ``time`` is the engine's clock (vLLM: wall time ~1.7e9; the sim: seconds since it
+    started); freshness is judged by when the router received it, on the router's clock."""
+    from corral.router.policies._common import fresh_sample, request_load, waiting_load
+
+    t = [100.0]
+    f = fleet(2)
+    f.clock = lambda: t[0]
+    vllm_like = LoadSample("r000", 1.7e9, 2, 9, 400, 900, 0.5)  # far "ahead" of the router's clock
+    sim_like = LoadSample("r001", 3.0, 1, 7, 100, 200, 0.2)  # far "behind" it
+    f.apply(vllm_like)
+    f.apply(sim_like)
+    a, b = f.replicas["r000"], f.replicas["r001"]
+    assert a.sample_received_at == b.sample_received_at == 100.0
+    assert fresh_sample(a, 100.5, 5.0) is vllm_like and fresh_sample(b, 100.5, 5.0) is sim_like
+    assert request_load(a, 100.5, 5.0) == 11 and waiting_load(b, 100.5, 5.0) == 7
+    # older than the max age on the router's clock: the router's own counts again
+    assert fresh_sample(a, 105.5, 5.0) is None and fresh_sample(b, 105.5, 5.0) is None
+    assert request_load(a, 105.5, 5.0) == 0 and waiting_load(b, 105.5, 5.0) == 0
+    # a new sample is fresh again; an explicit receive time wins over the clock
+    f.apply(LoadSample("r001", 4.0, 0, 1, 0, 0, 0.1), now=105.0)
+    assert fresh_sample(b, 105.5, 5.0) is not None and b.sample_received_at == 105.0
+
+
+def test_without_a_clock_the_sample_time_is_used() -> None:
+    """Engines and router on one clock (the virtual-time simulator): no clock needed."""
+    from corral.router.policies._common import fresh_sample
+
+    f = fleet(1)
+    f.apply(LoadSample("r000", 7.0, 1, 1, 0, 0, 0.0))
+    r = f.replicas["r000"]
+    assert r.sample_received_at == 7.0 and fresh_sample(r, 8.0, 5.0) is not None

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +118,7 @@ class EnginePool:
         stale_after_s: float = 1.0,
         reconnect_backoff_s: float = 0.2,
         resolve_profile: Callable[[str], Any] = _default_profile,
+        profiles: Mapping[str, Any] | None = None,
         on_event: Callable[[str, EngineEvent], None] | None = None,
         on_membership: Callable[[str, bool], None] | None = None,
     ) -> None:
@@ -127,6 +128,9 @@ class EnginePool:
         self.stale_after_s = stale_after_s
         self.reconnect_backoff_s = reconnect_backoff_s
         self.resolve_profile = resolve_profile
+        # GPU class -> resolved GpuProfile (the pool's profile with its profileOverrides), which wins over
+        # the profile name an engine reports (RouterSettings.profiles; see set_profiles)
+        self.profiles: dict[str, Any] = dict(profiles or {})
         self.on_event = on_event
         self.on_membership = on_membership
         self.conns: dict[str, EngineConn] = {}  # address -> conn
@@ -238,7 +242,7 @@ class EnginePool:
         old = self.by_replica.get(info.replica_id)
         if old is not None and old is not conn:
             self._remove_replica(old, f"replica id now served at {conn.address}")
-        profile = self.resolve_profile(info.profile)
+        profile = self.profile_for(info)
         r = self.fleet.add_replica(
             info.replica_id,
             model=info.model,
@@ -318,6 +322,28 @@ class EnginePool:
             log.info("engine %s (%s) left routing: %s", rid, conn.address, why)
             if self.on_membership is not None:
                 self.on_membership(rid, False)
+
+    # ---- profiles ----------------------------------------------------------------------------------------
+    def profile_for(self, info: EngineInfo) -> Any:
+        """The cost-model profile of a replica: its GPU class's profile from the pool (overrides applied),
+        else the built-in profile the engine names."""
+        p = self.profiles.get(info.gpu_class)
+        return p if p is not None else self.resolve_profile(info.profile)
+
+    def set_profiles(self, profiles: Mapping[str, Any]) -> None:
+        """Replace the GPU-class profiles and re-resolve every connected replica's profile."""
+        self.profiles = dict(profiles)
+        changed = False
+        for c in self.by_replica.values():
+            r = self.fleet.replicas.get(c.replica_id or "")
+            if c.info is None or r is None:
+                continue
+            p = self.profile_for(c.info)
+            if p != r.profile:
+                r.profile = p
+                changed = True
+        if changed:
+            self.fleet.version += 1  # policies cache per-replica weights on the fleet version
 
     # ---- queries -----------------------------------------------------------------------------------------
     def conn_for(self, replica_id: str) -> EngineConn | None:

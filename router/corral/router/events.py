@@ -46,7 +46,12 @@ class AdapterUnloaded:
 
 @dataclass(frozen=True, slots=True)
 class LoadSample:
-    """A replica's own view of its load at ``time`` (seconds, engine clock)."""
+    """A replica's own view of its load at ``time`` (seconds on the *engine's* clock).
+
+    ``time`` orders one engine's samples; it is never compared with a router's clock (another process,
+    perhaps another machine, with another epoch). Routers judge freshness by when a sample arrived:
+    ``FleetState.apply`` stamps it on receipt (``ReplicaState.sample_received_at``).
+    """
 
     replica_id: str
     time: float
