@@ -32,8 +32,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from corral.bench import DATA, DEFAULT_OUT, checkout_root
-from corral.router.policy import policy_names
+from corral.bench.provenance import provenance
+from corral.router.policies import policy_names
 from corral.serve.sim import workloads as W
 from corral.serve.sim.fleet import (
     DEFAULT_REPLICAS,
@@ -392,9 +391,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
         "goodput_quantile": 90,
         "workers": opts.workers,
         "wall_s": round(time.perf_counter() - t_start, 1),
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} x{os.cpu_count()}",
-        "git": _git_rev(),
+        **provenance(),
     }
     return doc
 
@@ -408,15 +405,6 @@ def _num(x: Any) -> float | None:
     if math.isinf(x):
         return 1e9
     return round(x, 6)
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 # ---- goals, Markdown, plots ---------------------------------------------------------------------------
@@ -481,7 +469,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"`{m['command']}` on {m['fleet']} (sim engines, virtual time), event delay "
         f"{m['event_delay_s'] * 1000:.0f} ms, max_loras {m['max_loras']} / max_cpu_loras "
         f"{m['max_cpu_loras']}; {m['wall_s']} s wall on {m['machine']} ({m['workers']} workers), git "
-        f"`{m['git']}`.",
+        f"`{m['git']}`{' (dirty: uncommitted changes)' if m.get('dirty') else ''}.",
         "",
         "Goodput: highest arrival rate with P90 TTFT <= SLO (completed req/s). TTFT/TPOT, hit rate, "
         f"adapter loads and imbalance are measured at the reference rate ({m['ref_fraction']} x the best "

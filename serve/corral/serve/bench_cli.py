@@ -19,6 +19,7 @@ BENCHES = {
     "fleet": ("corral.bench.fleet", "fleet benchmark: trace replay through sim replicas, every policy"),
     "router": ("corral.bench.router_micro", "router micro-benchmark: decision latency per policy, hashing"),
     "overhead": ("corral.bench.router_overhead", "router overhead: direct vs through the router (gRPC/HTTP)"),
+    "ablation": ("corral.bench.ablation", "corral policy ablation: goodput with one mechanism off at a time"),
 }
 
 

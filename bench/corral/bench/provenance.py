@@ -1,0 +1,49 @@
+"""Where a benchmark result came from: git revision, dirty flag, command line, machine.
+
+Every results file written by ``corral bench`` carries :func:`provenance` under ``meta``, so a number can
+be traced to the exact code that produced it (``dirty: true`` means uncommitted changes were present).
+Outside a git checkout (an installed wheel) ``git`` is ``""`` and ``dirty`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from corral.bench import checkout_root
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_state(root: Path | None = None) -> tuple[str, bool | None]:
+    """(short revision, dirty) of the checkout this package runs from; ("", None) outside one."""
+    root = root or checkout_root()
+    if root is None:
+        return "", None
+    rev = _git(["rev-parse", "--short=12", "HEAD"], root)
+    if rev is None:
+        return "", None
+    status = _git(["status", "--porcelain", "--untracked-files=no"], root)
+    return rev.strip(), (bool(status.strip()) if status is not None else None)
+
+
+def provenance() -> dict[str, Any]:
+    """The ``meta`` block every results file carries."""
+    rev, dirty = git_state()
+    return {
+        "git": rev,
+        "dirty": dirty,
+        "argv": ["corral", "bench", *sys.argv[1:]] if Path(sys.argv[0]).name == "corral" else list(sys.argv),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} x{os.cpu_count()}",
+    }
