@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import subprocess
 import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,11 +106,11 @@ def test_local_options_cap_replicas_and_say_so() -> None:
 def test_bad_pools_are_rejected() -> None:
     bad = copy.deepcopy(POOL)
     bad["spec"]["models"][0]["engine"] = "tgi"
-    with pytest.raises(ValueError, match="unknown engine"):
+    with pytest.raises(ValueError, match=r"ModelPool chat is invalid: spec\.models\[0\]\.engine: .*tgi"):
         plan_pool(bad)
     empty = copy.deepcopy(POOL)
     empty["spec"]["gpuClasses"] = []
-    with pytest.raises(ValueError, match="gpuClasses is empty"):
+    with pytest.raises(ValueError, match=r"spec\.gpuClasses: "):
         plan_pool(empty)
     with pytest.raises(ValueError, match="unknown serve options"):
         plan_pool(POOL, POLICY, {"nope": 1})
@@ -188,13 +191,221 @@ def test_builder_module_does_not_import_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_policy_spec_maps_onto_policy_params() -> None:
-    from corral.serve.deployments import policy_from_spec
+# ---- one translation: each CR field reaches the runtime ------------------------------------------------
+ENGINE_KW: dict[str, Any] = dict(
+    replica_id="s0", model="tiny", base_model="tiny", gpu_class="h100", profile="H100",
+    block_size=16, max_loras=2, max_cpu_loras=2, engine_args={},
+)  # fmt: skip
 
-    spec = {"strategy": "corral", "ttftSloMs": 500, "load": {"hotspotFactor": 1.0, "twoChoiceAbove": 8}}
-    name, params = policy_from_spec(spec)
-    # hotspotFactor 1.0 is out of the corral policy's range (c > 1): left at its default, not an error.
-    assert name == "corral" and params == {"ttft_slo_s": 0.5, "narrow_above": 8}
-    assert policy_from_spec({"strategy": "round_robin", "ttftSloMs": 500}) == ("round_robin", {})
-    with pytest.raises(ValueError):
-        policy_from_spec({"strategy": "nope"})
+
+def test_max_model_len_is_passed_as_given_and_unset_means_the_engines_default() -> None:
+    pool = copy.deepcopy(POOL)
+    pool["spec"]["models"][0]["maxModelLen"] = 131072
+    del pool["spec"]["models"][1]["maxModelLen"]
+    plan = plan_pool(pool, POLICY)
+    by = {e.name: e for e in plan.engines}
+    assert by["engine-llama-8b-h100"].init_kwargs["max_model_len"] == 131072
+    assert by["engine-tiny-h100"].init_kwargs["max_model_len"] is None  # not a made-up 8192
+    assert plan.settings.models["llama-8b"].max_model_len == 131072
+    assert plan.router.init_kwargs["models"][1] == {"name": "tiny", "maxModelLen": None}
+
+
+async def test_sim_engine_runs_with_the_pools_max_model_len_or_its_own_default() -> None:
+    from corral.serve.deployments import make_engine
+    from corral.serve.endpoint.sim import SimEndpointEngine
+
+    big = await make_engine("sim", max_model_len=131072, **ENGINE_KW)
+    own = await make_engine("sim", max_model_len=None, **ENGINE_KW)
+    try:
+        assert big.info.max_model_len == 131072
+        sim_default = inspect.signature(SimEndpointEngine.create).parameters["max_model_len"].default
+        assert own.info.max_model_len == sim_default != 8192
+    finally:
+        await big.close()
+        await own.close()
+
+
+async def test_vllm_gets_max_model_len_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset maxModelLen is not passed to vLLM (which then uses the model's context length, 131072 for
+    this stand-in); the replica reports the limit vLLM settled on."""
+    from corral.serve import vllm_engine
+    from corral.serve.deployments import make_engine
+
+    seen: list[dict[str, Any]] = []
+
+    class Args(dict):  # type: ignore[type-arg]
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(kw)
+            seen.append(kw)
+
+    class LLM:
+        def __init__(self, args: Args) -> None:
+            mc = types.SimpleNamespace(max_model_len=args.get("max_model_len") or 131072)
+            self.vllm_config = types.SimpleNamespace(
+                cache_config=types.SimpleNamespace(num_gpu_blocks=10), model_config=mc
+            )
+
+        @classmethod
+        def from_engine_args(cls, args: Args) -> LLM:
+            return cls(args)
+
+        def shutdown(self) -> None:
+            pass
+
+    api = vllm_engine.VllmApi(LLM, Args, None, None, None, None, dict)
+    monkeypatch.setattr(vllm_engine, "import_vllm", lambda: api)
+    monkeypatch.setattr(vllm_engine, "tokenizer_location", lambda *a, **k: "", raising=False)
+    kw = {**ENGINE_KW, "engine_args": {"enforce_eager": True}}
+    unset = await make_engine("vllm", max_model_len=None, **kw)
+    given = await make_engine("vllm", max_model_len=4096, **kw)
+    assert "max_model_len" not in seen[0] and seen[0]["enforce_eager"] is True  # engineArgs pass through
+    assert seen[1]["max_model_len"] == 4096
+    assert unset.info.max_model_len == 131072 and given.info.max_model_len == 4096
+    await unset.close()
+    await given.close()
+
+
+def test_cpu_slots_unset_is_gpu_slots() -> None:
+    pool = copy.deepcopy(POOL)
+    pool["spec"]["adapterCache"] = {"gpuSlots": 3}
+    plan = plan_pool(pool, POLICY)
+    assert {(e.init_kwargs["max_loras"], e.init_kwargs["max_cpu_loras"]) for e in plan.engines} == {(3, 3)}
+    assert plan.settings.paging.cpu_slots == 3
+
+
+def test_node_selector_and_placement_are_in_the_plan() -> None:
+    plan = plan_pool(POOL, POLICY)
+    by = {e.name: e for e in plan.engines}
+    assert by["engine-llama-8b-h100"].node_selector == {"gpu": "h100"}
+    assert by["engine-llama-8b-a100"].node_selector == {}
+    assert by["engine-llama-8b-a100"].ray_actor_options["resources"] == {gpu_class_resource("a100"): 2}
+
+
+def test_tenants_without_an_api_keys_source_fail_the_plan(tmp_path: Path) -> None:
+    policy = copy.deepcopy(POLICY)
+    policy["spec"]["tenants"] = {"secretRef": {"name": "chat-keys"}, "isolateCache": True}
+    with pytest.raises(ValueError, match=r"spec\.tenants .*no API keys source"):
+        plan_pool(POOL, policy)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("sk-a: tenant-a\n")
+    plan = plan_pool(POOL, policy, ServeOptions(api_keys_file=str(keys)))
+    assert plan.router.init_kwargs["api_keys_file"] == str(keys)
+    assert plan.settings.isolate_tenants and plan.settings.tenant_secret == ("chat-keys", "api-keys")
+    assert plan.router.user_config["policy"]["tenants"]["isolateCache"] is True
+
+
+def test_block_size_reaches_engines_through_the_serve_builder_args() -> None:
+    """The Serve builder never sees the policy (it is in the router's user_config only): the engines'
+    block size travels in ``args``, so engines built from a Serve config use the policy's blockSize."""
+    plan = plan_pool(POOL, POLICY)
+    args = plan.serve_application()["args"]
+    assert args["blockSize"] == 32 and "policy" not in args
+    rebuilt = plan_pool(args["pool"], None, args["options"], block_size=args["blockSize"])
+    assert {e.init_kwargs["block_size"] for e in rebuilt.engines} == {32}
+    assert rebuilt.deployment_schemas() == [
+        {**d, "user_config": r["user_config"]} if d["name"] == "router" else d
+        for d, r in zip(plan.deployment_schemas(), rebuilt.deployment_schemas(), strict=True)
+    ]
+
+
+# ---- the Serve-deployed router, in process (no Ray): its settings come from the CRs ------------------
+
+
+class _NoHeartbeat:
+    def __init__(self, *a: Any, **k: Any) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+async def _no_registry(*a: Any, **k: Any) -> Any:
+    raise RuntimeError("no registry in this test")
+
+
+async def _post(url: str, body: dict[str, Any], key: str | None = None) -> tuple[int, dict[str, Any]]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_deployed_router_runs_with_the_crs_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenants (401 without a key), profileOverrides (the router's cost model), hotspotFactor (policy
+    params), prefixIndex, maxQueueRequestsPerReplica and isolateCache reach a RouterDeployment replica,
+    at start and on a live reconfigure."""
+    from corral.router.engine_client import StaticDiscovery
+    from corral.serve import deployments
+    from corral.serve.deployments import RouterDeployment, make_engine
+    from corral.serve.endpoint import EngineEndpoint
+
+    engine = await make_engine(
+        "sim", max_model_len=None, **{**ENGINE_KW, "model": "tiny", "gpu_class": "a100"}
+    )
+    ep = await EngineEndpoint.start(engine, "127.0.0.1", 0, sample_period_s=0.05)
+    monkeypatch.setattr(deployments, "RayRegistryDiscovery", lambda *a, **k: StaticDiscovery([ep.address]))
+    monkeypatch.setattr(deployments, "RegistryHeartbeat", _NoHeartbeat)
+    monkeypatch.setattr(deployments, "aget_registry", _no_registry)
+    monkeypatch.setattr(deployments, "_node_ip", lambda: "10.1.2.3")
+    monkeypatch.setattr(deployments, "_node_id", lambda: "node-x")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("sk-a: tenant-a\n")
+    pool = copy.deepcopy(POOL)
+    pool["spec"]["gpuClasses"][1]["profileOverrides"] = {"b1Us": 99.5}
+    policy = copy.deepcopy(POLICY)
+    policy["spec"].update(
+        prefixIndex="approximate",
+        load={"hotspotFactor": 2.5, "maxQueueRequestsPerReplica": 7, "twoChoiceAbove": 4},
+        tenants={"secretRef": {"name": "chat-keys"}, "isolateCache": True},
+    )
+    plan = plan_pool(pool, policy, ServeOptions(api_keys_file=str(keys), router_host="0.0.0.0",
+                                                router_grpc_port=0, router_http_port=0))  # fmt: skip
+    cls: Any = RouterDeployment.func_or_class
+    r = cls.__new__(cls)
+    await r.__init__(**plan.router.init_kwargs)
+    try:
+        await r.reconfigure(plan.router.user_config)
+        await r.server.wait_for_replicas(1, timeout=10)
+        got = r.router_settings()
+        assert got["strategy"] == "corral"
+        assert got["policy_params"] == {"ttft_slo_s": 0.5, "hotspot_c": 2.5, "narrow_above": 4}
+        assert r.server.router.policy.params.hotspot_c == 2.5
+        assert (got["index_mode"], got["fleet_index_mode"]) == ("approximate", "approximate")
+        assert got["max_queue_per_replica"] == 7 and got["isolate_tenants"] and got["auth"]
+        assert got["adapters"] == ["sql", "tiny-chat"]
+        (rep,) = r.server.fleet.replicas.values()
+        assert rep.gpu_class == "a100" and rep.profile.name == "A100-80GB"
+        assert rep.profile.b1_us == 99.5  # the pool's override, not the built-in 47.8 the engine names
+        # advertised at the node's address (the router binds 0.0.0.0), on the ports it bound
+        assert r.grpc_address.startswith("10.1.2.3:") and r.http_url.startswith("http://10.1.2.3:")
+        local = "http://127.0.0.1:" + r.http_url.rsplit(":", 1)[1]
+        body = {"model": "tiny", "prompt": "hello there", "max_tokens": 2}
+        status, out = await _post(local + "/v1/completions", body)
+        assert status == 401 and "API key" in out["error"]["message"]
+        status, out = await _post(local + "/v1/completions", body, "sk-a")
+        assert status == 200, out
+
+        # live: another policy (no tenants, precise index, another strategy), same server and fleet
+        server = r.server
+        new = copy.deepcopy(POLICY)
+        new["spec"]["strategy"] = "least_loaded"
+        await r.reconfigure(plan_pool(pool, new).router.user_config)
+        got = r.router_settings()
+        assert r.server is server and got["strategy"] == "least_loaded" and got["policy_params"] == {}
+        assert not got["auth"] and not got["isolate_tenants"] and got["fleet_index_mode"] == "precise"
+        status, out = await _post(local + "/v1/completions", body)
+        assert status == 200, out
+        # a bad policy fails the reconfigure and changes nothing
+        with pytest.raises(ValueError):
+            await r.reconfigure({"policy": {**new["spec"], "strategy": "nope"}})
+        assert r.router_settings()["strategy"] == "least_loaded"
+    finally:
+        await r.__del__()
+        await ep.stop(None)
+        await engine.close()

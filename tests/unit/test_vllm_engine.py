@@ -147,7 +147,11 @@ class AsyncLLM:
     def __init__(self, args: AsyncEngineArgs) -> None:
         self.args = args
         self.fake = _Fake()
-        self.vllm_config = types.SimpleNamespace(cache_config=types.SimpleNamespace(num_gpu_blocks=1234))
+        self.vllm_config = types.SimpleNamespace(
+            cache_config=types.SimpleNamespace(num_gpu_blocks=1234),
+            # vLLM resolves an unset max_model_len to the model's context length (8192 for this fake)
+            model_config=types.SimpleNamespace(max_model_len=args.max_model_len or 8192),
+        )
         self.shut = False
         AsyncLLM.last = self
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.bench import DEFAULT_OUT
+from corral.bench.provenance import provenance
 from corral.router.hashing import block_hashes, salt_for
 from corral.router.policies import make_policy, policy_names
 from corral.router.state import FleetState
@@ -177,6 +178,7 @@ def run(quick: bool, out_dir: Path, runs: int | None = None) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "note": "top-level decision_* numbers are the corral policy; prompts are pre-hashed",
+            **provenance(),
         },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +195,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"`corral bench router{' --quick' if meta['quick'] else ''}`: Python {meta['python']}, "
         f"{meta['cpus']} CPUs, load average {', '.join(f'{x:.1f}' for x in meta['load_avg'] or [])} at the "
         f"end; median of {meta['runs']} run(s). Decision latency on pre-hashed prompts (corral policy); "
-        f"hashing = xxh3 chain over {meta['block_size']}-token blocks.",
+        f"hashing = xxh3 chain over {meta['block_size']}-token blocks. git `{meta.get('git', '')}`"
+        f"{' (dirty)' if meta.get('dirty') else ''}.",
         "",
         "| replicas | prompt tokens | adapters | decision p50 (µs) | decision p99 (µs) | hash (µs) "
         "| precise index p50 / p99 (µs) |",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.bench import DEFAULT_OUT
+from corral.bench.provenance import provenance
 
 MODEL = "echo"
 
@@ -299,7 +300,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         "# Router overhead",
         "",
         f"Machine: {doc['machine']['cpus']} CPU(s), {doc['machine']['platform']}, Python "
-        f"{doc['machine']['python']}, loop {doc['machine']['loop']}. Engines: {doc['engines']} zero-cost "
+        f"{doc['machine']['python']}, loop {doc['machine']['loop']}, git `{doc['meta']['git']}`"
+        f"{' (dirty)' if doc['meta']['dirty'] else ''}. Engines: {doc['engines']} zero-cost "
         f"echo replicas (gRPC endpoints, one process); router: one process, policy `{doc['policy']}`; "
         "load generator: closed loop in a third process. Tiny prompts (~48 tokens, 8 shared prefixes), "
         f"max_tokens 4. {doc['duration_s']} s per case after {doc['warmup_s']} s warm-up. All processes "
@@ -384,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": ns.warmup,
         "results": results,
         "summary": _summary(results, ns.concurrency),
+        "meta": provenance(),
     }
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)

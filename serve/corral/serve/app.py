@@ -1,23 +1,42 @@
 """ModelPool + RoutingPolicy -> Ray Serve: the pure translation, and the Serve application builder.
 
-:func:`plan_pool` turns the two custom resources into a :class:`PoolPlan`: one engine deployment per
-(model, GPU class) with that class's placement (``num_gpus``, ``accelerator_type`` for real GPUs, and a
-custom per-class resource, see :func:`gpu_class_resource`), its replica count and engine arguments, plus
-one router deployment whose ``user_config`` carries the routing policy (so a RoutingPolicy change is a
-live ``reconfigure``, not a restart). From the plan come both forms Ray accepts:
+:func:`plan_pool` turns the two custom resources (the :mod:`corral.api` models; plain CR dicts are first
+validated into them, so there is one path and the CRD's defaults are the only defaults) into a
+:class:`PoolPlan`: one engine deployment per (model, GPU class) with that class's placement
+(``num_gpus``, ``accelerator_type`` for real GPUs, and a custom per-class resource, see
+:func:`gpu_class_resource`), its replica count and engine arguments, plus one router deployment whose
+``user_config`` carries the RoutingPolicy spec (so a RoutingPolicy change is a live ``reconfigure``, not
+a restart). The router side of the translation is :func:`corral.router.settings.router_settings`: the
+router replica runs it on the pool and the policy it is given. From the plan come both forms Ray accepts:
 
 - :meth:`PoolPlan.serve_application` / :func:`serve_config`: the Serve config file (``ServeDeploySchema``
   JSON, what KubeRay's ``serveConfigV2`` and the dashboard's REST API take), whose ``import_path`` is
-  :func:`build_app`, a Serve *application builder* receiving the CRs back as ``args``;
+  :func:`build_app`, a Serve *application builder* receiving the pool, the options and the engines' block
+  size back as ``args``;
 - :func:`build_application`: the Python ``Application`` for ``serve.run`` (local mode, tests).
 
-Nothing here imports Ray at module import time (the operator and ``corral validate`` use it), and the
-inputs may be the pydantic API models or the plain CR dicts (camelCase, as written in YAML).
+Nothing here imports Ray at module import time (the operator and ``corral validate`` use it).
 
 Serve carries the engines (placement, replica count, health checks, restarts), never the tokens: engine
 replicas publish their own gRPC address in the registry and the router streams to them directly.
 Because of that, Serve's request-based autoscaling cannot see engine load, so replica counts are fixed
 from the CR (``replicas``, else ``minReplicas``); scaling is the operator's job.
+
+Where each CR field goes:
+
+- ``models[]``: ``name``, ``baseModel``, ``engine``, ``engineArgs`` (passed to the engine as given) and
+  ``maxModelLen`` (passed only when set: unset means the engine's own default) -> the engine deployment;
+  ``maxModelLen`` and ``tokenizer`` also reach the router (``RouterSettings.models``).
+- ``gpuClasses[]``: ``gpusPerReplica`` / ``acceleratorType`` / the class resource -> Ray placement;
+  ``nodeSelector`` -> :attr:`EngineDeploymentPlan.node_selector`, for the operator to put on the class's
+  worker group (the Kubernetes nodes that declare the class resource; Ray itself places by the resource);
+  ``replicas`` / ``minReplicas`` -> replica count (``maxReplicas`` bounds the operator's scaling);
+  ``profile`` + ``profileOverrides`` -> the sim engine and the router's cost model.
+- ``adapters`` / ``adapterCache`` -> engines (``max_loras``, ``max_cpu_loras`` = ``cpuSlots``, which is
+  ``gpuSlots`` when unset) and the router (catalog, paging).
+- the RoutingPolicy -> the router's ``user_config`` (see :func:`corral.router.settings.router_settings`),
+  except ``blockSize``, which the engines need at start (it is in ``args``, so changing it restarts them);
+  ``tenants`` needs a source of API keys (:attr:`ServeOptions.api_keys_file`), else the plan fails.
 """
 
 from __future__ import annotations
@@ -26,6 +45,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from corral.api.modelpool import ModelPool
+from corral.api.routingpolicy import RoutingPolicy
+from corral.router.settings import RouterSettings, default_policy_spec, router_settings
+from pydantic import ValidationError
 
 APP_BUILDER_IMPORT_PATH = "corral.serve.app:build_app"
 ENGINE_DEPLOYMENT_PREFIX = "engine"
@@ -75,6 +99,10 @@ class ServeOptions:
     advertise_host: str | None = None  # engines' published host (default: the node IP)
     engine_override: str | None = None  # run every model on this engine ("sim", or "echo" for benchmarks)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Tenant API keys for the routers when the RoutingPolicy sets ``tenants``: a YAML/JSON file mapping
+    # key -> tenant (the router's --api-keys format), readable on every node that runs a router. The
+    # operator will point this at the policy's Secret mounted into the Ray pods.
+    api_keys_file: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ServeOptions:
@@ -105,6 +133,9 @@ class EngineDeploymentPlan:
     init_kwargs: dict[str, Any]
     user_config: dict[str, Any]
     scaled_down_from: int | None = None  # replicas the CR asked for, when capped by the options
+    # the GPU class's nodeSelector: where the operator schedules this class's Ray worker group (whose
+    # nodes declare the class resource the replicas ask for); Ray itself places by that resource
+    node_selector: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -125,8 +156,9 @@ class PoolPlan:
     engines: list[EngineDeploymentPlan]
     router: RouterDeploymentPlan
     options: ServeOptions
-    pool: dict[str, Any]
-    policy: dict[str, Any]
+    pool: ModelPool
+    policy: RoutingPolicy | None
+    settings: RouterSettings  # what the routers will run with (they derive it again from pool + policy)
 
     def deployment_schemas(self) -> list[dict[str, Any]]:
         out = []
@@ -155,13 +187,18 @@ class PoolPlan:
         The RoutingPolicy is deliberately *not* in ``args``: Serve hashes ``import_path``, ``runtime_env``
         and ``args`` into the application's code version, and a new code version restarts every replica.
         The policy travels only in the router deployment's ``user_config``, so changing it is an in-place
-        ``reconfigure`` of the routers and leaves the engines alone.
+        ``reconfigure`` of the routers and leaves the engines alone. Only its ``blockSize`` is in
+        ``args``: engines are built with it, so changing it must restart them.
         """
         return {
             "name": self.app_name,
             "route_prefix": f"/corral/{self.pool_id}",
             "import_path": APP_BUILDER_IMPORT_PATH,
-            "args": {"pool": self.pool, "options": self.options.to_dict()},
+            "args": {
+                "pool": self.pool.to_k8s(),
+                "options": self.options.to_dict(),
+                "blockSize": self.settings.block_size,  # engines start with it: a change restarts them
+            },
             "deployments": self.deployment_schemas(),
         }
 
@@ -174,114 +211,111 @@ class PoolPlan:
         return lines
 
 
-def _as_cr(obj: Any) -> dict[str, Any]:
-    """A CR as a plain camelCase dict (from a pydantic model or a dict)."""
-    if obj is None:
-        return {}
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(by_alias=True, mode="json", exclude_none=True)
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise TypeError(f"expected a CR (pydantic model or dict), got {type(obj).__name__}")
+def _validated(cls: type[ModelPool] | type[RoutingPolicy], obj: Any) -> Any:
+    """``obj`` as the API model ``cls`` (a dict, e.g. a CR read from YAML, is validated into it)."""
+    if isinstance(obj, cls):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a {cls.__name__} (corral.api model or CR dict), got {type(obj).__name__}")
+    try:
+        return cls.model_validate(dict(obj))
+    except ValidationError as e:
+        from corral.api.validation import error_lines
+
+        name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), Mapping) else None
+        problems = "; ".join(f"{path}: {msg}" for path, msg in error_lines(e))
+        raise ValueError(f"{cls.__name__} {name or '(unnamed)'} is invalid: {problems}") from None
 
 
-def _spec(cr: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(cr.get("spec", cr)) if "spec" in cr or "apiVersion" in cr else dict(cr)
-
-
-def _get(d: Mapping[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    return default
-
-
-def _snake_keys(d: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``{"kvCapacityTokens": 1}`` -> ``{"kv_capacity_tokens": 1}`` (GpuProfile field names)."""
-    items = (d or {}).items()
-    return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower(): v for k, v in items if v is not None}
-
-
-def pool_id_of(pool_cr: Mapping[str, Any]) -> str:
-    meta = pool_cr.get("metadata") or {}
-    name = meta.get("name") or "pool"
-    ns = meta.get("namespace")
+def pool_id_of(pool: ModelPool | Mapping[str, Any]) -> str:
+    meta = pool.metadata if isinstance(pool, ModelPool) else None
+    if meta is not None:
+        name, ns = meta.name, meta.namespace
+    else:
+        m = (pool.get("metadata") or {}) if isinstance(pool, Mapping) else {}
+        name, ns = m.get("name") or "pool", m.get("namespace")
     return _NAME_SAFE.sub("_", f"{ns}.{name}" if ns and ns != "default" else name)
 
 
-def adapter_catalog(pool_spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The pool's adapters as ``{name, baseModel, source, rank}`` dicts (engines and routers share it)."""
-    out = []
-    for a in _get(pool_spec, "adapters", default=[]) or []:
-        out.append(
-            {
-                "name": a["name"],
-                "baseModel": _get(a, "baseModel", "base_model"),
-                "source": _get(a, "source", "sourceUri", "uri", default=""),
-                "rank": _get(a, "rank", default=None),
-            }
-        )
-    return out
+def adapter_catalog(pool: ModelPool) -> list[dict[str, Any]]:
+    """The pool's adapters as ``{name, baseModel, source, rank}`` dicts (engines and tools share it)."""
+    return [
+        {"name": a.name, "baseModel": a.base_model, "source": a.source, "rank": a.rank}
+        for a in pool.spec.adapters
+    ]
 
 
 def plan_pool(
-    pool: Any, policy: Any = None, options: ServeOptions | Mapping[str, Any] | None = None
+    pool: ModelPool | Mapping[str, Any],
+    policy: RoutingPolicy | Mapping[str, Any] | None = None,
+    options: ServeOptions | Mapping[str, Any] | None = None,
+    *,
+    block_size: int | None = None,
 ) -> PoolPlan:
-    """Translate a ModelPool (+ RoutingPolicy) into the deployments that serve it. Pure."""
+    """Translate a ModelPool (+ RoutingPolicy) into the deployments that serve it. Pure.
+
+    ``pool`` and ``policy`` are the :mod:`corral.api` models (dicts are validated into them first);
+    ``policy`` None means the RoutingPolicy defaults. ``block_size`` is the engines' KV block size when
+    the policy is not given (the Serve builder: the policy is not in ``args``, its ``blockSize`` is).
+    """
     opts = options if isinstance(options, ServeOptions) else ServeOptions.from_dict(options)
-    pool_cr, policy_cr = _as_cr(pool), _as_cr(policy)
-    spec, pspec = _spec(pool_cr), _spec(policy_cr)
-    pool_id = pool_id_of(pool_cr)
-    models = _get(spec, "models", default=[]) or []
-    classes = _get(spec, "gpuClasses", "gpu_classes", default=[]) or []
-    if not models:
-        raise ValueError(f"ModelPool {pool_id}: spec.models is empty")
-    if not classes:
-        raise ValueError(f"ModelPool {pool_id}: spec.gpuClasses is empty")
-    cache = _get(spec, "adapterCache", "adapter_cache", default={}) or {}
-    adapters = adapter_catalog(spec)
-    block_size = int(_get(pspec, "blockSize", "block_size", default=16))
+    mp: ModelPool = _validated(ModelPool, pool)
+    rp: RoutingPolicy | None = None if policy is None else _validated(RoutingPolicy, policy)
+    pool_id = pool_id_of(mp)
+    settings = router_settings(rp, mp)
+    if rp is not None and block_size is not None and block_size != settings.block_size:
+        raise ValueError(
+            f"block_size {block_size} disagrees with RoutingPolicy {rp.metadata.name} "
+            f"spec.blockSize {settings.block_size}"
+        )
+    engine_block_size = settings.block_size if rp is not None or block_size is None else int(block_size)
+    if settings.tenant_secret is not None and not opts.api_keys_file:
+        secret, key = settings.tenant_secret
+        raise ValueError(
+            f"RoutingPolicy {rp.metadata.name if rp else ''} sets spec.tenants (API keys in Secret "
+            f"{secret!r}, key {key!r}) but no API keys source is configured for the routers "
+            "(ServeOptions.api_keys_file, e.g. `corral serve --api-keys FILE`): refusing to serve open"
+        )
+    spec = mp.spec
+    adapters = adapter_catalog(mp)
+    gpu_slots, cpu_slots = spec.adapter_cache.gpu_slots, spec.adapter_cache.effective_cpu_slots
 
     engines: list[EngineDeploymentPlan] = []
-    for m in models:
-        mname = m["name"]
-        engine = opts.engine_override or str(_get(m, "engine", default="sim"))
+    for m in spec.models:
+        engine = opts.engine_override or m.engine
         if engine not in ("sim", "vllm", "echo"):
-            raise ValueError(f"model {mname}: unknown engine {engine!r} (sim, vllm)")
-        for c in classes:
-            cname = c["name"]
-            gpus = float(_get(c, "gpusPerReplica", "gpus_per_replica", default=1))
-            want = int(_get(c, "replicas", default=None) or _get(c, "minReplicas", "min_replicas", default=1))
-            n = want
-            if opts.max_replicas_per_class is not None:
-                n = min(n, opts.max_replicas_per_class)
+            raise ValueError(f"model {m.name}: unknown engine {engine!r} (sim, vllm)")
+        for c in spec.gpu_classes:
+            gpus = float(c.gpus_per_replica)
+            want = c.desired_replicas
+            n = want if opts.max_replicas_per_class is None else min(want, opts.max_replicas_per_class)
             actor: dict[str, Any] = {
                 "num_cpus": opts.engine_num_cpus,
                 "num_gpus": gpus if engine == "vllm" else 0,
-                "resources": {gpu_class_resource(cname): gpus},
+                "resources": {gpu_class_resource(c.name): gpus},
             }
-            accel = _get(c, "acceleratorType", "accelerator_type")
-            if accel and engine == "vllm":
-                actor["accelerator_type"] = accel
+            if c.accelerator_type and engine == "vllm":
+                actor["accelerator_type"] = c.accelerator_type
             env = dict(opts.extra_env)
             if engine == "vllm":
                 env.setdefault("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1")
             if env:
                 actor["runtime_env"] = {"env_vars": env}
+            overrides = c.profile_overrides.model_dump(exclude_none=True) if c.profile_overrides else {}
             init = {
                 "pool_id": pool_id,
-                "model": mname,
-                "base_model": _get(m, "baseModel", "base_model", default=mname),
+                "model": m.name,
+                "base_model": m.base_model,
                 "engine": engine,
-                "engine_args": dict(_get(m, "engineArgs", "engine_args", default={}) or {}),
-                "max_model_len": int(_get(m, "maxModelLen", "max_model_len", default=8192)),
-                "gpu_class": cname,
-                "profile": _get(c, "profile", default=None) or cname,
-                "profile_overrides": _snake_keys(_get(c, "profileOverrides", "profile_overrides")),
+                "engine_args": dict(m.engine_args),
+                "max_model_len": m.max_model_len,  # None: the engine's own default
+                "gpu_class": c.name,
+                "profile": c.profile,
+                "profile_overrides": overrides,
                 "gpus_per_replica": gpus,
-                "block_size": block_size,
-                "max_loras": int(_get(cache, "gpuSlots", "gpu_slots", default=4)),
-                "max_cpu_loras": int(_get(cache, "cpuSlots", "cpu_slots", default=8)),
+                "block_size": engine_block_size,
+                "max_loras": gpu_slots,
+                "max_cpu_loras": cpu_slots,
                 "namespace": opts.namespace,
                 "sim_time_scale": opts.sim_time_scale,
                 "heartbeat_s": opts.heartbeat_s,
@@ -289,19 +323,21 @@ def plan_pool(
             }
             engines.append(
                 EngineDeploymentPlan(
-                    name=deployment_name(mname, cname),
-                    model=mname,
-                    gpu_class=cname,
+                    name=deployment_name(m.name, c.name),
+                    model=m.name,
+                    gpu_class=c.name,
                     engine=engine,
                     num_replicas=n,
                     ray_actor_options=actor,
                     max_ongoing_requests=opts.engine_max_ongoing_requests,
                     init_kwargs=init,
-                    user_config={"adapters": [a for a in adapters if a["baseModel"] in (mname, None)]},
+                    user_config={"adapters": [a for a in adapters if a["baseModel"] == m.name]},
                     scaled_down_from=want if n != want else None,
+                    node_selector=dict(c.node_selector),
                 )
             )
 
+    policy_spec = rp.spec if rp is not None else default_policy_spec(mp.metadata.name)
     router = RouterDeploymentPlan(
         name=ROUTER_DEPLOYMENT_NAME,
         num_replicas=opts.router_replicas,
@@ -309,20 +345,18 @@ def plan_pool(
         max_ongoing_requests=opts.router_max_ongoing_requests,
         init_kwargs={
             "pool_id": pool_id,
+            "pool": mp.to_k8s(),  # the router derives its pool-side settings from it (router_settings)
             "namespace": opts.namespace,
             "host": opts.router_host,
             "grpc_port": opts.router_grpc_port,
             "http_port": opts.router_http_port,
             "advertise_host": opts.advertise_host,
-            "models": [
-                {
-                    "name": m["name"],
-                    "maxModelLen": int(_get(m, "maxModelLen", "max_model_len", default=8192)),
-                }
-                for m in models
-            ],
+            "api_keys_file": opts.api_keys_file,
+            "models": [{"name": m.name, "maxModelLen": m.max_model_len} for m in spec.models],
         },
-        user_config={"policy": pspec, "adapters": adapters, "adapterCache": dict(cache)},
+        # The policy spec (camelCase, every field explicit) is all a reconfigure needs; the adapter
+        # catalog is there for tools (the router derives its own from the pool).
+        user_config={"policy": policy_spec.to_k8s(), "adapters": adapters},
         max_replicas_per_node=1 if (opts.router_grpc_port or opts.router_http_port) else None,
     )
     return PoolPlan(
@@ -331,8 +365,9 @@ def plan_pool(
         engines=engines,
         router=router,
         options=opts,
-        pool=pool_cr,
-        policy=policy_cr,
+        pool=mp,
+        policy=rp,
+        settings=settings,
     )
 
 
@@ -392,5 +427,7 @@ def build_application(plan: PoolPlan) -> Any:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder (``import_path: corral.serve.app:build_app``; ``args``: pool, options
-    and optionally policy; the config's per-deployment ``user_config`` carries the policy)."""
-    return build_application(plan_pool(args["pool"], args.get("policy"), args.get("options")))
+    and the engines' ``blockSize``; the config's per-deployment ``user_config`` carries the policy)."""
+    return build_application(
+        plan_pool(args["pool"], None, args.get("options"), block_size=args.get("blockSize"))
+    )

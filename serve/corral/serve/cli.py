@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,6 +47,10 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
         "--sim-speed", type=float, default=1.0, metavar="X",
         help="run the simulated engines X times faster than wall clock (default 1)",
     )  # fmt: skip
+    p.add_argument(
+        "--api-keys", default=None, metavar="FILE",
+        help="tenant API keys (YAML/JSON map key -> tenant) for a RoutingPolicy that sets spec.tenants",
+    )  # fmt: skip
 
 
 def local_options(args: argparse.Namespace) -> LocalOptions:
@@ -60,7 +65,18 @@ def local_options(args: argparse.Namespace) -> LocalOptions:
         num_cpus=args.num_cpus,
         engine=args.engine,
         sim_time_scale=args.sim_speed,
+        api_keys_file=_api_keys_file(args.api_keys),
     )
+
+
+def _api_keys_file(path: str | None) -> str | None:
+    """The ``--api-keys`` file as an absolute path, checked here (the routers read it on start)."""
+    if not path:
+        return None
+    from corral.router.server import load_api_keys
+
+    load_api_keys(path)  # a missing or malformed file fails now, with its own message
+    return str(Path(path).resolve())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -104,7 +120,11 @@ def _run(args: argparse.Namespace) -> int:
 
         from .app import ServeOptions, plan_pool, serve_config
 
-        opts = ServeOptions(router_grpc_port=args.grpc_port or 50051, router_http_port=args.http_port or 8080)
+        opts = ServeOptions(
+            router_grpc_port=args.grpc_port or 50051,
+            router_http_port=args.http_port or 8080,
+            api_keys_file=_api_keys_file(args.api_keys),
+        )
         plans = [plan_pool(pool, policy, opts) for pool, policy in pairs]
         print(yaml.safe_dump(serve_config(plans), sort_keys=False), end="")
         return 0

@@ -9,7 +9,7 @@ fails when the endpoint or the engine does, so Serve replaces the replica.
 :class:`RouterDeployment` runs a :class:`~corral.router.server.RouterServer` that opens its own gRPC and
 HTTP ports (fixed from the options, or ephemeral), discovers engines through the registry
 (:class:`~corral.serve.registry.RayRegistryDiscovery`), publishes its own addresses there, and applies the
-RoutingPolicy from ``user_config`` live (``reconfigure`` -> ``update_policy``; engines untouched). Each
+RoutingPolicy from ``user_config`` live (``reconfigure`` -> ``Router.configure``; engines untouched). Each
 router replica rebuilds its state from the engines' event streams, so several run active-active; the one
 holding the registry's paging lease also runs the adapter paging loop.
 """
@@ -41,6 +41,19 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+def _node_id() -> str:
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
+
+
+SIM_ENGINE_ARGS = frozenset({"enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs"})
+"""ModelPool ``engineArgs`` (vLLM names) that the simulator applies too; it logs and ignores the others."""
+
+
 def _replica_tag() -> str:
     try:
         return str(serve.get_replica_context().replica_id.unique_id)
@@ -59,12 +72,17 @@ async def make_engine(
     block_size: int,
     max_loras: int,
     max_cpu_loras: int,
-    max_model_len: int,
+    max_model_len: int | None,
     engine_args: dict[str, Any],
     sim_time_scale: float = 1.0,
     profile_overrides: dict[str, Any] | None = None,
 ) -> Any:
-    """Build the engine a replica serves (an object satisfying ``corral.serve.endpoint.Engine``)."""
+    """Build the engine a replica serves (an object satisfying ``corral.serve.endpoint.Engine``).
+
+    ``max_model_len`` None (the ModelPool's ``maxModelLen`` unset) is not passed on: each engine keeps its
+    own default (vLLM: the model's context length; the simulator and the echo engine: theirs), and the
+    replica reports the limit it runs with (``EngineInfo.max_model_len``)."""
+    limit: dict[str, Any] = {} if max_model_len is None else {"max_model_len": int(max_model_len)}
     if engine == "vllm":
         from .vllm_engine import VllmEngine
 
@@ -77,8 +95,8 @@ async def make_engine(
             block_size=block_size,
             max_loras=max_loras,
             max_cpu_loras=max_cpu_loras,
-            max_model_len=max_model_len,
             engine_args=engine_args,
+            **limit,
         )
     if engine == "echo":  # zero-cost engine (benchmarks, smoke tests)
         from .endpoint import EchoEngine
@@ -90,13 +108,16 @@ async def make_engine(
             profile=profile,
             block_size=block_size,
             max_loras=max_loras,
-            max_model_len=max_model_len,
+            **limit,
         )
     if engine == "sim":
         from corral.api.profiles import resolve_profile
 
         from .endpoint.sim import SimEndpointEngine
 
+        sim_kw = {k: v for k, v in engine_args.items() if k in SIM_ENGINE_ARGS}
+        if ignored := sorted(set(engine_args) - set(sim_kw)):
+            log.info("model %s: the simulator has no use for engineArgs %s (vLLM settings)", model, ignored)
         prof = resolve_profile(profile, profile_overrides or None)
         return SimEndpointEngine.create(
             prof,  # type: ignore[arg-type]  # SimEngine takes a GpuProfile or a name
@@ -107,7 +128,8 @@ async def make_engine(
             max_loras=max_loras,
             max_cpu_loras=max_cpu_loras,
             gpu_class=gpu_class,
-            max_model_len=max_model_len,
+            **limit,
+            **sim_kw,
         )
     raise ValueError(f"unknown engine {engine!r}")
 
@@ -130,7 +152,7 @@ class EngineDeployment:
         base_model: str,
         engine: str,
         engine_args: dict[str, Any],
-        max_model_len: int,
+        max_model_len: int | None,
         gpu_class: str,
         profile: str,
         profile_overrides: dict[str, Any] | None = None,
@@ -175,12 +197,13 @@ class EngineDeployment:
             "address": self.address,
             "pid": os.getpid(),
             "node_ip": _node_ip(),
+            "node_id": _node_id(),
             "capacity": {
                 "gpus": gpus_per_replica,
                 "max_loras": max_loras,
                 "max_cpu_loras": max_cpu_loras,
                 "kv_capacity_blocks": getattr(info, "kv_capacity_blocks", 0),
-                "max_model_len": max_model_len,
+                "max_model_len": getattr(info, "max_model_len", max_model_len),  # what the engine runs with
             },
             "started": time.time(),
         }
@@ -231,40 +254,6 @@ class EngineDeployment:
 # ---- router -----------------------------------------------------------------------------------------
 
 
-def policy_from_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """RoutingPolicy spec -> (policy name, params).
-
-    The spec's generic knobs map onto the params of policies that take them (each checked by building
-    the policy with that one param, so a baseline without an SLO simply ignores ``ttftSloMs``):
-    ``ttftSloMs`` -> ``ttft_slo_s``, ``load.hotspotFactor`` -> ``hotspot_c``, ``load.twoChoiceAbove`` ->
-    ``narrow_above``. Explicit ``params`` (if the spec carries any) win.
-    """
-    from corral.router.policy import make_policy
-
-    strategy = str(spec.get("strategy") or "corral")
-    explicit = dict(spec.get("params") or spec.get("strategyParams") or {})
-    load = spec.get("load") or {}
-    candidates: dict[str, Any] = {}
-    if (v := spec.get("ttftSloMs")) is not None:
-        candidates["ttft_slo_s"] = float(v) / 1000.0
-    if (v := load.get("hotspotFactor")) is not None:
-        candidates["hotspot_c"] = float(v)
-    if (v := load.get("twoChoiceAbove")) is not None:
-        candidates["narrow_above"] = int(v)
-    params: dict[str, Any] = {}
-    for k, v in candidates.items():
-        if k in explicit:
-            continue
-        try:
-            make_policy(strategy, **{k: v})
-        except (ValueError, TypeError):
-            continue
-        params[k] = v
-    params.update(explicit)
-    make_policy(strategy, **params)  # fail here, in reconfigure, on a bad explicit param
-    return strategy, params
-
-
 class GrpcAdapterControl:
     """:class:`~corral.router.paging.AdapterControl` over the engines' ``LoadAdapter``/``UnloadAdapter``."""
 
@@ -293,6 +282,26 @@ class GrpcAdapterControl:
         )
 
 
+_WILDCARD_HOSTS = ("0.0.0.0", "", "::", "[::]")
+
+
+def advertised_host(bind_host: str, advertise_host: str | None = None) -> str:
+    """The host other processes reach a listener bound to ``bind_host`` at: ``advertise_host`` if set,
+    the bind address itself if it is a specific one, else (a wildcard bind) this node's IP."""
+    if advertise_host:
+        return advertise_host
+    if bind_host not in _WILDCARD_HOSTS:
+        return bind_host
+    return _node_ip()
+
+
+def _with_host(address: str, host: str) -> str:
+    """``127.0.0.1:1234`` / ``http://127.0.0.1:1234`` -> the same port on ``host``."""
+    scheme, sep, rest = address.rpartition("://")
+    port = rest.rsplit(":", 1)[1]
+    return f"{scheme}{sep}{host}:{port}"
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=64,
@@ -302,62 +311,154 @@ class GrpcAdapterControl:
 )
 class RouterDeployment:
     """One router replica: the RouterServer on its own ports (Prometheus metrics at ``/metrics`` on the HTTP
-    port), registry discovery, live policy, paging."""
+    port), registry discovery, live RoutingPolicy, paging.
+
+    Its settings are :func:`corral.router.settings.router_settings` of the pool (``pool``, fixed for the
+    replica's life) and the RoutingPolicy spec in ``user_config`` (live). Serve calls :meth:`reconfigure`
+    right after the constructor; the first call starts the server with those settings (so the prefix-index
+    mode, queue bound, tenants and profiles are right from the first request), later ones apply changes in
+    place."""
 
     async def __init__(  # type: ignore[misc]
         self,
         *,
         engines: list[Any] | None = None,  # engine deployment handles (bound so Serve deploys them)
         pool_id: str,
+        pool: dict[str, Any] | None = None,  # the ModelPool (camelCase CR)
         namespace: str = DEFAULT_NAMESPACE,
         host: str = "0.0.0.0",
         grpc_port: int = 0,
         http_port: int = 0,
         models: list[dict[str, Any]] | None = None,
         advertise_host: str | None = None,
+        api_keys_file: str | None = None,
     ) -> None:
-        from corral.router.server import RouterConfig, RouterServer
+        from corral.api.modelpool import ModelPool
 
         self.pool_id, self.namespace = pool_id, namespace
+        self.pool = ModelPool.model_validate(pool) if pool else None
         self.models = list(models or [])
         self.router_id = f"router-{_replica_tag()}"
-        self.discovery = RayRegistryDiscovery(pool_id, namespace, poll_interval_s=0.5)
-        self.server = RouterServer(self.discovery, RouterConfig(router_id=self.router_id))
-        await self.server.start(host=host, grpc_port=grpc_port, http_port=http_port)
-        adv = advertise_host or ("127.0.0.1" if host in ("127.0.0.1", "localhost") else _node_ip())
-        self.grpc_address = self.server.grpc_address.replace("0.0.0.0", adv)
-        self.http_url = self.server.http_url.replace("0.0.0.0", adv)
-        self.policy: tuple[str, dict[str, Any]] = ("corral", {})
-        self.pager = AdapterPager(self.server.fleet, GrpcAdapterControl(self.server.router.pool), [])
-        self._hook_dispatch()
+        self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
+        self.advertise_host = advertise_host
+        self.api_keys_file = api_keys_file
+        self.api_keys: dict[str, str] | None = None
+        if api_keys_file:
+            from corral.router.server import load_api_keys
+
+            self.api_keys = load_api_keys(api_keys_file)
+        self.server: Any = None
+        self.settings: Any = None  # corral.router.settings.RouterSettings
+        self.policy: tuple[str, dict[str, Any]] = ("", {})
+        self.grpc_address = self.http_url = ""
+        self.heartbeat: RegistryHeartbeat | None = None
+        self._lease_key = f"paging/{pool_id}"
+        self._leader = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+
+    # ---- settings -----------------------------------------------------------------------------------------
+    def settings_for(self, user_config: dict[str, Any] | None) -> Any:
+        """RouterSettings of this pool under the RoutingPolicy spec in ``user_config`` (defaults if none).
+        Raises (and so fails the reconfigure) on an invalid spec, or on tenants without API keys."""
+        from corral.api.routingpolicy import RoutingPolicySpec
+        from corral.router.settings import default_policy_spec, router_settings
+
+        raw = (user_config or {}).get("policy")
+        pool_name = self.pool.metadata.name if self.pool is not None else self.pool_id
+        spec = RoutingPolicySpec.model_validate(raw) if raw else default_policy_spec(pool_name)
+        settings = router_settings(spec, self.pool)
+        if settings.tenant_secret is not None and self.api_keys is None:
+            raise ValueError(
+                f"pool {self.pool_id}: the RoutingPolicy sets spec.tenants but this router has no API keys "
+                "(ServeOptions.api_keys_file): refusing to serve open"
+            )
+        return settings
+
+    async def _tokenizers(self, settings: Any) -> dict[str, Any]:
+        """The ModelPool's tokenizers (``models[].tokenizer``), loaded off the event loop."""
+        from corral.router.tokenizer import load_tokenizer_cached
+
+        out = {}
+        for m in settings.models.values():
+            if m.tokenizer:
+                out[m.name] = await asyncio.to_thread(load_tokenizer_cached, m.tokenizer)
+        return out
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a RoutingPolicy live (the first call starts the server with it)."""
+        settings = self.settings_for(user_config)
+        tokenizers = await self._tokenizers(settings)
+        async with self._lock:
+            if self.server is None:
+                await self._start(settings, tokenizers)
+            else:
+                self._apply(settings, tokenizers)
+            self.settings = settings
+            self.policy = (settings.strategy, dict(settings.policy_params))
+
+    def _apply(self, settings: Any, tokenizers: dict[str, Any]) -> None:
+        """Settings into the running router: policy, index mode, queue bound, tenants and adapters through
+        ``Router.configure``; API keys, tokenizers and GPU-class profiles beside it."""
+        router = self.server.router
+        router.configure(settings)  # raises ValueError (a bad policy param) before anything changes
+        router.set_api_keys(self.api_keys if settings.tenant_secret is not None else None)
+        router.config.tokenizers = tokenizers
+        router.pool.set_profiles(settings.profiles)
+        self.pager.update(self._adapter_infos(settings), self._paging_config(settings))
+
+    @staticmethod
+    def _adapter_infos(settings: Any) -> list[AdapterInfo]:
+        return [AdapterInfo(a.name, a.base_model, a.source) for a in settings.adapters.values()]
+
+    @staticmethod
+    def _paging_config(settings: Any) -> PagingConfig:
+        return PagingConfig.from_specs(settings.paging, settings.paging)
+
+    async def _start(self, settings: Any, tokenizers: dict[str, Any]) -> None:
+        from corral.router.server import RouterConfig, RouterServer
+
+        cfg = RouterConfig.from_settings(
+            settings,
+            router_id=self.router_id,
+            api_keys=self.api_keys if settings.tenant_secret is not None else None,
+            tokenizers=tokenizers,
+        )
+        self.discovery = RayRegistryDiscovery(self.pool_id, self.namespace, poll_interval_s=0.5)
+        server = RouterServer(self.discovery, cfg, on_dispatch=self._on_dispatch)
+        fleet = server.fleet
+        if getattr(fleet, "clock", None) is None:
+            fleet.clock = server.router.now  # samples are stamped with this router's clock on receipt
+        server.router.pool.set_profiles(settings.profiles)
+        self.pager = AdapterPager(fleet, GrpcAdapterControl(server.router.pool), [])
+        self.pager.update(self._adapter_infos(settings), self._paging_config(settings))
+        await server.start(host=self.host, grpc_port=self.grpc_port, http_port=self.http_port)
+        self.server = server
+        adv = advertised_host(self.host, self.advertise_host)
+        self.grpc_address = _with_host(server.grpc_address, adv)
+        self.http_url = _with_host(server.http_url, adv)
         self.record = {
             "grpc": self.grpc_address,
             "http": self.http_url,
             "pid": os.getpid(),
+            "node_ip": _node_ip(),
+            "node_id": _node_id(),
             "started": time.time(),
         }
-        self.heartbeat = RegistryHeartbeat(namespace, pool_id, self.router_id, self.record, "router", 2.0)
+        self.heartbeat = RegistryHeartbeat(
+            self.namespace, self.pool_id, self.router_id, self.record, "router", 2.0
+        )
         await self.heartbeat.start()
-        self._lease_key = f"paging/{pool_id}"
-        self._leader = False
-        self._stop = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._lease_loop(), name="corral-paging-lease"),
             asyncio.create_task(self.pager.run(self._stop, lambda: self._leader), name="corral-paging"),
         ]
         log.info("router %s: gRPC %s, HTTP %s", self.router_id, self.grpc_address, self.http_url)
 
-    def _hook_dispatch(self) -> None:
+    def _on_dispatch(self, replica_id: str, req: Any) -> None:
         """Feed the pager's demand tracker from the router's dispatch accounting."""
-        fleet = self.server.fleet
-        original = fleet.on_dispatch
-        pager = self.pager
-
-        def on_dispatch(replica_id: str, req: Any, cached_blocks: int | None = None) -> None:
-            pager.on_dispatch(req.adapter)
-            original(replica_id, req, cached_blocks)
-
-        fleet.on_dispatch = on_dispatch
+        self.pager.on_dispatch(req.adapter)
 
     async def _lease_loop(self) -> None:
         """Hold (or wait for) the pool's paging lease, and share this router's adapter demand: each
@@ -379,47 +480,56 @@ class RouterDeployment:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 1.0)
 
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a RoutingPolicy (and the pool's adapter catalog) live."""
-        cfg = user_config or {}
-        spec = dict(cfg.get("policy") or {})
-        strategy, params = policy_from_spec(spec)
-        if (strategy, params) != self.policy:
-            self.server.update_policy(strategy, params)
-            self.policy = (strategy, params)
-        adapters = [
-            AdapterInfo(a["name"], a.get("baseModel") or "", a.get("source") or "")
-            for a in cfg.get("adapters") or []
-        ]
-        self.server.router.config.adapters = {a.name: (a.base_model, a.source) for a in adapters}
-        paging = spec.get("adapterPaging") or {}
-        self.pager.update(
-            adapters, PagingConfig.from_specs(_Attrs(paging), _Attrs(cfg.get("adapterCache") or {}))
-        )
-
+    # ---- views (tests, tooling) ---------------------------------------------------------------------------
     def addresses(self) -> dict[str, Any]:
         return {
             "router_id": self.router_id,
             "grpc": self.grpc_address,
             "http": self.http_url,
             "pid": os.getpid(),
+            "node_ip": _node_ip(),
+            "node_id": _node_id(),
             "policy": self.policy[0],
+            "policy_params": self.policy[1],
             "models": self.models,
             "paging_leader": self._leader,
-            "replicas": sorted(self.server.fleet.replicas),
+            "replicas": sorted(self.server.fleet.replicas) if self.server is not None else [],
+        }
+
+    def router_settings(self) -> dict[str, Any]:
+        """What this router runs with (tests): the RouterConfig fields set from the CRs."""
+        cfg = self.server.router.config
+        return {
+            "strategy": cfg.policy,
+            "policy_params": dict(cfg.policy_params),
+            "index_mode": cfg.index_mode,
+            "fleet_index_mode": self.server.fleet.index_mode,
+            "max_queue_per_replica": cfg.max_queue_per_replica,
+            "isolate_tenants": cfg.isolate_tenants,
+            "auth": cfg.api_keys is not None,
+            "adapters": sorted(cfg.adapters),
+            "tokenizers": sorted(cfg.tokenizers),
+            "profiles": {k: p.model_dump() for k, p in self.server.router.pool.profiles.items()},
         }
 
     def fleet_view(self) -> dict[str, Any]:
-        """This router's view of each engine replica (tests, ``corral`` tooling)."""
+        """This router's view of each engine replica (tests, ``corral`` tooling). ``sample_age_s``: how
+        long ago (this router's clock) the replica's last load sample arrived; None before the first."""
+        if self.server is None:
+            return {}
+        now = self.server.router.now()
         return {
             rid: {
                 "model": r.model,
                 "gpu_class": r.gpu_class,
                 "healthy": r.healthy,
                 "address": r.address,
+                "profile": r.profile.name,
+                "b1_us": r.profile.b1_us,
                 "adapters_gpu": sorted(r.adapters_gpu),
                 "adapters_cpu": sorted(r.adapters_cpu),
                 "dispatched": r.dispatched_total,
+                "sample_age_s": now - r.sample_received_at if r.last_sample is not None else None,
             }
             for rid, r in self.server.fleet.replicas.items()
         }
@@ -435,24 +545,19 @@ class RouterDeployment:
     async def check_health(self) -> None:
         if self._stop.is_set():
             raise RuntimeError("router replica is shutting down")
+        if self.server is None:  # deployed without a user_config: run with the RoutingPolicy defaults
+            await self.reconfigure({})
 
     async def __del__(self) -> None:
-        if not hasattr(self, "_stop"):
-            return  # __init__ did not finish
         self._stop.set()
         for t in self._tasks:
             t.cancel()
         with contextlib.suppress(Exception):
             reg = await aget_registry(self.namespace, create=False, timeout_s=2)
             await reg.release_lease.remote(self._lease_key, self.router_id)
-        with contextlib.suppress(Exception):
-            await self.heartbeat.stop()
-        with contextlib.suppress(Exception):
-            await self.server.stop(0.5)
-
-
-class _Attrs:
-    """Attribute view of a camelCase dict (for :meth:`PagingConfig.from_specs`)."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
+        if self.heartbeat is not None:
+            with contextlib.suppress(Exception):
+                await self.heartbeat.stop()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await self.server.stop(0.5)

@@ -78,6 +78,7 @@ class LocalOptions:
     sim_time_scale: float = 1.0
     adapter_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "corral" / "local-adapters")
     namespace: str = "corral"
+    api_keys_file: str | None = None  # tenant API keys for a RoutingPolicy with tenants (key -> tenant)
 
 
 def _sim_available() -> bool:
@@ -138,6 +139,7 @@ class LocalStack:
                 heartbeat_s=1.0,
                 advertise_host="127.0.0.1",
                 engine_override=engine,
+                api_keys_file=opts.api_keys_file,
             )
             plan = plan_pool(pool, policy, sopts)
             self.plans.append(plan)

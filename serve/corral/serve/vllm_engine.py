@@ -254,7 +254,7 @@ class VllmEngine(EngineEventSource):
         block_size: int = 16,
         max_loras: int = 4,
         max_cpu_loras: int = 8,
-        max_model_len: int = 8192,
+        max_model_len: int | None = None,  # None: vLLM's default (the model's own context length)
         max_lora_rank: int = 16,
         engine_args: Mapping[str, Any] | None = None,
         adapter_cache_dir: str | None = None,
@@ -266,7 +266,6 @@ class VllmEngine(EngineEventSource):
         kw: dict[str, Any] = {
             "model": base_model,
             "served_model_name": [model],
-            "max_model_len": max_model_len,
             "block_size": block_size,
             "enable_prefix_caching": True,
             "enable_lora": True,
@@ -281,8 +280,12 @@ class VllmEngine(EngineEventSource):
                 endpoint=f"tcp://127.0.0.1:{kv_port}",
                 topic="kv",
             )
+        if max_model_len is not None:
+            kw["max_model_len"] = max_model_len
         kw.update(engine_args or {})
         llm = api.AsyncLLM.from_engine_args(api.AsyncEngineArgs(**kw))
+        with contextlib.suppress(Exception):  # the limit vLLM settled on (the model's, when not given)
+            max_model_len = int(llm.vllm_config.model_config.max_model_len) or max_model_len
         kv_cap = 0
         with contextlib.suppress(Exception):
             kv_cap = int(llm.vllm_config.cache_config.num_gpu_blocks or 0)
@@ -295,7 +298,7 @@ class VllmEngine(EngineEventSource):
             kv_capacity_blocks=kv_cap,
             max_loras=max_loras,
             max_cpu_loras=max(max_cpu_loras, max_loras),
-            max_model_len=max_model_len,
+            max_model_len=max_model_len or 0,  # 0: unknown (the router then checks no length)
             engine="vllm",
             tokenizer=tokenizer_location(llm, base_model, kw),
         )
@@ -342,7 +345,7 @@ class VllmEngine(EngineEventSource):
             self._lru.move_to_end(a.name)
             lora = self.api.LoRARequest(lora_name=a.name, lora_int_id=a.int_id, lora_path=a.path)
         if req.prompt_token_ids:
-            if len(req.prompt_token_ids) >= self._info.max_model_len:
+            if self._info.max_model_len and len(req.prompt_token_ids) >= self._info.max_model_len:
                 raise ValueError(
                     f"prompt of {len(req.prompt_token_ids)} tokens exceeds "
                     f"max_model_len {self._info.max_model_len}"
