@@ -319,3 +319,41 @@ def test_external_demand_from_other_routers_counts() -> None:
     pager.set_external_demand({"a": 8.0, "b": 0.0})  # the other router saw twice as much
     assert pager.target("a", 4, clock()) == 3  # ceil(12 / 5)
     assert pager.target("b", 4, clock()) == 0
+
+
+# ---- the split: planning is pure, executing talks to the control, fetching is serve's ------------------
+
+
+def test_planner_alone_plans_without_a_control_or_an_event_loop() -> None:
+    from corral.router.paging import AdapterPlanner
+
+    fleet = _Fleet(_Replica("r0"), _Replica("r1"))
+    clock = _Clock()
+    cfg = PagingConfig(min_resident_s=0.0, replication_rps=100.0)
+    planner = AdapterPlanner(fleet, _adapters("a"), cfg, clock=clock)
+    for _ in range(100):
+        clock.t += 0.05
+        planner.on_dispatch("a")
+    (act,) = planner.plan()
+    assert (act.kind, act.adapter, act.tier) == ("load", "a", "gpu")
+    planner.mark_pending(act.replica_id, "a")  # what the executor does while the load runs
+    assert planner.plan() == []
+    planner.clear_pending(act.replica_id, "a")
+    planner.record_loaded(act.replica_id, "a")  # before the engine's event shows it
+    assert planner.plan() == []
+
+
+def test_paging_modules_keep_their_side_of_the_split() -> None:
+    """planning.py imports no event loop, no executor and no file access; fetching lives in serve."""
+    import ast
+
+    import corral.router.paging as pkg
+    from corral.router.paging import planning
+
+    tree = ast.parse(Path(planning.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    }
+    for forbidden in ("asyncio", "executing", "shutil", "hashlib", "safetensors", "urllib.parse"):
+        assert forbidden not in imported, forbidden
+    assert not hasattr(pkg, "fetch_adapter") and not hasattr(pkg, "parse_source")
