@@ -110,7 +110,7 @@ async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tu
         return resp.status, payload, dict(resp.headers)
 
 
-PREFIX = "You are a helpful assistant for the Corral project. " * 40  # ~2k tokens, ~130 blocks
+PREFIX = "You are a helpful assistant for the Corral project. " * 160  # ~2k sim tokens, ~130 blocks
 
 
 # ---- streaming -----------------------------------------------------------------------------------
@@ -217,8 +217,12 @@ async def test_errors_are_clear(fleet: Fleet, tmp_path: Any) -> None:
     assert status == 400 and "'prompt'" in out["error"]["message"]
     status, out, _ = await post(url, {"model": MODEL, "prompt": "x", "max_tokens": "ten"})
     assert status == 400 and "'max_tokens'" in out["error"]["message"]
-    status, out, _ = await post(url, {"model": MODEL, "prompt": "y" * 9000, "max_tokens": 16})
-    assert status == 400 and "9000 tokens" in out["error"]["message"] and "8192" in out["error"]["message"]
+    # the sim tokenizer: 4 bytes a token; the length is checked in tokens
+    status, out, _ = await post(url, {"model": MODEL, "prompt": "y" * 32000, "max_tokens": 500})
+    assert status == 400 and "8000 tokens" in out["error"]["message"] and "8192" in out["error"]["message"]
+    # far over what 8192 tokens can hold: refused by size, before tokenizing
+    status, out, _ = await post(url, {"model": MODEL, "prompt": "y" * 40000, "max_tokens": 16})
+    assert status == 400 and "40000 characters" in out["error"]["message"], out
     status, out, _ = await post(r.http_url + "/v1/chat/completions", {"model": MODEL, "messages": "hi"})
     assert status == 400 and "'messages'" in out["error"]["message"]
     with pytest.raises(grpc.aio.AioRpcError) as ei:
@@ -322,7 +326,7 @@ async def test_engine_killed_mid_run(fleet: Fleet) -> None:
 
     async def one(i: int) -> None:
         # long prompts keep requests queued in prefill, long outputs keep others streaming
-        body = {"model": MODEL, "prompt": f"{i:05d} " + "z" * 3000, "max_tokens": 64, "stream": True}
+        body = {"model": MODEL, "prompt": f"{i:05d} " + "z" * 12000, "max_tokens": 64, "stream": True}
         got = 0
         err = None
         async with aiohttp.ClientSession() as s, s.post(url, json=body) as resp:
@@ -440,3 +444,201 @@ async def test_policy_change_applies_live(fleet: Fleet) -> None:
         r.update_policy("nope", {})
     async with aiohttp.ClientSession() as s, s.get(r.http_url + "/metrics") as resp2:
         assert 'corral_router_policy{policy="round_robin"} 1.0' in await resp2.text()
+
+
+# ---- request validation, real tokens, request ids (issue 9 items 1 and 6) -----------------------------
+def _tokenizer_testkit() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "unit" / "tokenizer_testkit.py"
+    spec = importlib.util.spec_from_file_location("tokenizer_testkit", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class RecordingEngine(EchoEngine):
+    """An echo engine that keeps every request it was sent."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.requests: list[EngineRequest] = []
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenChunk]:
+        self.requests.append(req)
+        async for c in super().generate(req):
+            yield c
+
+
+def _metric(text: str, prefix: str) -> float:
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+
+async def _metrics(r: RouterServer) -> str:
+    async with aiohttp.ClientSession() as s, s.get(r.http_url + "/metrics") as resp:
+        return await resp.text()
+
+
+async def test_bad_requests_get_4xx_naming_the_field() -> None:
+    f = Fleet()
+    eng = RecordingEngine(replica_id="e0", model=MODEL, profile="H100", gpu_class="H100")
+    await f.add_engine(eng)
+    try:
+        r = await f.add_router(policy="round_robin")
+        url = r.http_url + "/v1/completions"
+        chat_url = r.http_url + "/v1/chat/completions"
+        ok = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            (url, {**ok, "seed": -1}, "'seed'"),
+            (url, {**ok, "seed": 1 << 64}, "'seed'"),
+            (url, {**ok, "top_k": -5}, "'top_k'"),
+            (url, {**ok, "top_k": 1 << 40}, "'top_k'"),
+            (url, {**ok, "prompt": [1, 1 << 32]}, "prompt[1]"),
+            (url, {**ok, "prompt": [-3]}, "prompt[0]"),
+            (url, {**ok, "max_tokens": 1 << 32}, "'max_tokens'"),
+            (url, {**ok, "max_tokens": 0}, "'max_tokens'"),
+            (url, {**ok, "temperature": 2.5}, "'temperature'"),
+            (url, {**ok, "temperature": -0.1}, "'temperature'"),
+            (url, {**ok, "top_p": 0}, "'top_p'"),
+            (url, {**ok, "top_p": 1.5}, "'top_p'"),
+            (url, {**ok, "n": 2}, "'n'"),
+            (url, {**ok, "prompt": ["a", "b"]}, "'prompt'"),
+            (chat_url, {"model": MODEL, "messages": [{"role": "user", "content": [{"text": 3}]}]},
+             "'messages[0].content'"),
+            (chat_url, {"model": MODEL, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "'messages[0].content'"),
+        ]  # fmt: skip
+        for u, body, field in cases:
+            status, out, _ = await post(u, body)
+            assert status == 400, (body, out)
+            assert field in out["error"]["message"], (body, out)
+            assert out["error"]["type"] == "invalid_request_error" and out["error"]["code"] == 400
+        assert not eng.requests  # nothing reached the engine
+        assert _metric(await _metrics(r), 'corral_requests_total{api="http",code="400"}') == len(cases)
+        # unknown fields are ignored, as OpenAI servers do; an omitted temperature is OpenAI's 1.0
+        status, out, _ = await post(url, {**ok, "logit_bias": {}, "frequency_penalty": 0, "whatever": 1})
+        assert status == 200, out
+        assert eng.requests[-1].temperature == 1.0
+        status, out, _ = await post(url, {**ok, "temperature": 0})
+        assert status == 200 and eng.requests[-1].temperature == 0.0
+
+        st = stub(r)
+        grpc_cases = [
+            (epb.SamplingParams(seed=1 << 63), "seed"),
+            (epb.SamplingParams(top_k=-2), "top_k"),
+            (epb.SamplingParams(temperature=5), "temperature"),
+            (epb.SamplingParams(top_p=1.5), "top_p"),
+        ]
+        for sp, field in grpc_cases:
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await st.Generate(rpb.CompletionRequest(model=MODEL, prompt="x", sampling=sp))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, sp
+            assert field in (ei.value.details() or "")
+        n = len(eng.requests)
+        await st.Generate(rpb.CompletionRequest(model=MODEL, prompt="x", max_tokens=1))
+        assert len(eng.requests) == n + 1 and eng.requests[-1].temperature == 1.0  # no sampling: OpenAI's
+    finally:
+        await f.close()
+
+
+async def test_unexpected_errors_are_openai_shaped_500s(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = await fleet.add_router()
+
+    def boom(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(r.router, "resolve_model", boom)
+    status, out, _ = await post(r.http_url + "/v1/completions", {"model": MODEL, "prompt": "x"})
+    assert status == 500
+    assert out["error"]["type"] == "internal_error" and out["error"]["code"] == 500
+    assert "kaboom" in out["error"]["message"]
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await stub(r).Generate(rpb.CompletionRequest(model=MODEL, prompt="x"))
+    assert ei.value.code() == grpc.StatusCode.INTERNAL
+    text = await _metrics(r)
+    assert _metric(text, 'corral_requests_total{api="http",code="500"}') == 1
+    assert _metric(text, 'corral_requests_total{api="grpc",code="500"}') == 1
+    assert _metric(text, 'corral_requests_total{api="http",code="200"}') == 0
+
+
+async def test_client_request_ids_are_labels_not_keys() -> None:
+    f = Fleet()
+    await f.add_engine(sim.SimEndpointEngine.create("H100", "h0", MODEL, time_scale=TIME_SCALE))
+    try:
+        r = await f.add_router(policy="round_robin")
+        rep = next(iter(r.fleet.replicas.values()))
+        body = {"model": MODEL, "prompt": "same id " * 200, "max_tokens": 8}
+        got = await asyncio.gather(
+            *(post(r.http_url + "/v1/completions", body, {"x-request-id": "dup"}) for _ in range(4))
+        )
+        assert all(status == 200 for status, _, _ in got), got
+        heads = [{k.lower(): v for k, v in h.items()} for _, _, h in got]
+        assert all(h["x-request-id"] == "dup" for h in heads)  # the client's id: echoed, as a label
+        internal = {h["x-corral-request-id"] for h in heads}
+        assert internal == {out["id"] for _, out, _ in got}
+        assert len(internal) == 4 and "dup" not in internal
+        st = stub(r)
+        dup = rpb.CompletionRequest(model=MODEL, prompt="g " * 300, max_tokens=4, request_id="dup")
+        resps = await asyncio.gather(*(st.Generate(dup) for _ in range(3)))
+        assert {x.client_request_id for x in resps} == {"dup"} and len({x.request_id for x in resps}) == 3
+        # every request's accounting was released: nothing pending on the replica forever
+        await wait_until(lambda: not rep.in_flight, timeout=5, what="in-flight cleared")
+        assert rep.pending_prefill_tokens == 0
+    finally:
+        await f.close()
+
+
+async def test_router_tokenizes_with_the_models_tokenizer(tmp_path: Any) -> None:
+    from corral.router.hashing import block_hashes
+    from corral.router.tokenizer import load_tokenizer
+
+    kit = _tokenizer_testkit()
+    tok = load_tokenizer(str(kit.make_tokenizer(tmp_path / "tok")))
+    f = Fleet()
+    eng = RecordingEngine(replica_id="e0", model=MODEL, profile="H100", gpu_class="H100", max_model_len=64,
+                          block_size=4)  # fmt: skip
+    await f.add_engine(eng)
+    try:
+        r = await f.add_router(policy="round_robin", tokenizers={MODEL: tok})
+        url = r.http_url + "/v1/completions"
+        text = kit.SYSTEM + " Where is the corral?"  # ~110 bytes, far fewer tokens
+        assert len(text.encode()) > 64
+        status, out, _ = await post(url, {"model": MODEL, "prompt": text, "max_tokens": 4})
+        assert status == 200, out  # max_model_len is counted in tokens, not bytes
+        ids = tok.encode(text)
+        assert eng.requests[-1].prompt_token_ids == ids and out["usage"]["prompt_tokens"] == len(ids)
+        assert eng.requests[-1].block_hashes == block_hashes(ids, 4)
+        assert eng.requests[-1].prompt in ("", None, text)  # the text travels with the ids (router core)
+        long = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+        status, out, _ = await post(url, {"model": MODEL, "prompt": long, "max_tokens": 4})
+        assert status == 400 and f"{len(tok.encode(long))} tokens" in out["error"]["message"], out
+        status, out, _ = await post(url, {"model": MODEL, "prompt": "x" * 5000})
+        assert status == 400 and "5000 characters" in out["error"]["message"], out
+        status, out, _ = await post(url, {"model": MODEL, "prompt": [1, 2, 400]})
+        assert (
+            status == 400
+            and "prompt[2]" in out["error"]["message"]
+            and "vocabulary" in out["error"]["message"]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub(r).Generate(rpb.CompletionRequest(model=MODEL, prompt_token_ids=[1, 999]))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prompt_token_ids[1]" in (ei.value.details() or "")
+        # two chats sharing a system prompt share their leading block hashes
+        hashes = []
+        for q in ("hi", "hello world"):
+            messages = [{"role": "system", "content": kit.SYSTEM}, {"role": "user", "content": q}]
+            chat = {"model": MODEL, "max_tokens": 1, "messages": messages}
+            status, out, _ = await post(r.http_url + "/v1/chat/completions", chat)
+            assert status == 200, out
+            hashes.append(eng.requests[-1].block_hashes)
+            rendered = tok.apply_chat_template(messages)  # the model's chat template, not the simple one
+            assert rendered is not None and rendered.startswith(f"<s><|system|>{kit.SYSTEM}</s>")
+            assert eng.requests[-1].prompt_token_ids == tok.encode(rendered, add_special_tokens=False)
+        assert len(hashes[0]) >= 4 and hashes[0][:4] == hashes[1][:4]
+    finally:
+        await f.close()

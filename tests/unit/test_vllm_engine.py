@@ -63,6 +63,7 @@ class SamplingParams:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         self.max_tokens, self.output_kind, self.temperature = max_tokens, output_kind, temperature
+        self.top_p, self.top_k, self.seed = top_p, top_k, seed
 
 
 @dataclass
@@ -95,6 +96,7 @@ class KVEventsConfig:
 @dataclass
 class AsyncEngineArgs:
     model: str = "facebook/opt-125m"
+    tokenizer: str | None = None
     served_model_name: str | list[str] | None = None
     max_model_len: int | None = None
     block_size: int | None = None
@@ -137,6 +139,7 @@ class RequestOutput:
 class _Fake:
     added: OrderedDict[int, LoRARequest] = field(default_factory=OrderedDict)
     generated: list[tuple[Any, Any, str, Any]] = field(default_factory=list)
+    prompt_texts: list[str | None] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     silently_evicted: list[int] = field(default_factory=list)
 
@@ -150,7 +153,11 @@ class AsyncLLM:
         self.vllm_config = types.SimpleNamespace(
             cache_config=types.SimpleNamespace(num_gpu_blocks=1234),
             # vLLM resolves an unset max_model_len to the model's context length (8192 for this fake)
-            model_config=types.SimpleNamespace(max_model_len=args.max_model_len or 8192),
+            model_config=types.SimpleNamespace(
+                max_model_len=args.max_model_len or 8192,
+                tokenizer=args.tokenizer or args.model,  # vLLM: the model's own unless given
+                tokenizer_revision=None,
+            ),
         )
         self.shut = False
         AsyncLLM.last = self
@@ -183,6 +190,7 @@ class AsyncLLM:
         if lora_request is not None:
             assert lora_request.lora_int_id in self.fake.added, "adapter not added before use"
         self.fake.generated.append((prompt, sampling_params, request_id, lora_request))
+        self.fake.prompt_texts.append(prompt_text)
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else [1, 2, 3]
         n = sampling_params.max_tokens or 16
         assert sampling_params.output_kind is RequestOutputKind.DELTA
@@ -396,3 +404,66 @@ def test_kv_translator_maps_vllm_hashes_to_corral_chain() -> None:
     base = t.translate({"type": "BlockStored", "block_hashes": [b"\x00" * 24 + b"\x01" * 8],
                         "parent_block_hash": None, "token_ids": [1, 2, 3, 4], "block_size": 4})  # fmt: skip
     assert isinstance(base, BlockStored) and list(base.block_hashes) == block_hashes([1, 2, 3, 4], 4, None)
+
+
+# ---- real tokens: the router's ids reach vLLM ---------------------------------------------------------
+
+
+async def test_engine_reports_its_tokenizer_and_runs_the_routers_ids(fake_vllm: None, tmp_path: Path) -> None:
+    from corral.router.tokenizer import load_tokenizer
+    from tokenizer_testkit import make_tokenizer
+
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    eng, _ = await _engine(tmp_path, engine_args={"tokenizer": str(tok_dir)})
+    assert eng.info.tokenizer == str(tok_dir.resolve())  # vLLM's model_config.tokenizer, a local folder
+    tok = load_tokenizer(eng.info.tokenizer)
+    text = "Where is the corral? hello world"
+    ids = tok.encode(text)
+    async for _ in eng.generate(EngineRequest("t1", "llama", ids, max_tokens=1, prompt=text)):
+        pass
+    fake = AsyncLLM.last.fake  # type: ignore[union-attr]
+    assert fake.generated[-1][0] == {"prompt_token_ids": ids} and fake.prompt_texts[-1] == text
+    await eng.close()
+
+
+@pytest.mark.integration
+async def test_router_sends_the_models_token_ids_to_vllm(fake_vllm: None, tmp_path: Path) -> None:
+    """Through the router's HTTP front and the engine's gRPC endpoint: the router tokenizes with the
+    tokenizer the vLLM engine reported at registration, and vLLM runs exactly those ids (so its blocks are
+    the router's blocks), with OpenAI's default temperature when the client sent none."""
+    import aiohttp
+    from corral.router.server import RouterConfig, RouterServer
+    from corral.router.tokenizer import load_tokenizer
+    from corral.serve.endpoint import EngineEndpoint
+    from tokenizer_testkit import SYSTEM, make_tokenizer
+
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    eng, _ = await _engine(tmp_path, engine_args={"tokenizer": str(tok_dir)})
+    ep = await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05)
+    router = RouterServer([ep.address], RouterConfig(policy="round_robin"))
+    await router.start("127.0.0.1", 0, 0)
+    try:
+        await router.wait_for_replicas(1, timeout=10)
+        tok = load_tokenizer(str(tok_dir))
+        fake = AsyncLLM.last.fake  # type: ignore[union-attr]
+        text = "Where is the corral? hello world"
+        body = {"model": "llama", "prompt": text, "max_tokens": 2}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(router.http_url + "/v1/completions", json=body) as resp:
+                out = await resp.json()
+                assert resp.status == 200, out
+            assert fake.generated[-1][0] == {"prompt_token_ids": tok.encode(text)}
+            assert fake.generated[-1][1].temperature == 1.0  # omitted: OpenAI's default, not greedy
+            assert out["usage"]["prompt_tokens"] == len(tok.encode(text))
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+            chat = {"model": "llama", "max_tokens": 1, "temperature": 0, "messages": messages}
+            async with s.post(router.http_url + "/v1/chat/completions", json=chat) as resp:
+                assert resp.status == 200, await resp.text()
+        want = tok.apply_chat_template(messages)
+        assert want is not None and want.startswith("<s><|system|>")
+        assert fake.generated[-1][0] == {"prompt_token_ids": tok.encode(want, add_special_tokens=False)}
+        assert fake.generated[-1][1].temperature == 0.0
+    finally:
+        await router.stop(0)
+        await ep.stop(None)
+        await eng.close()

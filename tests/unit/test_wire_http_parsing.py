@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from corral.router.server.errors import BadRequest, NotFound
-from corral.router.server.http_api import _sampling, api_key_of, chat_prompt
+from corral.router.server.http_api import api_key_of, chat_prompt
 from corral.router.server.metrics import Hist
+from corral.router.server.openai_models import CompletionRequest, parse
 
 
 def test_api_key_headers() -> None:
@@ -26,13 +27,17 @@ def test_chat_prompt_and_errors() -> None:
 
 
 def test_sampling_fields() -> None:
-    assert _sampling({}) is None
-    sp = _sampling({"temperature": 0.5, "stop": "\n", "seed": 3})
-    assert sp is not None and sp.temperature == 0.5 and list(sp.stop) == ["\n"] and sp.seed == 3
+    def sampling(**kw: object) -> object:
+        return parse(CompletionRequest, {"model": "m", "prompt": "x", **kw}).sampling()
+
+    default = sampling()
+    assert default.temperature == 1.0 and default.top_p == 1.0  # OpenAI's defaults, not greedy
+    sp = sampling(temperature=0.5, stop="\n", seed=3)
+    assert sp.temperature == 0.5 and list(sp.stop) == ["\n"] and sp.seed == 3
     with pytest.raises(BadRequest, match="'temperature'"):
-        _sampling({"temperature": "hot"})
+        sampling(temperature="hot")
     with pytest.raises(BadRequest, match="'stop'"):
-        _sampling({"stop": [1]})
+        sampling(stop=[1])
 
 
 def test_error_bodies() -> None:

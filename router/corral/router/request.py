@@ -1,47 +1,22 @@
 """Building a ``RoutingRequest``: prompt (token ids or text) -> chained block hashes, hashed once.
 
-Text goes through a pluggable :class:`Tokenizer`; the default :class:`ByteTokenizer` is a fast
-deterministic stand-in (UTF-8 bytes grouped ``bytes_per_token`` at a time into one id), good enough for
-prefix routing because equal text prefixes give equal token prefixes. Swap in a real tokenizer (anything
-with ``encode(text) -> Sequence[int]``, e.g. a Hugging Face tokenizer wrapped) where block boundaries
-must line up with the engine's own hashing. The salt is ``hashing.salt_for(adapter, tenant)``.
+Text goes through a :class:`~corral.router.tokenizer.Tokenizer` (:mod:`corral.router.tokenizer`, the one
+interface of router, engines and benchmarks); the default is the simulator's
+:data:`~corral.router.tokenizer.SIM_TOKENIZER`. Pass the model's real tokenizer where block boundaries must
+line up with the engine's own hashing. The salt is ``hashing.salt_for(adapter, tenant)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .hashing import DEFAULT_BLOCK_SIZE, block_hashes, salt_for, salted_ids
+from .tokenizer import SIM_TOKENIZER, ByteTokenizer, Tokenizer
 from .types import RoutingRequest
 
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> Sequence[int] | np.ndarray: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes, ``bytes_per_token`` per id (little-endian; the tail is zero-padded). ~4 bytes/token
-    is close to real BPE tokenizers on English text, so token counts are realistic."""
-
-    def __init__(self, bytes_per_token: int = 4) -> None:
-        if bytes_per_token not in (1, 2, 4):
-            raise ValueError(f"bytes_per_token must be 1, 2 or 4 (got {bytes_per_token})")
-        self.bytes_per_token = bytes_per_token
-        self._dtype: np.dtype = np.dtype({1: "u1", 2: "<u2", 4: "<u4"}[bytes_per_token])
-
-    def encode(self, text: str) -> np.ndarray:
-        raw = text.encode("utf-8")
-        pad = (-len(raw)) % self.bytes_per_token
-        if pad:
-            raw += b"\x00" * pad
-        return np.frombuffer(raw, dtype=self._dtype).astype(np.uint32)
-
-
-DEFAULT_TOKENIZER = ByteTokenizer()
+__all__ = ["ByteTokenizer", "Tokenizer", "build_request", "request_from_block_ids"]
 
 
 def build_request(
@@ -69,7 +44,7 @@ def build_request(
         raise ValueError("give exactly one of tokens= or text=")
     if tokens is None:
         assert text is not None
-        tokens = (tokenizer or DEFAULT_TOKENIZER).encode(text)
+        tokens = (tokenizer or SIM_TOKENIZER).encode(text)
     salt = salt_for(adapter, tenant if isolate_tenant else None)
     return RoutingRequest(
         request_id=request_id,

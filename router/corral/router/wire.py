@@ -44,6 +44,7 @@ class EngineInfo:
     engine: str = "sim"
     sample_period_s: float = 0.1
     address: str = ""
+    tokenizer: str = ""  # file://PATH or PATH of the engine's tokenizer; "" = the sim's
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_pb(self) -> epb.EngineInfo:
@@ -60,6 +61,7 @@ class EngineInfo:
             engine=self.engine,
             sample_period_s=self.sample_period_s,
             address=self.address,
+            tokenizer=self.tokenizer,
         )
 
     @classmethod
@@ -77,6 +79,7 @@ class EngineInfo:
             engine=m.engine,
             sample_period_s=m.sample_period_s,
             address=m.address,
+            tokenizer=m.tokenizer,
         )
 
 

@@ -22,16 +22,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from corral.v1 import engine_pb2 as epb
 from opentelemetry import trace
 
+from ..core import DispatchHook, RouterCore, Saturated
 from ..engine_client import Discovery, EnginePool
 from ..events import AdapterLoaded, EngineEvent
 from ..hashing import block_hashes, salt_for
-from ..policy import NoReplicaError, Policy, make_policy
-from ..state import FleetState, IndexMode, ReplicaState
+from ..policy import NoReplicaError, Policy
+from ..settings import RouterSettings
+from ..state import FleetState, IndexMode
+from ..tokenizer import SIM_TOKENIZER, ChatTemplateError, Tokenizer, TokenizerLoadError, load_tokenizer_cached
+from ..tokenizer import max_token_bytes as _max_token_bytes
 from ..types import Decision, RoutingRequest
-from .errors import BadRequest, EngineFailed, NotFound, RouterError, Unauthorized, Unavailable
+from .errors import BadRequest, EngineFailed, NotFound, Overloaded, RouterError, Unauthorized, Unavailable
 from .metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
@@ -45,20 +50,25 @@ def new_request_id() -> str:
     return f"cmpl-{_PREFIX}{next(_ids):x}"
 
 
-def tokenize(text: str) -> list[int]:
-    """Byte-level tokenizer stand-in (one token per UTF-8 byte), shared with the sim engine."""
-    return list(text.encode("utf-8"))
+def tokenize(text: str, tokenizer: Tokenizer | None = None) -> list[int]:
+    """``text`` -> token ids with ``tokenizer`` (default: the simulator's, :data:`SIM_TOKENIZER`)."""
+    return (tokenizer or SIM_TOKENIZER).encode(text)
 
 
-def detokenize(ids: Sequence[int]) -> str:
-    return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", "replace")
+def detokenize(ids: Sequence[int], tokenizer: Tokenizer | None = None) -> str:
+    return (tokenizer or SIM_TOKENIZER).decode(ids)
 
 
 @dataclass(slots=True)
 class RouterConfig:
+    """One router process's configuration: the routing fields (also in :class:`RouterSettings`, the
+    translation of the CRs; see :meth:`from_settings`) and the server's own knobs."""
+
     policy: str = "corral"
     policy_params: dict[str, Any] = field(default_factory=dict)
-    index_mode: IndexMode = "approximate"
+    index_mode: IndexMode = "precise"
+    max_queue_per_replica: int = 32
+    ttft_slo_s: float = 2.0
     api_keys: dict[str, str] | None = None  # key -> tenant; None = no auth
     isolate_tenants: bool = False  # salt prefix hashes with the tenant
     adapters: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (base model, source uri)
@@ -69,18 +79,50 @@ class RouterConfig:
     explain_history: int = 2048
     explain_all: bool = True  # compute candidate cost terms for every decision (else: when traced)
     router_id: str = ""
+    # Tokenizers by base model (ModelSpec.tokenizer); a model not here uses the tokenizer its engines report
+    # at registration (EngineInfo.tokenizer), else default_tokenizer (None: the sim's, SIM_TOKENIZER).
+    tokenizers: dict[str, Tokenizer] = field(default_factory=dict)
+    default_tokenizer: Tokenizer | None = None
+    max_prompt_chars: int = 32 << 20  # hard cap on a text prompt, checked before tokenizing
+
+    def settings(self) -> RouterSettings:
+        """The routing part as :class:`RouterSettings` (what :class:`RouterCore` runs with)."""
+        return RouterSettings(
+            strategy=self.policy,
+            policy_params=dict(self.policy_params),
+            index_mode=self.index_mode,
+            ttft_slo_s=self.ttft_slo_s,
+            max_queue_per_replica=self.max_queue_per_replica,
+            isolate_tenants=self.isolate_tenants,
+        )
+
+    def apply_settings(self, s: RouterSettings) -> None:
+        """Copy the routing fields of ``s`` (the CRs' translation) into this config."""
+        self.policy, self.policy_params = s.strategy, dict(s.policy_params)
+        self.index_mode, self.ttft_slo_s = s.index_mode, s.ttft_slo_s
+        self.max_queue_per_replica, self.isolate_tenants = s.max_queue_per_replica, s.isolate_tenants
+        self.adapters = {a.name: (a.base_model, a.source) for a in s.adapters.values()}
+
+    @classmethod
+    def from_settings(cls, s: RouterSettings, **server: Any) -> RouterConfig:
+        cfg = cls(**server)
+        cfg.apply_settings(s)
+        return cfg
 
 
 @dataclass(slots=True)
 class Prepared:
     """A parsed, resolved and hashed request, ready to route."""
 
-    rr: RoutingRequest
+    rr: RoutingRequest  # rr.request_id: the router's own unique id (never the client's)
     token_ids: list[int]
     model: str  # as the client named it
     adapter_source: str
-    prompt: str
+    prompt: str  # the prompt text (a chat's rendered template), also sent to the engine
     sampling: epb.SamplingParams | None
+    client_request_id: str | None = None  # the client's id: a label echoed back, never a key
+    tokenizer: Tokenizer = SIM_TOKENIZER  # the model's, for detokenizing chunks without text
+    dispatched: bool = False  # set when handed to Router.stream (which then counts the request)
 
 
 @dataclass(slots=True)
@@ -94,30 +136,21 @@ class ExplainRecord:
     dry_run: bool = False
 
 
-class _ExcludingFleet:
-    """A view of a fleet without some replicas (for retries); everything else delegates."""
-
-    def __init__(self, fleet: FleetState, excluded: set[str]) -> None:
-        self._fleet = fleet
-        self._excluded = excluded
-        self.version = (fleet.version << 16) ^ hash(frozenset(excluded))
-
-    def candidates(self, model: str) -> list[ReplicaState]:
-        return [r for r in self._fleet.candidates(model) if r.replica_id not in self._excluded]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fleet, name)
-
-
 class Router:
     """Routing + dispatch for one router process. Fronts: :mod:`.grpc_api`, :mod:`.http_api`."""
 
-    def __init__(self, discovery: Discovery, config: RouterConfig | None = None, **pool_kw: Any) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        config: RouterConfig | None = None,
+        on_dispatch: DispatchHook | None = None,
+        **pool_kw: Any,
+    ) -> None:
         self.config = cfg = config or RouterConfig()
         self.router_id = cfg.router_id or f"router-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.fleet = FleetState(index_mode=cfg.index_mode)
-        self.policy: Policy = make_policy(cfg.policy, **cfg.policy_params)
-        self.policy_name = cfg.policy
+        self._t0 = time.monotonic()
+        self.core = RouterCore(cfg.settings(), clock=self.now, on_dispatch=on_dispatch)
+        self.fleet: FleetState = self.core.fleet
         self.metrics = RouterMetrics(self.fleet, cfg.policy)
         self.pool = EnginePool(
             self.fleet,
@@ -129,7 +162,6 @@ class Router:
             **pool_kw,
         )
         self.explains: OrderedDict[str, ExplainRecord] = OrderedDict()
-        self._t0 = time.monotonic()
 
     async def start(self) -> None:
         await self.pool.start()
@@ -138,13 +170,27 @@ class Router:
         await self.pool.stop()
 
     # ---- live configuration -----------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    @property
+    def policy_name(self) -> str:
+        return self.core.policy_name
+
     def update_policy(self, strategy: str, params: dict[str, Any] | None = None) -> None:
         """Swap the routing policy live: fleet state, engine streams and in-flight requests are kept."""
-        policy = make_policy(strategy, **(params or {}))  # raises ValueError on an unknown name
-        self.policy, self.policy_name = policy, strategy
+        self.core.set_policy(strategy, params)  # raises ValueError on an unknown name / bad param
         self.config.policy, self.config.policy_params = strategy, dict(params or {})
         self.metrics.policy_name = strategy
         log.info("routing policy is now %s %s", strategy, params or {})
+
+    def configure(self, settings: RouterSettings) -> None:
+        """Apply the CRs' translation live (policy, index mode, queue bound, tenants, adapters)."""
+        self.core.configure(settings)  # raises ValueError before anything changes
+        self.config.apply_settings(settings)
+        self.metrics.policy_name = settings.strategy
+        log.info("routing settings: %s %s", settings.strategy, dict(settings.policy_params))
 
     def set_api_keys(self, keys: dict[str, str] | None) -> None:
         self.config.api_keys = keys
@@ -212,53 +258,31 @@ class Router:
         token_ids: Sequence[int] | None,
         max_tokens: int | None,
         tenant: str | None = None,
-        request_id: str | None = None,
+        client_request_id: str | None = None,
         sampling: epb.SamplingParams | None = None,
+        *,
+        messages: Sequence[dict[str, Any]] | None = None,
+        ids_field: str = "prompt_token_ids",
     ) -> Prepared:
+        """Resolve, tokenize (with the model's tokenizer, on this thread) and hash one request. The fronts
+        use :func:`prepare_request`, which loads tokenizers and tokenizes big prompts off the event loop.
+        ``client_request_id`` is only a label: the request gets the router's own unique id."""
         base, adapter, source = self.resolve_model(model)
+        tok = model_tokenizer(self, base)
         if token_ids:
-            ids = list(token_ids)
-            prompt = prompt or ""
-        elif prompt is not None:
-            ids = tokenize(prompt)
-        else:
-            raise BadRequest("missing required field 'prompt'")
-        mt = self.config.default_max_tokens if max_tokens is None else int(max_tokens)
-        if mt < 0:
-            raise BadRequest(f"'max_tokens' must be >= 0 (got {mt})")
-        limit = self.max_model_len(base)
-        if limit and len(ids) + mt > limit:
-            raise BadRequest(
-                f"prompt is {len(ids)} tokens and max_tokens is {mt} ({len(ids) + mt} in total), "
-                f"over model '{base}' max length of {limit} tokens"
-            )
-        cands = self.fleet.candidates(base)
-        bs = cands[0].block_size if cands else 16
-        salt = salt_for(adapter, tenant if self.config.isolate_tenants else None)
-        rr = RoutingRequest(
-            request_id=request_id or new_request_id(),
-            model=base,
-            block_hashes=block_hashes(ids, bs, salt),
-            prompt_tokens=len(ids),
-            max_tokens=mt,
-            adapter=adapter,
-            tenant=tenant,
-            arrival=self.now(),
-        )
-        return Prepared(rr, ids, model, source, prompt or "", sampling)
+            return _finish_prepare(self, model, base, adapter, source, tok, prompt or "", list(token_ids),
+                                   max_tokens, tenant, client_request_id, sampling, ids_field)  # fmt: skip
+        text, special = _prompt_text(self, base, tok, prompt, messages)
+        ids = tok.encode(text, add_special_tokens=special)
+        return _finish_prepare(self, model, base, adapter, source, tok, text, ids,
+                               max_tokens, tenant, client_request_id, sampling, None)  # fmt: skip
 
     # ---- decisions ----------------------------------------------------------------------------------------
     def choose(self, rr: RoutingRequest, excluded: set[str] | None = None, explain: bool = False) -> Decision:
-        fleet: Any = self.fleet if not excluded else _ExcludingFleet(self.fleet, excluded)
-        if not fleet.candidates(rr.model):
-            if excluded:
-                raise Unavailable(
-                    f"no healthy replica left for model '{rr.model}' "
-                    f"after trying {', '.join(sorted(excluded))}"
-                )
-            raise Unavailable(f"no healthy replica serves model '{rr.model}'")
         try:
-            return self.policy.choose(rr, fleet, self.now(), explain)
+            return self.core.route(rr, excluded or frozenset(), explain)
+        except Saturated as e:
+            raise Overloaded(str(e), e.retry_after_s) from None
         except NoReplicaError as e:
             raise Unavailable(str(e) or f"no healthy replica serves model '{rr.model}'") from None
 
@@ -281,6 +305,7 @@ class Router:
         rr = p.rr
         m = self.metrics
         fleet = self.fleet
+        core = self.core
         t0 = time.perf_counter()
         span = tracer.start_span("corral.route")
         explain = self.config.explain_all or span.is_recording()
@@ -317,13 +342,13 @@ class Router:
                         adapter_source=p.adapter_source,
                         tenant=rr.tenant or "",
                     )
-                fleet.on_dispatch(rid, rr, d.cached_blocks)
+                core.dispatch(rid, rr, d)
                 call = conn.stub.Generate(req_pb)
                 try:
                     async for chunk in call:
                         if not first:
                             first = True
-                            fleet.on_first_token(rid, rr.request_id)
+                            core.first_token(rid, rr.request_id)
                             m.ttft[api].observe(time.perf_counter() - t0)
                             m.prompt_blocks += len(rr.block_hashes)
                             m.prefix_hit_blocks += d.cached_blocks
@@ -358,7 +383,7 @@ class Router:
                     log.info("request %s failed on %s before its first token (%s): retrying",
                              rr.request_id, rid, status.name)  # fmt: skip
                 finally:
-                    fleet.on_finish(rid, rr.request_id)
+                    core.finish(rid, rr.request_id)
                     if not call.done():
                         call.cancel()
             raise Unavailable(
@@ -402,6 +427,209 @@ class Router:
                 )
 
 
+# ---- request preparation helpers (tokenizers, prompt size, validation) ---------------------------------
+
+INLINE_TOKENIZE_CHARS = 16 << 10  # longer prompts are tokenized in a worker thread, off the event loop
+
+
+def _engine_tokenizer(router: Router, base: str) -> tuple[str, str] | None:
+    """(replica id, tokenizer location) the first healthy replica of ``base`` reported, if any."""
+    for r in router.fleet.candidates(base):
+        c = router.pool.by_replica.get(r.replica_id)
+        if c is not None and c.info is not None and c.info.tokenizer:
+            return r.replica_id, c.info.tokenizer
+    return None
+
+
+def _load_engine_tokenizer(base: str, replica: str, uri: str) -> Tokenizer:
+    try:
+        return load_tokenizer_cached(uri)
+    except TokenizerLoadError as e:
+        raise Unavailable(
+            f"model '{base}': engine replica {replica} tokenizes with {uri}, which this router cannot "
+            f"load ({e}); set spec.models[].tokenizer to a tokenizer.json the router can read"
+        ) from None
+
+
+def model_tokenizer(router: Router, base: str) -> Tokenizer:
+    """The tokenizer of base model ``base``: the ModelPool's (``config.tokenizers``), else the one its
+    engines report at registration, else ``config.default_tokenizer`` (the sim's when unset)."""
+    tok = router.config.tokenizers.get(base)
+    if tok is not None:
+        return tok
+    found = _engine_tokenizer(router, base)
+    if found is not None:
+        return _load_engine_tokenizer(base, *found)
+    return router.config.default_tokenizer or SIM_TOKENIZER
+
+
+async def model_tokenizer_async(router: Router, base: str) -> Tokenizer:
+    """:func:`model_tokenizer`, loading an engine-reported tokenizer in a worker thread the first time."""
+    tok = router.config.tokenizers.get(base)
+    if tok is not None:
+        return tok
+    found = _engine_tokenizer(router, base)
+    if found is not None:
+        return await asyncio.to_thread(_load_engine_tokenizer, base, *found)
+    return router.config.default_tokenizer or SIM_TOKENIZER
+
+
+def simple_chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
+    """The chat template of models without one: ``<|role|>\\ncontent\\n`` per message, then
+    ``<|assistant|>\\n``."""
+    parts = [f"<|{m['role']}|>\n{m.get('content') or ''}\n" for m in messages]
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def check_prompt_size(router: Router, base: str, tok: Tokenizer, chars: int) -> None:
+    """Refuse a text prompt by its size, before it is tokenized: more characters than ``max_model_len``
+    tokens of at most ``max_token_bytes`` bytes each can hold (characters <= UTF-8 bytes), or the cap."""
+    cap = router.config.max_prompt_chars
+    limit = router.max_model_len(base)
+    per = _max_token_bytes(tok)
+    if limit and limit * per < cap:
+        if chars > limit * per:
+            raise BadRequest(
+                f"field 'prompt' is {chars} characters: over what model '{base}' can hold "
+                f"({limit} tokens of at most {per} bytes each = {limit * per} characters); refused before "
+                f"tokenizing"
+            )
+    elif chars > cap:
+        raise BadRequest(f"field 'prompt' is {chars} characters, over this router's cap of {cap}")
+
+
+def _chat_text(tok: Tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, bool]:
+    """A chat's prompt text and whether to add the tokenizer's special tokens when encoding it (not when
+    the model's own template rendered it: the template holds them)."""
+    try:
+        text = tok.apply_chat_template(messages)
+    except ChatTemplateError as e:
+        raise BadRequest(f"field 'messages': {e}") from None
+    return (simple_chat_prompt(messages), True) if text is None else (text, False)
+
+
+def _prompt_text(
+    router: Router,
+    base: str,
+    tok: Tokenizer,
+    prompt: str | None,
+    messages: Sequence[dict[str, Any]] | None,
+) -> tuple[str, bool]:
+    if messages is not None:
+        check_prompt_size(router, base, tok, sum(len(str(m.get("content") or "")) for m in messages))
+        text, special = _chat_text(tok, messages)
+    elif prompt is not None:
+        text, special = prompt, True
+    else:
+        raise BadRequest("missing required field 'prompt'")
+    check_prompt_size(router, base, tok, len(text))
+    return text, special
+
+
+async def prepare_request(
+    router: Router,
+    model: str,
+    *,
+    prompt: str | None = None,
+    token_ids: Sequence[int] | None = None,
+    messages: Sequence[dict[str, Any]] | None = None,
+    max_tokens: int | None = None,
+    tenant: str | None = None,
+    client_request_id: str | None = None,
+    sampling: epb.SamplingParams | None = None,
+    ids_field: str = "prompt_token_ids",
+) -> Prepared:
+    """:meth:`Router.prepare` for the fronts: tokenizers are loaded and big prompts tokenized in a worker
+    thread; an oversized prompt is refused by its size before any of that."""
+    base, adapter, source = router.resolve_model(model)
+    tok = await model_tokenizer_async(router, base)
+    if token_ids:
+        return _finish_prepare(router, model, base, adapter, source, tok, prompt or "", list(token_ids),
+                               max_tokens, tenant, client_request_id, sampling, ids_field)  # fmt: skip
+    text, special = _prompt_text(router, base, tok, prompt, messages)
+    if len(text) > INLINE_TOKENIZE_CHARS:
+        ids = await asyncio.to_thread(tok.encode, text, special)
+    else:
+        ids = tok.encode(text, add_special_tokens=special)
+    return _finish_prepare(router, model, base, adapter, source, tok, text, ids,
+                           max_tokens, tenant, client_request_id, sampling, None)  # fmt: skip
+
+
+def _finish_prepare(
+    router: Router,
+    model: str,
+    base: str,
+    adapter: str | None,
+    source: str,
+    tok: Tokenizer,
+    text: str,
+    ids: list[int],
+    max_tokens: int | None,
+    tenant: str | None,
+    client_request_id: str | None,
+    sampling: epb.SamplingParams | None,
+    ids_field: str | None,
+) -> Prepared:
+    """Validate token ids (when the client sent them), max_tokens and sampling; check the model's length
+    in tokens; hash; give the request the router's own id."""
+    from .openai_models import U32, check_sampling
+
+    if not ids:
+        raise BadRequest("field 'prompt' is empty: a prompt needs at least one token")
+    if ids_field is not None:
+        arr = np.asarray(ids, dtype=np.int64)
+        bad = np.flatnonzero((arr < 0) | (arr >= min(tok.vocab_size, U32)))
+        if bad.size:
+            i = int(bad[0])
+            raise BadRequest(
+                f"invalid field '{ids_field}[{i}]': token id {ids[i]} is outside the vocabulary of model "
+                f"'{base}' ({tok.name}: 0 <= id < {tok.vocab_size})"
+            )
+    mt = router.config.default_max_tokens if max_tokens is None else int(max_tokens)
+    if not 1 <= mt < U32:
+        raise BadRequest(f"invalid field 'max_tokens': must be in [1, 2^32 - 1] (got {mt})")
+    sp = check_sampling(sampling)
+    limit = router.max_model_len(base)
+    if limit and len(ids) + mt > limit:
+        raise BadRequest(
+            f"prompt is {len(ids)} tokens and max_tokens is {mt} ({len(ids) + mt} in total), "
+            f"over model '{base}' max length of {limit} tokens"
+        )
+    cands = router.fleet.candidates(base)
+    bs = cands[0].block_size if cands else 16
+    salt = salt_for(adapter, tenant if router.config.isolate_tenants else None)
+    rr = RoutingRequest(
+        request_id=new_request_id(),
+        model=base,
+        block_hashes=block_hashes(ids, bs, salt),
+        prompt_tokens=len(ids),
+        max_tokens=mt,
+        adapter=adapter,
+        tenant=tenant,
+        arrival=router.now(),
+    )
+    return Prepared(rr, ids, model, source, text, sp, client_request_id or None, tok)
+
+
+def generate_request_pb(p: Prepared) -> epb.GenerateRequest:
+    """The engine's GenerateRequest for a prepared request: token ids (what the engine runs, so its
+    blocks line up with the router's hashes) and the prompt text (for engines with their own tokenizer)."""
+    rr = p.rr
+    return epb.GenerateRequest(
+        request_id=rr.request_id,
+        model=rr.model,
+        adapter=rr.adapter or "",
+        prompt_token_ids=p.token_ids,
+        block_hashes=rr.block_hashes,
+        max_tokens=rr.max_tokens,
+        sampling=p.sampling,
+        adapter_source=p.adapter_source,
+        tenant=rr.tenant or "",
+        prompt=p.prompt,
+    )
+
+
 async def run_to_completion(
     router: Router, p: Prepared, api: str
 ) -> tuple[str, list[int], str, str, tuple[int, int, int]]:
@@ -411,6 +639,7 @@ async def run_to_completion(
     rid = ""
     finish = ""
     usage = (len(p.token_ids), 0, 0)
+    p.dispatched = True
     async for r, c in router.stream(p, api):
         rid = r
         toks.extend(c.token_ids)
@@ -419,5 +648,5 @@ async def run_to_completion(
         if c.finish_reason:
             finish = c.finish_reason
             usage = (c.prompt_tokens or len(p.token_ids), c.completion_tokens or len(toks), c.cached_tokens)
-    text = "".join(texts) if texts else detokenize(toks)
+    text = "".join(texts) if texts else detokenize(toks, p.tokenizer)
     return rid, toks, text, finish, usage

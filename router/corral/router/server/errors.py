@@ -52,3 +52,24 @@ class EngineFailed(RouterError):
     http_status = 502
     grpc_code = grpc.StatusCode.UNAVAILABLE
     type = "engine_error"
+
+
+class InternalError(RouterError):
+    """An unexpected failure in the router itself (a bug): an OpenAI-shaped 500, counted as 500."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    type = "internal_error"
+
+
+class Overloaded(RouterError):
+    """Every replica of the model is at its queue bound (RoutingPolicy ``load.maxQueueRequestsPerReplica``):
+    HTTP 429 with ``Retry-After``, gRPC RESOURCE_EXHAUSTED."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,13 +1,17 @@
 """gRPC front of the router: ``corral.v1.Router`` (Generate, GenerateStream, ListModels, Explain), plus
 the standard ``grpc.health.v1`` service and server reflection.
 
-Errors map to status codes: INVALID_ARGUMENT (bad field, prompt too long), UNAUTHENTICATED (API key),
-NOT_FOUND (unknown model/adapter), UNAVAILABLE (no healthy replica; or the engine failed after the first
-token, with a message saying so).
+Errors map to status codes: INVALID_ARGUMENT (bad field, named; prompt too long), UNAUTHENTICATED (API
+key), NOT_FOUND (unknown model/adapter), RESOURCE_EXHAUSTED (every replica at its queue bound),
+UNAVAILABLE (no healthy replica; or the engine failed after the first token, with a message saying so),
+INTERNAL for anything unexpected (logged, counted as 500). ``CompletionRequest.request_id`` is a label,
+echoed as ``client_request_id``; the response's ``request_id`` is the router's own unique id.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import grpc
@@ -17,9 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..wire import candidate_to_pb
-from .core import ExplainRecord, Prepared, Router, detokenize, run_to_completion
-from .errors import BadRequest, NotFound, RouterError
+from .core import ExplainRecord, Prepared, Router, detokenize, prepare_request, run_to_completion
+from .errors import BadRequest, InternalError, NotFound, RouterError
 from .http_api import list_models
+
+log = logging.getLogger(__name__)
 
 GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
@@ -44,29 +50,52 @@ class RouterServicer(rpb_grpc.RouterServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def _prepare(self, req: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Prepared:
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str | None:
         r = self.router
-        tenant = r.authenticate(_api_key(context)) if r.config.api_keys is not None else None
+        return r.authenticate(_api_key(context)) if r.config.api_keys is not None else None
+
+    @staticmethod
+    def _check(req: rpb.CompletionRequest) -> None:
         if not req.model:
             raise BadRequest("missing required field 'model' (a model or adapter name)")
         if not req.prompt and not req.prompt_token_ids:
             raise BadRequest("missing required field 'prompt' (or 'prompt_token_ids')")
-        return r.prepare(
+
+    async def _prepare(self, req: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Prepared:
+        tenant = self._tenant(context)
+        self._check(req)
+        return await prepare_request(
+            self.router,
             req.model,
-            req.prompt or None,
-            req.prompt_token_ids or None,
-            req.max_tokens or None,
-            tenant,
-            req.request_id or None,
-            req.sampling if req.HasField("sampling") else None,
+            prompt=req.prompt or None,
+            token_ids=req.prompt_token_ids or None,
+            max_tokens=req.max_tokens or None,
+            tenant=tenant,
+            client_request_id=req.request_id or None,
+            sampling=req.sampling if req.HasField("sampling") else None,
+            ids_field="prompt_token_ids",
         )
 
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, e: Exception, p: Prepared | None, t0: float
+    ) -> Any:
+        """Abort the call with the error's status; count it unless Router.stream already did."""
+        if not isinstance(e, RouterError):
+            log.exception("internal error in gRPC Generate")
+            e = InternalError(f"internal error: {type(e).__name__}: {e}")
+        if p is None or not p.dispatched:
+            self.router.metrics.request_done("grpc", str(e.http_status), time.perf_counter() - t0)
+        await context.abort(e.grpc_code, e.message)
+
     async def Generate(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        p: Prepared | None = None
         try:
-            p = self._prepare(request, context)
+            p = await self._prepare(request, context)
             rid, toks, text, finish, (pt, ct, cached) = await run_to_completion(self.router, p, "grpc")
-        except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+        except Exception as e:
+            await self._fail(context, e, p, t0)
+        assert p is not None
         return rpb.CompletionResponse(
             request_id=p.rr.request_id,
             model=p.model,
@@ -75,25 +104,31 @@ class RouterServicer(rpb_grpc.RouterServicer):
             finish_reason=finish,
             usage=rpb.Usage(prompt_tokens=pt, completion_tokens=ct, cached_tokens=cached),
             replica_id=rid,
+            client_request_id=p.client_request_id or "",
         )
 
     async def GenerateStream(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        p: Prepared | None = None
         try:
-            p = self._prepare(request, context)
-        except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            p = await self._prepare(request, context)
+        except Exception as e:
+            await self._fail(context, e, p, t0)
+        assert p is not None
         first = True
+        p.dispatched = True
         gen = self.router.stream(p, "grpc")
         try:
             async for rid, c in gen:
                 out = rpb.CompletionChunk(
                     request_id=p.rr.request_id,
-                    text=c.text or detokenize(c.token_ids),
+                    text=c.text or detokenize(c.token_ids, p.tokenizer),
                     token_ids=c.token_ids,
                     finish_reason=c.finish_reason,
                 )
                 if first:
                     out.replica_id = rid
+                    out.client_request_id = p.client_request_id or ""
                     first = False
                 if c.finish_reason:
                     out.usage.CopyFrom(
@@ -104,8 +139,8 @@ class RouterServicer(rpb_grpc.RouterServicer):
                         )
                     )
                 await context.write(out)
-        except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+        except Exception as e:
+            await self._fail(context, e, p, t0)
         finally:
             await gen.aclose()
 
@@ -142,7 +177,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
                         f"(this router keeps the last {r.config.explain_history})"
                     )
             elif request.HasField("request"):
-                rec = r.explain_dry_run(self._prepare(request.request, context))
+                rec = r.explain_dry_run(await self._prepare(request.request, context))
             else:
                 raise BadRequest("set 'request_id' (a recent request) or 'request' (a dry run)")
         except RouterError as e:

@@ -1,31 +1,39 @@
 """OpenAI-compatible HTTP front of the router (aiohttp): ``/v1/completions``, ``/v1/chat/completions``
 (JSON or SSE streaming), ``/v1/models``, ``/health``, ``/ready``, ``/metrics``.
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 malformed JSON / missing or
-invalid field / prompt too long, 401 bad API key, 404 unknown model or adapter, 503 no healthy replica.
-A stream that fails before its first token gets a plain HTTP error (it was retried first); one that fails
-after it gets a final ``data: {"error": ...}`` event and no ``[DONE]``.
+Requests are validated by the pydantic models of :mod:`.openai_models` (unknown fields ignored). Errors use
+OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 malformed JSON / missing or invalid field
+(named) / prompt too long, 401 bad API key, 404 unknown model or adapter, 429 every replica at its queue
+bound (with ``Retry-After``), 503 no healthy replica, 500 for anything unexpected (logged, and counted as
+500 in ``corral_requests``). A stream that fails before its first token gets a plain HTTP error (it was
+retried first); one that fails after it gets a final ``data: {"error": ...}`` event and no ``[DONE]``.
+
+Request ids: every request gets the router's own unique id (the response's ``id`` and the
+``x-corral-request-id`` header, what Explain looks up); a client's ``x-request-id`` header is only a label,
+echoed back in ``x-request-id``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
-from corral.v1 import engine_pb2 as epb
 
-from .core import Prepared, Router, detokenize, run_to_completion
-from .errors import BadRequest, RouterError
+from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
+from .errors import BadRequest, InternalError, RouterError
+from .openai_models import ChatCompletionRequest, CompletionRequest, parse
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 _DONE = b"data: [DONE]\n\n"
+_PREPARED = web.RequestKey("corral_prepared", Prepared)
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -33,7 +41,17 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 def _error(e: RouterError) -> web.Response:
-    return _json(e.body(), status=e.http_status)
+    retry = getattr(e, "retry_after_s", None)
+    headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+    return _json(e.body(), status=e.http_status, headers=headers)
+
+
+def _ids_headers(p: Prepared, replica: str) -> dict[str, str]:
+    return {
+        "x-corral-replica": replica,
+        "x-corral-request-id": p.rr.request_id,
+        "x-request-id": p.client_request_id or p.rr.request_id,
+    }
 
 
 def api_key_of(headers: Any) -> str | None:
@@ -44,55 +62,11 @@ def api_key_of(headers: Any) -> str | None:
     return headers.get("x-api-key")
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) and kind in (int, float, (int, float)):
-        raise BadRequest(f"field '{name}' must be a number, not a boolean")
-    if not isinstance(v, kind):
-        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise BadRequest(f"field '{name}' must be of type {want} (got {type(v).__name__})")
-    return v
-
-
-def _sampling(body: dict[str, Any]) -> epb.SamplingParams | None:
-    temp = _field(body, "temperature", (int, float))
-    top_p = _field(body, "top_p", (int, float))
-    seed = _field(body, "seed", int)
-    stop = body.get("stop")
-    if temp is None and top_p is None and seed is None and stop is None and "ignore_eos" not in body:
-        return None
-    if isinstance(stop, str):
-        stop = [stop]
-    elif stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise BadRequest("field 'stop' must be a string or a list of strings")
-    return epb.SamplingParams(
-        temperature=float(temp or 0.0),
-        top_p=float(top_p if top_p is not None else 1.0),
-        top_k=int(_field(body, "top_k", int, 0)),
-        seed=int(seed or 0),
-        stop=stop or [],
-        ignore_eos=bool(body.get("ignore_eos", False)),
-    )
-
-
 def chat_prompt(messages: Any) -> str:
-    """A simple chat template: ``<|role|>\\ncontent\\n`` per message, then ``<|assistant|>\\n``."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("field 'messages' must be a non-empty list of {role, content} objects")
-    parts = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"field 'messages[{i}]' must be an object with a string 'role'")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise BadRequest(f"field 'messages[{i}].content' must be a string or a list of text parts")
-        parts.append(f"<|{m['role']}|>\n{content}\n")
-    parts.append("<|assistant|>\n")
-    return "".join(parts)
+    """The simple chat template (models without their own): ``<|role|>\\ncontent\\n`` per message, then
+    ``<|assistant|>\\n``. Validates ``messages`` as the chat endpoint does."""
+    req = parse(ChatCompletionRequest, {"model": "-", "messages": messages})
+    return simple_chat_prompt([m.as_dict() for m in req.messages])
 
 
 class HttpApi:
@@ -125,17 +99,30 @@ class HttpApi:
             await self.runner.cleanup()
             self.runner = None
 
-    @staticmethod
     def _wrap(
-        fn: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        self, fn: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """Errors -> OpenAI-shaped responses. A request that never reached :meth:`Router.stream` (which
+        counts the ones it handles) is counted here, under its error's status."""
+
         async def handler(request: web.Request) -> web.StreamResponse:
+            t0 = time.perf_counter()
             try:
                 return await fn(request)
             except RouterError as e:
+                self._count(request, str(e.http_status), t0)
                 return _error(e)
+            except Exception as e:  # a bug: never a bare aiohttp 500 page, never counted as a success
+                log.exception("internal error on %s %s", request.method, request.path)
+                self._count(request, "500", t0)
+                return _error(InternalError(f"internal error: {type(e).__name__}: {e}"))
 
         return handler
+
+    def _count(self, request: web.Request, code: str, t0: float) -> None:
+        p = request.get(_PREPARED)
+        if request.path.startswith("/v1/") and request.path != "/v1/models" and not (p and p.dispatched):
+            self.router.metrics.request_done("http", code, time.perf_counter() - t0)
 
     # ---- helpers ----------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -148,38 +135,45 @@ class HttpApi:
             raise BadRequest("request body must be a JSON object")
         return body
 
-    def _prepare(self, request: web.Request, body: dict[str, Any], prompt: Any) -> Prepared:
+    def _tenant(self, request: web.Request) -> str | None:
         r = self.router
-        tenant = r.authenticate(api_key_of(request.headers)) if r.config.api_keys is not None else None
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("missing required field 'model' (a model or adapter name)")
-        token_ids = None
-        if isinstance(prompt, list):
-            if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                token_ids, prompt = prompt, None
-            elif len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            else:
-                raise BadRequest(
-                    "field 'prompt' must be a string, a list of token ids, or a list of one string"
-                )
-        elif prompt is None:
-            raise BadRequest("missing required field 'prompt'")
-        elif not isinstance(prompt, str):
-            raise BadRequest(f"field 'prompt' must be a string (got {type(prompt).__name__})")
-        mt = body.get("max_tokens", body.get("max_completion_tokens"))
-        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool)):
-            raise BadRequest(f"field 'max_tokens' must be an integer (got {type(mt).__name__})")
-        rid = request.headers.get("x-request-id") or None
-        return r.prepare(model, prompt, token_ids, mt, tenant, rid, _sampling(body))
+        return r.authenticate(api_key_of(request.headers)) if r.config.api_keys is not None else None
+
+    async def _prepare(
+        self, request: web.Request, req: CompletionRequest | ChatCompletionRequest, tenant: str | None
+    ) -> Prepared:
+        r = self.router
+        prompt: str | None = None
+        ids: list[int] | None = None
+        messages: list[dict[str, str]] | None = None
+        if isinstance(req, ChatCompletionRequest):
+            messages = [m.as_dict() for m in req.messages]
+        elif isinstance(req.prompt, str):
+            prompt = req.prompt
+        else:
+            ids = req.prompt
+        p = await prepare_request(
+            r,
+            req.model,
+            prompt=prompt,
+            token_ids=ids,
+            messages=messages,
+            max_tokens=req.new_tokens(),
+            tenant=tenant,
+            client_request_id=request.headers.get("x-request-id") or None,
+            sampling=req.sampling(),
+            ids_field="prompt",
+        )
+        request[_PREPARED] = p
+        return p
 
     # ---- endpoints --------------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        p = self._prepare(request, body, body.get("prompt"))
-        if body.get("stream"):
-            return await self._sse(request, p, chat=False, include_usage=_include_usage(body))
+        tenant = self._tenant(request)
+        req = parse(CompletionRequest, await self._body(request))
+        p = await self._prepare(request, req, tenant)
+        if req.stream:
+            return await self._sse(request, p, chat=False, include_usage=req.include_usage())
         rid, _toks, text, finish, (pt, ct, cached) = await run_to_completion(self.router, p, "http")
         return _json(
             {
@@ -190,16 +184,15 @@ class HttpApi:
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}],
                 "usage": _usage(pt, ct, cached),
             },
-            headers={"x-corral-replica": rid, "x-request-id": p.rr.request_id},
+            headers=_ids_headers(p, rid),
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        if "messages" not in body:
-            raise BadRequest("missing required field 'messages'")
-        p = self._prepare(request, body, chat_prompt(body["messages"]))
-        if body.get("stream"):
-            return await self._sse(request, p, chat=True, include_usage=_include_usage(body))
+        tenant = self._tenant(request)
+        req = parse(ChatCompletionRequest, await self._body(request))
+        p = await self._prepare(request, req, tenant)
+        if req.stream:
+            return await self._sse(request, p, chat=True, include_usage=req.include_usage())
         rid, _toks, text, finish, (pt, ct, cached) = await run_to_completion(self.router, p, "http")
         return _json(
             {
@@ -217,12 +210,13 @@ class HttpApi:
                 ],
                 "usage": _usage(pt, ct, cached),
             },
-            headers={"x-corral-replica": rid, "x-request-id": p.rr.request_id},
+            headers=_ids_headers(p, rid),
         )
 
     async def _sse(
         self, request: web.Request, p: Prepared, chat: bool, include_usage: bool
     ) -> web.StreamResponse:
+        p.dispatched = True
         gen = self.router.stream(p, "http")
         # Pull the first chunk before committing to a 200: errors until then are plain HTTP errors.
         try:
@@ -233,7 +227,7 @@ class HttpApi:
         rqid = p.rr.request_id
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rqid, "object": obj, "created": created, "model": p.model}
-        resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-corral-replica": rid, "x-request-id": rqid})
+        resp = web.StreamResponse(headers={**_SSE_HEADERS, **_ids_headers(p, rid)})
         await resp.prepare(request)
         usage: dict[str, int] | None = None
         try:
@@ -245,7 +239,7 @@ class HttpApi:
                 await resp.write(b"data: " + orjson.dumps(role) + b"\n\n")
             c = first
             while c is not None:
-                text = c.text or detokenize(c.token_ids)
+                text = c.text or detokenize(c.token_ids, p.tokenizer)
                 fin = c.finish_reason or None
                 if chat:
                     choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": fin}
@@ -286,11 +280,6 @@ class HttpApi:
         return web.Response(
             body=self.router.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
-
-
-def _include_usage(body: dict[str, Any]) -> bool:
-    so = body.get("stream_options")
-    return bool(isinstance(so, dict) and so.get("include_usage"))
 
 
 def _usage(pt: int, ct: int, cached: int) -> dict[str, Any]:

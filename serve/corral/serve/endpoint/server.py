@@ -60,7 +60,8 @@ class _EngineServicer(epb_grpc.EngineServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"adapter {adapter!r} not found on {eng.info.replica_id}"
             )
-        sp = request.sampling
+        # No sampling message: OpenAI's defaults (temperature 1.0), not greedy.
+        sp = request.sampling if request.HasField("sampling") else epb.SamplingParams(temperature=1.0)
         req = EngineRequest(
             request_id=request.request_id,
             model=request.model,
