@@ -165,6 +165,9 @@ def _compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
+_GIL_FREE_CHARS = 4096
+
+
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with the chat template and special tokens of its tokenizer_config.json."""
 
@@ -234,6 +237,8 @@ class HFTokenizer:
         return self._max_token_bytes
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _GIL_FREE_CHARS:  # encode_batch releases the GIL (encode holds it throughout)
+            return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str:

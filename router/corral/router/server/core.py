@@ -38,6 +38,7 @@ from ..tokenizer import max_token_bytes as _max_token_bytes
 from ..types import Decision, RoutingRequest
 from .errors import BadRequest, EngineFailed, NotFound, Overloaded, RouterError, Unauthorized, Unavailable
 from .metrics import RouterMetrics
+from .openai_models import U32, check_sampling
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("corral.router")
@@ -516,15 +517,41 @@ def _prompt_text(
     prompt: str | None,
     messages: Sequence[dict[str, Any]] | None,
 ) -> tuple[str, bool]:
-    if messages is not None:
-        check_prompt_size(router, base, tok, sum(len(str(m.get("content") or "")) for m in messages))
-        text, special = _chat_text(tok, messages)
-    elif prompt is not None:
-        text, special = prompt, True
-    else:
-        raise BadRequest("missing required field 'prompt'")
+    """The prompt text (a chat rendered with the model's template) and whether to encode it with special
+    tokens; refused by size before rendering and before tokenizing."""
+    _check_input_size(router, base, tok, prompt, messages)
+    text, special = _render(tok, prompt, messages)
     check_prompt_size(router, base, tok, len(text))
     return text, special
+
+
+def _check_input_size(
+    router: Router, base: str, tok: Tokenizer, prompt: str | None, messages: Sequence[dict[str, Any]] | None
+) -> int:
+    if messages is not None:
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+    elif prompt is not None:
+        chars = len(prompt)
+    else:
+        raise BadRequest("missing required field 'prompt'")
+    check_prompt_size(router, base, tok, chars)
+    return chars
+
+
+def _render(
+    tok: Tokenizer, prompt: str | None, messages: Sequence[dict[str, Any]] | None
+) -> tuple[str, bool]:
+    """Pure (no router state): safe in a worker thread."""
+    if messages is not None:
+        return _chat_text(tok, messages)
+    return prompt or "", True
+
+
+def _render_and_encode(
+    tok: Tokenizer, prompt: str | None, messages: Sequence[dict[str, Any]] | None
+) -> tuple[str, list[int]]:
+    text, special = _render(tok, prompt, messages)
+    return text, tok.encode(text, add_special_tokens=special)
 
 
 async def prepare_request(
@@ -547,11 +574,12 @@ async def prepare_request(
     if token_ids:
         return _finish_prepare(router, model, base, adapter, source, tok, prompt or "", list(token_ids),
                                max_tokens, tenant, client_request_id, sampling, ids_field)  # fmt: skip
-    text, special = _prompt_text(router, base, tok, prompt, messages)
-    if len(text) > INLINE_TOKENIZE_CHARS:
-        ids = await asyncio.to_thread(tok.encode, text, special)
+    chars = _check_input_size(router, base, tok, prompt, messages)  # on the loop: reads fleet state
+    if chars > INLINE_TOKENIZE_CHARS:  # the chat template, too, renders off the loop
+        text, ids = await asyncio.to_thread(_render_and_encode, tok, prompt, messages)
     else:
-        ids = tok.encode(text, add_special_tokens=special)
+        text, ids = _render_and_encode(tok, prompt, messages)
+    check_prompt_size(router, base, tok, len(text))
     return _finish_prepare(router, model, base, adapter, source, tok, text, ids,
                            max_tokens, tenant, client_request_id, sampling, None)  # fmt: skip
 
@@ -573,8 +601,6 @@ def _finish_prepare(
 ) -> Prepared:
     """Validate token ids (when the client sent them), max_tokens and sampling; check the model's length
     in tokens; hash; give the request the router's own id."""
-    from .openai_models import U32, check_sampling
-
     if not ids:
         raise BadRequest("field 'prompt' is empty: a prompt needs at least one token")
     if ids_field is not None:
