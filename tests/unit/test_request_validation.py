@@ -44,6 +44,7 @@ OK = {"model": "m", "prompt": "hello"}
         ({"prompt": [0, 1 << 32]}, "prompt[1]"),
         ({"prompt": [-1]}, "prompt[0]"),
         ({"prompt": []}, "'prompt'"),
+        ({"prompt": [1] * ((1 << 20) + 1)}, "'prompt'"),
         ({"prompt": [[1, 2], [3]]}, "'prompt'"),
         ({"prompt": None}, "'prompt'"),
         ({"model": ""}, "'model'"),

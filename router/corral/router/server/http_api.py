@@ -257,6 +257,10 @@ class HttpApi:
             await resp.write(_DONE)
         except RouterError as e:
             await resp.write(b"data: " + orjson.dumps(e.body()) + b"\n\n")
+        except Exception as e:  # a bug after the 200 went out: a final OpenAI-shaped error event
+            log.exception("internal error while streaming %s", rqid)
+            err = InternalError(f"internal error: {type(e).__name__}: {e}")
+            await resp.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
         finally:
             await gen.aclose()
         await resp.write_eof()

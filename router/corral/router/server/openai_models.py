@@ -20,6 +20,7 @@ U32 = 1 << 32
 MAX_SEED = (1 << 63) - 1
 MAX_TOP_K = (1 << 31) - 1
 MAX_STOP = 16
+MAX_PROMPT_IDS = 1 << 20  # ModelSpec.maxModelLen's bound: checked before looking at each id
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when the field is omitted
 
 
@@ -128,6 +129,8 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError(f"must be a string or a list of token ids (got {type(v).__name__})")
         if not v:
             raise ValueError("must not be empty")
+        if len(v) > MAX_PROMPT_IDS:
+            raise ValueError(f"{len(v)} token ids: more than any model's length (at most {MAX_PROMPT_IDS})")
         if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
             for i, t in enumerate(v):
                 if not 0 <= t < U32:
