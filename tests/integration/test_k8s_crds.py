@@ -1,18 +1,11 @@
 """Corral's CRDs against the real apiserver.
 
 * every ``manifests/crds/*.yaml`` applies and becomes Established (structural schema, names accepted);
-* every ``manifests/examples/*.yaml`` is accepted (server-side apply, fieldValidation=Strict, as kubectl);
-* every ``tests/data/invalid/*.yaml`` is rejected by the apiserver itself. Each such file starts with
-  header comments::
+* every ``manifests/examples/*.yaml`` is accepted (server-side apply, fieldValidation=Strict, as kubectl).
 
-      # expect: <what the client-side (pydantic) validation should say>
-      # expect-server: <substring of the apiserver's Status.message>   ("-": not checkable server-side)
-
-  The object is POSTed with fieldValidation=Strict (kubectl's default). A rejection is HTTP 422
-  (reason Invalid: schema, enum, bounds, required, CEL rules) or, for unknown fields only, HTTP 400
-  with "strict decoding error" (how the apiserver reports them under Strict). An apiVersion/kind the
-  server does not serve at all is rejected at discovery, as kubectl does ("no matches for kind ...";
-  the test checks the server's discovery really lacks it).
+The fixtures of ``tests/data/invalid``, ``tests/data/valid`` and ``tests/data/invalid-cross`` (and the
+examples once more) are sent to the apiserver by ``test_k8s_parity.py``, which compares its verdict with
+``corral validate``'s and checks each ``# expect-server:`` header.
 """
 
 from __future__ import annotations
@@ -23,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kubernetes import client
-from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 if TYPE_CHECKING:
     from conftest import K8sCluster
@@ -33,7 +25,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "manifests" / "crds"
 EXAMPLES_DIR = REPO / "manifests" / "examples"
-INVALID_DIR = REPO / "tests" / "data" / "invalid"
 
 
 def _yaml_files(directory: Path) -> list[Path]:
@@ -42,7 +33,6 @@ def _yaml_files(directory: Path) -> list[Path]:
 
 CRD_FILES = _yaml_files(CRD_DIR)
 EXAMPLE_FILES = _yaml_files(EXAMPLES_DIR)
-INVALID_FILES = _yaml_files(INVALID_DIR)
 
 
 def _ids(files: list[Path]) -> list[str]:
@@ -56,21 +46,6 @@ def _docs(path: Path) -> list[dict[str, Any]]:
             f"{path.name}: not a k8s object: {d!r}"
         )
     return docs
-
-
-def _headers(path: Path) -> dict[str, str]:
-    """``# key: value`` comment lines at the top of a file (until the first non-comment line)."""
-    headers: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if not stripped.startswith("#"):
-            break
-        key, sep, value = stripped.lstrip("#").strip().partition(":")
-        if sep:
-            headers[key.strip().lower()] = value.strip()
-    return headers
 
 
 def _established(cluster: K8sCluster, name: str) -> bool:
@@ -136,47 +111,3 @@ def test_example_accepted(
         name = doc.get("metadata", {}).get("name")
         assert res.status in (200, 201), f"{path.name} {doc['kind']}/{name}: HTTP {res.status}: {res.message}"
         assert res.body.get("kind") == doc["kind"]
-
-
-@pytest.mark.parametrize("path", INVALID_FILES, ids=_ids(INVALID_FILES))
-def test_invalid_rejected_by_apiserver(
-    k8s_cluster: K8sCluster, corral_crds: list[str], k8s_namespace: str, path: Path
-) -> None:
-    headers = _headers(path)
-    expect = headers.get("expect-server")
-    assert expect is not None, f"{path.name}: missing '# expect-server: <substring>' header (or '-')"
-    if expect == "-":
-        pytest.skip(f"{path.name}: marked not checkable server-side (expect-server: -)")
-    docs = _docs(path)
-    assert len(docs) == 1, f"{path.name}: expected exactly one object, found {len(docs)}"
-    obj = docs[0]
-    try:
-        k8s_cluster.resource(obj["apiVersion"], obj["kind"])
-    except ResourceNotFoundError:
-        # Not a 422 case: the apiserver does not serve this kind/version at all. kubectl (and the
-        # dynamic client) fail at discovery, before any POST; check the server really lacks the
-        # group/version and compare against kubectl's wording of that discovery miss.
-        gv = obj["apiVersion"]
-        served = k8s_cluster.request("GET", f"/apis/{gv}" if "/" in gv else f"/api/{gv}")
-        if served.status == 200:
-            kinds = {r.get("kind") for r in served.body.get("resources", [])}
-            assert obj["kind"] not in kinds, f"{path.name}: discovery missed a served kind?"
-        else:
-            assert served.status == 404, (
-                f"{path.name}: GET /apis/{gv} -> HTTP {served.status}: {served.message}"
-            )
-        message = f'no matches for kind "{obj["kind"]}" in version "{gv}"'
-        assert expect in message, f"{path.name}: rejected at discovery ({message}); expected {expect!r}"
-        return
-    res = k8s_cluster.create(obj, k8s_namespace)
-    assert res.status >= 400, (
-        f"{path.name}: the apiserver ACCEPTED it (HTTP {res.status}); expected a 422 containing {expect!r}"
-    )
-    strict_decoding = res.status == 400 and "strict decoding error" in res.message
-    assert res.status == 422 or strict_decoding, (
-        f"{path.name}: expected rejection (422 Invalid), got HTTP {res.status}: {res.message or res.body}"
-    )
-    assert expect in res.message, (
-        f"{path.name}: apiserver rejected it (HTTP {res.status}) but its message lacks {expect!r}:\n"
-        f"{res.message}"
-    )

@@ -106,6 +106,60 @@ def test_validate_missing_path_and_stdin(
     assert rc == 0, out
 
 
+def test_validate_empty_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not yaml")
+    rc, out, err = run(capsys, "validate", str(tmp_path))
+    assert rc == 1
+    assert out == f"no YAML files found in {tmp_path} (looked for *.yaml and *.yml)\n" and err == ""
+    rc, out, err = run(capsys, "validate", str(tmp_path / "missing"))
+    assert (rc, out, err) == (1, f"{tmp_path / 'missing'}: no such file or directory\n", "")
+
+
+def test_validate_deep_nesting_does_not_stop_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deep = "[" * 3000 + "]" * 3000
+    (tmp_path / "a-deep.yaml").write_text(POOL.replace("org/m}", f"org/m, engineArgs: {{x: {deep}}}}}"))
+    (tmp_path / "b-ok.yaml").write_text(POLICY)
+    (tmp_path / "c-bad.yaml").write_text(POLICY.replace("{poolRef: p}", "{poolRef: p, ttftSloMs: '5'}"))
+    rc, out, err = run(capsys, "validate", str(tmp_path))
+    assert rc == 1 and "Traceback" not in out + err
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    assert lines[0].startswith(f"{tmp_path / 'a-deep.yaml'}:5: <document 1>: spec.models[0].engineArgs.x[0]")
+    assert "nested deeper than 64 levels" in lines[0]
+    assert (
+        lines[1]
+        == f'{tmp_path / "c-bad.yaml"}: RoutingPolicy/r: spec.ttftSloMs: must be of type number (got "5")'
+    )
+
+
+def test_validate_checks_pool_and_policy_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pool = POOL.replace(
+        "gpuClasses:", "adapters: [{name: sql, baseModel: m, source: 'file:///a'}]\n  gpuClasses:"
+    )
+    (tmp_path / "pool.yaml").write_text(pool)
+    (tmp_path / "rp.yaml").write_text(
+        POLICY.replace("{poolRef: p}", "{poolRef: p, adapterPaging: {pin: [sql, x]}}")
+    )
+    rc, out, _ = run(capsys, "validate", str(tmp_path))
+    assert rc == 1
+    pin = 'spec.adapterPaging.pin[1]: must name an adapter of ModelPool "p" (got "x")'
+    assert out == f"{tmp_path / 'rp.yaml'}: RoutingPolicy/r: {pin}\n"
+    # the policy alone is fine (its pool is not there to check against); pool from a file + policy on stdin
+    assert run(capsys, "validate", str(tmp_path / "rp.yaml"))[0] == 0
+    second = POLICY.replace("name: r}", "name: r2}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(second))
+    rc, out, _ = run(capsys, "validate", str(tmp_path / "pool.yaml"), "-")
+    assert rc == 0, out
+    monkeypatch.setattr(sys, "stdin", io.StringIO(second))
+    rc, out, _ = run(capsys, "validate", str(tmp_path), "-")
+    assert rc == 1
+    assert '<stdin>: RoutingPolicy/r2: spec.poolRef: ModelPool "p" already has RoutingPolicy "r"' in out
+
+
 def test_crds_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "crds", "--check", "--out", str(tmp_path))
     assert rc == 1

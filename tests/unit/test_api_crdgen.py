@@ -82,7 +82,6 @@ def test_modelpool_details() -> None:
     crd = crdgen.crd(ModelPool)
     assert crd["spec"]["names"]["shortNames"] == ["mp"]
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert [r["fieldPath"] for r in spec["x-kubernetes-validations"]] == [".adapters"]
     gc = spec["properties"]["gpuClasses"]
     assert gc["x-kubernetes-list-type"] == "map" and gc["x-kubernetes-list-map-keys"] == ["name"]
     rules = gc["items"]["x-kubernetes-validations"]
@@ -93,7 +92,16 @@ def test_modelpool_details() -> None:
     assert gc["items"]["properties"]["profile"]["enum"] == ["H100", "A100-80GB", "L4"]
     assert spec["properties"]["adapterCache"]["default"] == {}
     args = spec["properties"]["models"]["items"]["properties"]["engineArgs"]
-    assert args["additionalProperties"] == {"x-kubernetes-preserve-unknown-fields": True}
+    # untyped values that may hold no item: strings, numbers and booleans (as pydantic checks them)
+    assert args["additionalProperties"] == {
+        "x-kubernetes-preserve-unknown-fields": True, "maxProperties": 0, "maxItems": 0
+    }  # fmt: skip
+    assert [r["fieldPath"] for r in spec["x-kubernetes-validations"]] == [".adapters", ".adapters"]
+    selector = gc["items"]["properties"]["nodeSelector"]
+    assert selector["x-kubernetes-validations"][0]["rule"].startswith("self.all(k, !format.qualifiedName()")
+    assert selector["additionalProperties"]["maxLength"] == 63 and selector["additionalProperties"]["pattern"]
+    ref = spec["properties"]["routingPolicyRef"]
+    assert (ref["minLength"], ref["maxLength"]) == (1, 63)
     assert spec["properties"]["adapters"]["items"]["properties"]["source"]["maxLength"] == 1024
 
 
@@ -110,6 +118,11 @@ def test_routingpolicy_details() -> None:
         "description": match["description"], "type": "object", "x-kubernetes-preserve-unknown-fields": True
     }  # fmt: skip
     assert spec["properties"]["adapterPaging"]["properties"]["pin"]["x-kubernetes-list-type"] == "set"
+    hot = spec["properties"]["load"]["properties"]["hotspotFactor"]
+    assert (hot["minimum"], hot["exclusiveMinimum"]) == (1, True)  # the corral policy needs c > 1
+    assert spec["properties"]["load"]["properties"]["twoChoiceAbove"]["minimum"] == 1
+    selection = spec["properties"]["modelSelection"]["x-kubernetes-validations"]
+    assert selection[0]["rule"] == "!has(self.rules) || size(self.rules) == 0"
 
 
 def test_structural_rejects_unions() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from corral.api import modelpool
+from corral.api import crdgen, modelpool, routingpolicy
 from corral.api.models import STRATEGIES, AdapterCache, GpuClass, ModelPool, RoutingPolicy
 from corral.api.profiles import (
     BUILTIN_PROFILES,
@@ -19,7 +19,7 @@ from corral.api.profiles import (
     adapter_mb,
     resolve_profile,
 )
-from corral.api.validation import error_lines
+from corral.api.validation import error_lines, validate_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -203,15 +203,24 @@ def test_source_uri(uri: str, ok: bool) -> None:
 
 
 def test_engine_args_must_be_scalars() -> None:
-    models = [{"name": "m", "baseModel": "o/m", "engineArgs": {"ok": 1, "nested": {"a": 1}, "lst": [1]}}]
-    assert errors(ModelPool, pool(models=models)) == [
-        "spec.models[0].engineArgs.nested: must be a string, number or boolean",
-        "spec.models[0].engineArgs.lst: must be a string, number or boolean",
+    """The CRD's rule (untyped values that may hold no item) and pydantic's are the same rule."""
+    args = {"ok": 1, "nested": {"a": 1}, "lst": [1, 2], "inf": float("inf")}
+    assert errors(ModelPool, pool(models=[{"name": "m", "baseModel": "o/m", "engineArgs": args}])) == [
+        "spec.models[0].engineArgs.nested: must be a string, number or boolean "
+        "(a non-empty object: Too many: 1: must have at most 0 items)",
+        "spec.models[0].engineArgs.lst: must be a string, number or boolean "
+        "(a non-empty list: Too many: 2: must have at most 0 items)",
+        "spec.models[0].engineArgs.inf: must be a finite number",
     ]
-    args = {"b": True, "i": 3, "f": 0.9, "s": "bfloat16"}
+    args = {"b": True, "i": 3, "f": 0.9, "s": "bfloat16", "empty": {}, "none": None}
     mp = ModelPool.model_validate(pool(models=[{"name": "m", "baseModel": "o/m", "engineArgs": args}]))
-    assert mp.spec.models[0].engine_args == args
+    assert mp.spec.models[0].engine_args == {"b": True, "i": 3, "f": 0.9, "s": "bfloat16", "empty": {}}
     assert type(mp.spec.models[0].engine_args["b"]) is bool
+    schema = crdgen.crd(ModelPool)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    items = schema["properties"]["spec"]["properties"]["models"]["items"]["properties"]["engineArgs"]
+    assert items["additionalProperties"] == {
+        "x-kubernetes-preserve-unknown-fields": True, "maxProperties": 0, "maxItems": 0
+    }  # fmt: skip
 
 
 def test_rule_messages_match_cel_messages() -> None:
@@ -253,22 +262,202 @@ def test_unknown_fields_and_status() -> None:
 
 
 def test_routing_policy_rules() -> None:
-    def rp(**spec: Any) -> dict[str, Any]:
-        return {"apiVersion": "corral.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "r"},
-                "spec": {"poolRef": "p", **spec}}  # fmt: skip
-
     assert errors(RoutingPolicy, rp(ttftSloMs=-5)) == ["spec.ttftSloMs: should be greater than 0 (got -5)"]
     assert errors(RoutingPolicy, rp(blockSize=16.5))[0].startswith("spec.blockSize: Unsupported value: 16.5")
-    rules = [{"name": "a", "target": "x"}, {"name": "a", "target": "y"}]
-    assert errors(RoutingPolicy, rp(modelSelection={"rules": rules})) == [
-        'spec.modelSelection.rules[1]: Duplicate value: {"name":"a"}'
-    ]
     ok = RoutingPolicy.model_validate(
         rp(tenants={"secretRef": {"name": "keys"}}, adapterPaging={"pin": ["sql"]},
-           modelSelection={"rules": [{"name": "a", "match": {"header": {"x-task": "sql"}}, "target": "sql"}]})
+           modelSelection={"rules": []})
     )  # fmt: skip
     assert ok.spec.tenants is not None and ok.spec.tenants.secret_ref.key == "api-keys"
     assert errors(RoutingPolicy, rp(poolRef="Not_A_Name"))[0].startswith("spec.poolRef: should match")
+
+
+def rp(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "corral.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "r"},
+            "spec": {"poolRef": "p", **spec}}  # fmt: skip
+
+
+def offline(text: str) -> list[str]:
+    """``corral validate`` on a YAML text: its problem lines without the file name."""
+    return [str(p).removeprefix("<t>: ") for p in validate_text(text, "<t>").problems]
+
+
+# --------------------------------------------------------------------- as strict as the apiserver (issue 9)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (pool(gpuClasses=[{"name": "g", "maxReplicas": "2"}]),
+         'spec.gpuClasses[0].maxReplicas: must be of type integer (got "2")'),
+        (pool(gpuClasses=[{"name": "g", "maxReplicas": True}]),
+         "spec.gpuClasses[0].maxReplicas: must be of type integer (got true)"),
+        (pool(gpuClasses=[{"name": "g", "maxReplicas": 2.5}]),
+         "spec.gpuClasses[0].maxReplicas: must be of type integer (got 2.5)"),
+        (rp(adapterPaging={"prefetchToCpu": "false"}),
+         'spec.adapterPaging.prefetchToCpu: must be of type boolean (got "false")'),
+        (rp(adapterPaging={"prefetchToCpu": 0}),
+         "spec.adapterPaging.prefetchToCpu: must be of type boolean (got 0)"),
+        (rp(ttftSloMs="500"), 'spec.ttftSloMs: must be of type number (got "500")'),
+        (rp(ttftSloMs=True), "spec.ttftSloMs: must be of type number (got true)"),
+        (rp(ttftSloMs=math.inf), "spec.ttftSloMs: must be a finite number (got Infinity)"),
+        (rp(load={"hotspotFactor": math.nan}), "spec.load.hotspotFactor: must be a finite number (got NaN)"),
+        (rp(poolRef=5), "spec.poolRef: must be of type string (got 5)"),
+        (pool(adapterCache=[]), "spec.adapterCache: must be of type object"),
+    ],
+)  # fmt: skip
+def test_no_type_coercion(doc: dict[str, Any], expected: str) -> None:
+    """The apiserver never coerces ("2" -> 2, "false" -> False, true -> 1): neither does corral validate."""
+    cls = ModelPool if doc["kind"] == "ModelPool" else RoutingPolicy
+    assert errors(cls, doc) == [expected]
+
+
+def test_numbers_the_apiserver_accepts() -> None:
+    """An int where a number goes; a whole float where an int goes (kubectl sends YAML's 4.0 as 4)."""
+    r = RoutingPolicy.model_validate(rp(ttftSloMs=500, load={"hotspotFactor": 2}))
+    assert r.spec.ttft_slo_ms == 500.0 and isinstance(r.spec.ttft_slo_ms, float)
+    text = yaml.safe_dump(pool(gpuClasses=[{"name": "g", "maxReplicas": 4}])).replace(
+        "maxReplicas: 4", "maxReplicas: 4.0"
+    )
+    report = validate_text(text, "<t>")
+    assert report.ok, report.problems
+    mp = report.objects[0]
+    assert isinstance(mp, ModelPool) and mp.spec.gpu_classes[0].max_replicas == 4
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"name": "Llama_8B"}, "metadata.name: a lowercase RFC 1123 subdomain must consist of"),
+        ({"name": "a..b"}, "metadata.name: a lowercase RFC 1123 subdomain must consist of"),
+        ({"name": "a" * 254}, "metadata.name: must be no more than 253 characters"),
+        ({"name": "p", "namespace": "Prod"}, "metadata.namespace: a lowercase RFC 1123 label must"),
+        ({"name": "p", "labels": {"team name": "ml"}}, "metadata.labels: name part must consist of"),
+        ({"name": "p", "labels": {"/x": "ml"}}, "metadata.labels: prefix part must be non-empty"),
+        ({"name": "p", "labels": {"Corral.dev/x": "ml"}}, "metadata.labels: prefix part a lowercase"),
+        ({"name": "p", "labels": {"team": "a" * 64}}, "metadata.labels: must be no more than 63 characters"),
+        ({"name": "p", "labels": {"team": "-ml"}}, "metadata.labels: a valid label must be an empty string"),
+        ({"name": "p", "annotations": {"a/b/c": "x"}}, "metadata.annotations: a valid label key must"),
+        ({"name": "p", "annotations": {"a": "x" * 300_000}}, "metadata.annotations: Too long: must have"),
+        ({"name": "p", "lables": {}}, "metadata.lables: unknown field"),
+    ],
+)  # fmt: skip
+def test_metadata_syntax(meta: dict[str, Any], expected: str) -> None:
+    doc = pool()
+    doc["metadata"] = meta
+    got = errors(ModelPool, doc)
+    assert len(got) == 1 and got[0].startswith(expected), got
+
+
+def test_metadata_accepted() -> None:
+    doc = pool()
+    doc["metadata"] = {
+        "name": "llama.8b-v1", "namespace": "ml-prod",
+        "labels": {"app.kubernetes.io/part-of": "corral", "x": ""},
+        "annotations": {"Example.com/Any": "free text: {}"},
+        "uid": "u", "resourceVersion": "1", "generation": 3,
+        "creationTimestamp": "2026-01-01T00:00:00Z", "managedFields": [{"manager": "kubectl"}],
+    }  # fmt: skip
+    assert ModelPool.model_validate(doc).metadata.generation == 3
+
+
+def test_node_selector_label_syntax() -> None:
+    bad_key = pool(gpuClasses=[{"name": "g", "maxReplicas": 1, "nodeSelector": {"gpu product": "h100"}}])
+    assert errors(ModelPool, bad_key) == [
+        f'spec.gpuClasses[0].nodeSelector: {modelpool.RULE_NODE_SELECTOR_KEYS.message} (got ["gpu product"])'
+    ]
+    bad_value = pool(gpuClasses=[{"name": "g", "maxReplicas": 1, "nodeSelector": {"gpu": "H 100"}}])
+    assert errors(ModelPool, bad_value)[0].startswith(
+        f"spec.gpuClasses[0].nodeSelector.gpu: should match '{modelpool.LABEL_VALUE_PATTERN}'"
+    )
+    ok = {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+        "node.kubernetes.io/instance-type": "p5.48xlarge",
+    }
+    ModelPool.model_validate(pool(gpuClasses=[{"name": "g", "maxReplicas": 1, "nodeSelector": ok}]))
+
+
+def test_model_and_adapter_names_differ() -> None:
+    ad = [{"name": "m", "baseModel": "m", "source": "file:///a"}]
+    assert errors(ModelPool, pool(adapters=ad)) == [f'spec.adapters: {modelpool.NAME_CLASH} (got ["m"])']
+    rule = modelpool.RULE_ADAPTER_MODEL_NAME_CLASH
+    assert rule.message == modelpool.NAME_CLASH and rule.message_expression
+    assert rule.message_expression.startswith(f"'{rule.message} (got ")
+
+
+def test_routing_policy_ref_not_empty() -> None:
+    assert errors(ModelPool, pool(routingPolicyRef="")) == [
+        'spec.routingPolicyRef: should have at least 1 character (got "")'
+    ]
+    assert ModelPool.model_validate(pool(routingPolicyRef="r")).spec.routing_policy_ref == "r"
+
+
+def test_pins_are_a_set() -> None:
+    assert errors(RoutingPolicy, rp(adapterPaging={"pin": ["a", "b", "a"]})) == [
+        'spec.adapterPaging.pin[2]: Duplicate value: "a"'
+    ]
+
+
+def test_model_selection_rules_not_supported_yet() -> None:
+    rules = [{"name": "a", "match": {"header": "x"}, "target": "sql"}]
+    assert errors(RoutingPolicy, rp(modelSelection={"rules": rules})) == [
+        f"spec.modelSelection.rules: {routingpolicy.RULES_UNSUPPORTED}"
+    ]
+    assert RoutingPolicy.model_validate(rp(modelSelection={"rules": []})).spec.model_selection.rules == []
+    cel_rules = crdgen.structural(
+        RoutingPolicy.model_json_schema(by_alias=True)["$defs"]["ModelSelection"],
+        RoutingPolicy.model_json_schema(by_alias=True)["$defs"],
+    )["x-kubernetes-validations"]
+    assert cel_rules == [routingpolicy.RULE_NO_MODEL_SELECTION_RULES.to_schema()]
+
+
+def _bounds(field: Any) -> dict[str, float]:
+    out = {}
+    for m in field.metadata:
+        for attr in ("gt", "ge", "lt", "le"):
+            if getattr(m, attr, None) is not None:
+                out[attr] = getattr(m, attr)
+    return out
+
+
+def test_policy_knob_ranges_equal_the_runtime() -> None:
+    """What the CRD accepts, the corral policy honours: no knob passes validation and is then dropped."""
+    from corral.router.policies.corral import CorralParams
+
+    load = routingpolicy.LoadSpec.model_fields
+    runtime = CorralParams.model_fields
+    assert _bounds(load["hotspot_factor"])["gt"] == _bounds(runtime["hotspot_c"])["gt"] == 1.0
+    assert _bounds(load["two_choice_above"])["ge"] == _bounds(runtime["narrow_above"])["ge"] == 1
+    slo = _bounds(routingpolicy.RoutingPolicySpec.model_fields["ttft_slo_ms"])
+    assert slo["gt"] == _bounds(runtime["ttft_slo_s"])["gt"] == 0
+    assert errors(RoutingPolicy, rp(load={"hotspotFactor": 1.0})) == [
+        "spec.load.hotspotFactor: should be greater than 1 (got 1.0)"
+    ]
+    assert errors(RoutingPolicy, rp(load={"twoChoiceAbove": 0})) == [
+        "spec.load.twoChoiceAbove: should be greater than or equal to 1 (got 0)"
+    ]
+    CorralParams(hotspot_c=1.01, narrow_above=1, ttft_slo_s=1e-6)  # the edges the CRD allows run
+
+
+def test_deep_nesting_is_a_problem_not_a_crash() -> None:
+    deep = "{" + "a: {" * 2000 + "b: 1" + "}" * 2001
+    text = yaml.safe_dump(pool()).replace(
+        "baseModel: org/m", "baseModel: org/m\n    engineArgs: {x: " + deep + "}"
+    )
+    assert offline(text) == [
+        "<t>:11: <document 1>: spec.models[0].engineArgs.x.a.a.a...: "
+        "nested deeper than 64 levels (no Corral field is)"
+    ]
+
+
+def test_yaml_read_as_kubectl_reads_it() -> None:
+    text = yaml.safe_dump(pool()).replace("maxReplicas: 2", "maxReplicas: 2\n    maxReplicas: 3")
+    assert offline(text) == ['<t>:8: YAML syntax error: key "maxReplicas" already set in map']
+    stamp = yaml.safe_dump(pool()).replace(
+        "baseModel: org/m", "baseModel: org/m\n    engineArgs: {rev: 2024-01-01}"
+    )
+    report = validate_text(stamp, "<t>")
+    assert report.ok and report.objects[0].spec.models[0].engine_args == {"rev": "2024-01-01"}  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------- property tests
@@ -304,7 +493,7 @@ def valid_pools(draw: st.DrawFn) -> dict[str, Any]:
     adapters = [
         {"name": n, "baseModel": draw(st.sampled_from(model_names)), "rank": draw(st.integers(1, 512)),
          "source": draw(SOURCE)}
-        for n in draw(st.lists(NAME, max_size=5, unique=True))
+        for n in draw(st.lists(NAME.filter(lambda n: n not in model_names), max_size=5, unique=True))
     ]  # fmt: skip
     gpu = draw(st.integers(1, 16))
     cache = {"gpuSlots": gpu, "cpuSlots": draw(st.integers(gpu, 64))}

@@ -16,11 +16,13 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
+
+from . import names
 
 GROUP = "corral.dev"
 VERSION = "v1alpha1"
@@ -32,6 +34,22 @@ NAME_MAX = 63
 
 RULE_ERROR_TYPE = "corral_rule"
 """pydantic error type of :func:`rule_error`; its ``ctx['issues']`` holds ``(relative_path, message)``."""
+
+NOT_FINITE = "must be a finite number"
+"""Infinity and NaN: not JSON, so neither kubectl nor the apiserver can carry them."""
+
+
+# ------------------------------------------------------------------ scalar types, as strict as the apiserver
+
+
+K8sInt = Annotated[int, Field(strict=True)]
+"""``int`` as the apiserver checks ``type: integer``: ``"2"``, ``true`` and ``2.5`` are rejected. (A whole
+float such as YAML's ``4.0`` is read as ``4`` by :class:`~corral.api.validation.KubeLoader`, as kubectl
+does.)"""
+K8sFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""``float`` as the apiserver checks ``type: number``: ints pass; "2", true, .inf and .nan fail."""
+K8sBool = StrictBool
+"""``bool`` as the apiserver checks ``type: boolean``: ``"false"``, ``0`` and ``1`` are rejected."""
 
 
 class CorralModel(BaseModel):
@@ -107,26 +125,74 @@ def raise_issues(issues: Iterable[Issue]) -> None:
         raise rule_error(found)
 
 
-def duplicates(names: Sequence[str], list_path: str) -> list[Issue]:
-    """Issues for repeated names in a list keyed by ``name``, worded like the apiserver's list-map check."""
+def duplicates(keys: Sequence[str], list_path: str, key: str = "name") -> list[Issue]:
+    """Issues for repeated keys in a list-map keyed by ``key``, worded like the apiserver's check."""
     seen: set[str] = set()
     issues: list[Issue] = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(keys):
         if name in seen:
-            issues.append((f"{list_path}[{i}]", f'Duplicate value: {{"name":{json.dumps(name)}}}'))
+            issues.append((f"{list_path}[{i}]", f"Duplicate value: {{{json.dumps(key)}:{json.dumps(name)}}}"))
         seen.add(name)
     return issues
 
 
+def set_duplicates(values: Sequence[str], list_path: str) -> list[Issue]:
+    """Issues for repeated members of a list-type set, worded like the apiserver's check."""
+    seen: set[str] = set()
+    issues: list[Issue] = []
+    for i, value in enumerate(values):
+        if value in seen:
+            issues.append((f"{list_path}[{i}]", f"Duplicate value: {json.dumps(value)}"))
+        seen.add(value)
+    return issues
+
+
+def list_set() -> dict[str, Any]:
+    """``json_schema_extra`` for a list of unique scalars (the apiserver rejects duplicate members)."""
+    return {"x-kubernetes-list-type": "set"}
+
+
 class ObjectMeta(BaseModel):
-    """Kubernetes object metadata: only ``name`` is required; everything else the apiserver adds is kept."""
+    """Kubernetes object metadata, checked as the apiserver checks a custom resource's metadata.
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+    ``name`` is required (Corral objects refer to each other by name) and must be a DNS-1123 subdomain;
+    label keys and values, annotation keys and the namespace follow Kubernetes' syntax. The fields the
+    apiserver sets (uid, resourceVersion, ...) are accepted so ``kubectl get -o yaml`` output validates;
+    any other field is unknown, as under kubectl's ``fieldValidation=Strict``.
+    """
 
-    name: str = Field(min_length=1, max_length=253, description="Object name, unique in its namespace.")
-    namespace: str | None = Field(default=None, max_length=63, description="Namespace of the object.")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(min_length=1, description="Object name, unique in its namespace (DNS-1123 subdomain).")
+    namespace: str | None = Field(default=None, description="Namespace of the object (DNS-1123 label).")
     labels: dict[str, str] | None = Field(default=None, description="Labels (key/value pairs).")
     annotations: dict[str, str] | None = Field(default=None, description="Annotations (key/value pairs).")
+    # set by the apiserver (or by clients that copy a live object)
+    generate_name: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: K8sInt | None = None
+    creation_timestamp: Any = None
+    deletion_timestamp: Any = None
+    deletion_grace_period_seconds: K8sInt | None = None
+    finalizers: list[str] | None = None
+    owner_references: list[dict[str, Any]] | None = None
+    managed_fields: list[dict[str, Any]] | None = None
+    self_link: str | None = None
+
+    @model_validator(mode="after")
+    def _syntax(self) -> ObjectMeta:
+        issues: list[Issue] = []
+        issues += [
+            (".name", f"{m} (got {json.dumps(self.name)})") for m in names.dns1123_subdomain(self.name)
+        ]
+        if self.namespace is not None:
+            got = f" (got {json.dumps(self.namespace)})"
+            issues += [(".namespace", m + got) for m in names.dns1123_label(self.namespace)]
+        issues += [(".labels", m) for m in names.label_issues(self.labels or {})]
+        issues += [(".annotations", m) for m in names.annotation_issues(self.annotations or {})]
+        raise_issues(issues)
+        return self
 
 
 ConditionType = Literal["Ready", "Progressing", "Degraded"]
@@ -148,7 +214,7 @@ class Condition(CorralModel):
     last_transition_time: datetime | None = Field(
         default=None, description="When the status last changed (RFC 3339)."
     )
-    observed_generation: int | None = Field(
+    observed_generation: K8sInt | None = Field(
         default=None, ge=0, description="metadata.generation the condition was computed from."
     )
 

@@ -7,28 +7,31 @@ cross-field rules (each rule is a :class:`~corral.api.common.CelRule` used by bo
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     ConfigDict,
     Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     field_validator,
     model_validator,
 )
 
 from .common import (
     AGE_COLUMN,
+    NAME_MAX,
+    NAME_PATTERN,
+    NOT_FINITE,
     READY_COLUMN,
     CelRule,
     Condition,
     CorralModel,
     CrdInfo,
     Issue,
+    K8sFloat,
+    K8sInt,
     ObjectMeta,
     PrinterColumn,
     cel,
@@ -39,13 +42,13 @@ from .common import (
     raise_issues,
     rule_error,
 )
+from .names import qualified_name
 from .profiles import BUILTIN_PROFILES, GpuProfile, resolve_profile
 
 Engine = Literal["sim", "vllm"]
 ProfileName = Literal["H100", "A100-80GB", "L4"]
 assert set(ProfileName.__args__) == set(BUILTIN_PROFILES), "ProfileName must list BUILTIN_PROFILES"  # type: ignore[attr-defined]
 
-EngineArg = Annotated[StrictBool | StrictInt | StrictFloat | StrictStr, Field(union_mode="left_to_right")]
 
 MAX_MODELS = 16
 MAX_GPU_CLASSES = 16
@@ -106,6 +109,34 @@ RULE_ADAPTER_BASE_MODEL = CelRule(
     ),
 )
 
+ENGINE_ARG_SCALAR = "must be a string, number or boolean"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+"""A Kubernetes label value (at most 63 characters): empty, or alphanumerics with '-', '_', '.' inside."""
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+RULE_NODE_SELECTOR_KEYS = CelRule(
+    rule="self.all(k, !format.qualifiedName().validate(k).hasValue())",
+    message=(
+        "keys must be Kubernetes label keys ([PREFIX/]NAME: NAME at most 63 alphanumerics, '-', '_' or '.', "
+        "starting and ending alphanumeric; PREFIX a DNS subdomain)"
+    ),
+)
+NAME_CLASH = "adapter names must differ from model names (clients request both as `model`)"
+RULE_ADAPTER_MODEL_NAME_CLASH = CelRule(
+    rule="!has(self.adapters) || self.adapters.all(a, !self.models.exists(m, m.name == a.name))",
+    field_path=".adapters",
+    message=NAME_CLASH,
+    message_expression=(
+        f"'{NAME_CLASH} (got %s)'.format([self.adapters.filter(a, self.models.exists(m, m.name == a.name))"
+        ".map(a, a.name)])"
+    ),
+)
+
+
+def cel_list(values: list[str]) -> str:
+    """A list of strings as CEL's ``%s`` formats it (``["a", "b"]``)."""
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
 # ------------------------------------------------------------------------------------------------ spec
 
 
@@ -119,13 +150,21 @@ class ModelSpec(CorralModel):
         description="Weights to load: a Hugging Face model id (org/name) or a local path.",
     )
     engine: Engine = Field(default="sim", description="Engine: 'sim' (CPU simulator) or 'vllm' (GPU).")
-    engine_args: dict[str, EngineArg] = Field(
+    engine_args: dict[str, Any] = Field(
         default_factory=dict,
         max_length=MAX_ENGINE_ARGS,
         description="Extra engine arguments (string, number or boolean values), e.g. vLLM's enforce_eager.",
-        json_schema_extra={"additionalProperties": {"x-kubernetes-preserve-unknown-fields": True}},
+        # Untyped values (a structural schema has no "scalar" type); an object or a list value may hold no
+        # item, which leaves strings, numbers and booleans (CEL cannot inspect untyped values).
+        json_schema_extra={
+            "additionalProperties": {
+                "x-kubernetes-preserve-unknown-fields": True,
+                "maxProperties": 0,
+                "maxItems": 0,
+            }
+        },
     )
-    max_model_len: int | None = Field(
+    max_model_len: K8sInt | None = Field(
         default=None,
         ge=1,
         le=1 << 20,
@@ -143,32 +182,40 @@ class ModelSpec(CorralModel):
         ),
     )
 
-    @field_validator("engine_args", mode="before")
+    @field_validator("engine_args")
     @classmethod
-    def _scalar_args(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            bad = [k for k, v in value.items() if isinstance(v, dict | list) or v is None]
-            if bad:
-                raise rule_error([(f".{k}", "must be a string, number or boolean") for k in bad])
-        return value
+    def _scalar_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        issues: list[Issue] = []
+        for k, v in value.items():
+            if isinstance(v, dict | list) and v:
+                what = "object" if isinstance(v, dict) else "list"
+                msg = (
+                    f"{ENGINE_ARG_SCALAR} (a non-empty {what}: Too many: {len(v)}: must have at most 0 items)"
+                )
+                issues.append((f".{k}", msg))
+            elif isinstance(v, float) and not math.isfinite(v):
+                issues.append((f".{k}", NOT_FINITE))
+        raise_issues(issues)
+        # a null value is dropped, as the apiserver drops it
+        return {k: v for k, v in value.items() if v is not None}
 
 
 class ProfileOverrides(CorralModel):
     """Inline overrides of a built-in GPU performance profile (sim engine and router cost model)."""
 
-    b0_us: float | None = Field(default=None, ge=0, description="Fixed cost of one engine step, us.")
-    b1_us: float | None = Field(default=None, ge=0, description="Cost per prefill token in a step, us.")
-    b2_us: float | None = Field(default=None, ge=0, description="Cost per decode token in a step, us.")
-    kv_capacity_tokens: int | None = Field(default=None, ge=1, description="Tokens the KV cache holds.")
-    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="Token budget of one step.")
-    max_num_seqs: int | None = Field(default=None, ge=1, description="Maximum running sequences.")
-    lora_cpu_to_gpu_ms_per_mb: float | None = Field(
+    b0_us: K8sFloat | None = Field(default=None, ge=0, description="Fixed cost of one engine step, us.")
+    b1_us: K8sFloat | None = Field(default=None, ge=0, description="Cost per prefill token in a step, us.")
+    b2_us: K8sFloat | None = Field(default=None, ge=0, description="Cost per decode token in a step, us.")
+    kv_capacity_tokens: K8sInt | None = Field(default=None, ge=1, description="Tokens the KV cache holds.")
+    max_num_batched_tokens: K8sInt | None = Field(default=None, ge=1, description="Token budget of one step.")
+    max_num_seqs: K8sInt | None = Field(default=None, ge=1, description="Maximum running sequences.")
+    lora_cpu_to_gpu_ms_per_mb: K8sFloat | None = Field(
         default=None, ge=0, description="Host->GPU adapter copy time per MB, ms."
     )
-    lora_disk_to_cpu_ms_per_mb: float | None = Field(
+    lora_disk_to_cpu_ms_per_mb: K8sFloat | None = Field(
         default=None, ge=0, description="Disk->host adapter read and deserialisation time per MB, ms."
     )
-    lora_load_fixed_ms: float | None = Field(
+    lora_load_fixed_ms: K8sFloat | None = Field(
         default=None, ge=0, description="Fixed cost of any adapter load, ms."
     )
 
@@ -179,15 +226,16 @@ class GpuClass(CorralModel):
     model_config = ConfigDict(json_schema_extra=cel(RULE_MAX_GE_MIN, RULE_REPLICAS_IN_RANGE))
 
     name: str = name_field("Name of the GPU class, e.g. 'h100'.")
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict,
         max_length=MAX_SELECTOR_LABELS,
         description="Node labels that select this class's nodes, e.g. nvidia.com/gpu.product.",
+        json_schema_extra=cel(RULE_NODE_SELECTOR_KEYS),
     )
-    gpus_per_replica: int = Field(default=1, ge=1, le=16, description="GPUs per engine replica.")
-    min_replicas: int = Field(default=1, ge=0, le=1024, description="Lower bound for autoscaling.")
-    max_replicas: int = Field(ge=0, le=1024, description="Upper bound for autoscaling; >= minReplicas.")
-    replicas: int | None = Field(
+    gpus_per_replica: K8sInt = Field(default=1, ge=1, le=16, description="GPUs per engine replica.")
+    min_replicas: K8sInt = Field(default=1, ge=0, le=1024, description="Lower bound for autoscaling.")
+    max_replicas: K8sInt = Field(ge=0, le=1024, description="Upper bound for autoscaling; >= minReplicas.")
+    replicas: K8sInt | None = Field(
         default=None,
         ge=0,
         le=1024,
@@ -202,6 +250,14 @@ class GpuClass(CorralModel):
     accelerator_type: str | None = Field(
         default=None, max_length=63, description="Ray accelerator_type resource, e.g. 'H100' or 'A100-80G'."
     )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in value if qualified_name(k)]
+        if bad:
+            raise rule_error([("", f"{RULE_NODE_SELECTOR_KEYS.message} (got {cel_list(bad)})")])
+        return value
 
     @model_validator(mode="after")
     def _rules(self) -> GpuClass:
@@ -242,7 +298,7 @@ class Adapter(CorralModel):
     base_model: str = Field(
         min_length=1, max_length=63, description="Name of the pool model (spec.models[].name) it adapts."
     )
-    rank: int = Field(default=16, ge=1, le=512, description="LoRA rank r.")
+    rank: K8sInt = Field(default=16, ge=1, le=512, description="LoRA rank r.")
     source: str = Field(
         min_length=1,
         max_length=MAX_URI,
@@ -261,8 +317,10 @@ class AdapterCache(CorralModel):
 
     model_config = ConfigDict(json_schema_extra=cel(RULE_CPU_GE_GPU_SLOTS))
 
-    gpu_slots: int = Field(default=4, ge=1, le=256, description="Adapters resident on the GPU (max_loras).")
-    cpu_slots: int | None = Field(
+    gpu_slots: K8sInt = Field(
+        default=4, ge=1, le=256, description="Adapters resident on the GPU (max_loras)."
+    )
+    cpu_slots: K8sInt | None = Field(
         default=None,
         ge=1,
         le=4096,
@@ -284,7 +342,7 @@ class AdapterCache(CorralModel):
 class ModelPoolSpec(CorralModel):
     """Desired state of a ModelPool."""
 
-    model_config = ConfigDict(json_schema_extra=cel(RULE_ADAPTER_BASE_MODEL))
+    model_config = ConfigDict(json_schema_extra=cel(RULE_ADAPTER_BASE_MODEL, RULE_ADAPTER_MODEL_NAME_CLASH))
 
     models: list[ModelSpec] = Field(
         min_length=1,
@@ -311,7 +369,9 @@ class ModelPoolSpec(CorralModel):
     )
     routing_policy_ref: str | None = Field(
         default=None,
-        max_length=63,
+        min_length=1,
+        max_length=NAME_MAX,
+        pattern=NAME_PATTERN,
         description="Name of the RoutingPolicy (same namespace) that routes this pool's traffic.",
     )
 
@@ -326,6 +386,9 @@ class ModelPoolSpec(CorralModel):
             if a.base_model not in models:
                 msg = f'{BASE_MODEL_UNKNOWN} (got "{a.base_model}")'
                 issues.append((f".adapters[{i}].baseModel", msg))
+        clash = [a.name for a in self.adapters if a.name in models]
+        if clash:
+            issues.append((".adapters", f"{NAME_CLASH} (got {cel_list(clash)})"))
         raise_issues(issues)
         return self
 
@@ -337,8 +400,8 @@ class GpuClassStatus(CorralModel):
     """Replica counts of one GPU class."""
 
     name: str = Field(max_length=63, description="GPU class name.")
-    desired_replicas: int = Field(default=0, ge=0, description="Replicas the operator asked for.")
-    ready_replicas: int = Field(default=0, ge=0, description="Replicas that are serving.")
+    desired_replicas: K8sInt = Field(default=0, ge=0, description="Replicas the operator asked for.")
+    ready_replicas: K8sInt = Field(default=0, ge=0, description="Replicas that are serving.")
 
 
 class AdapterResidency(CorralModel):
@@ -356,14 +419,16 @@ class AdapterResidency(CorralModel):
 class ModelPoolStatus(CorralModel):
     """Observed state of a ModelPool, written by the operator."""
 
-    observed_generation: int | None = Field(default=None, ge=0, description="Last metadata.generation seen.")
+    observed_generation: K8sInt | None = Field(
+        default=None, ge=0, description="Last metadata.generation seen."
+    )
     conditions: list[Condition] = conditions_field()
-    model_count: int | None = Field(default=None, ge=0, description="Models in the spec (printer column).")
-    adapter_count: int | None = Field(
+    model_count: K8sInt | None = Field(default=None, ge=0, description="Models in the spec (printer column).")
+    adapter_count: K8sInt | None = Field(
         default=None, ge=0, description="Adapters in the spec (printer column)."
     )
-    desired_replicas: int | None = Field(default=None, ge=0, description="Sum of desired replicas.")
-    ready_replicas: int | None = Field(default=None, ge=0, description="Sum of ready replicas.")
+    desired_replicas: K8sInt | None = Field(default=None, ge=0, description="Sum of desired replicas.")
+    ready_replicas: K8sInt | None = Field(default=None, ge=0, description="Sum of ready replicas.")
     gpu_classes: list[GpuClassStatus] = Field(
         default_factory=list,
         max_length=MAX_GPU_CLASSES,

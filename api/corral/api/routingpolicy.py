@@ -10,23 +10,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import (
     AGE_COLUMN,
     NAME_MAX,
     NAME_PATTERN,
     READY_COLUMN,
+    CelRule,
     Condition,
     CorralModel,
     CrdInfo,
+    K8sBool,
+    K8sFloat,
+    K8sInt,
     ObjectMeta,
     PrinterColumn,
+    cel,
     conditions_field,
-    duplicates,
     list_map,
+    list_set,
     name_field,
     raise_issues,
+    set_duplicates,
 )
 
 Strategy = Literal[
@@ -55,25 +61,32 @@ MAX_RULES = 64
 
 AdapterName = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)]
 
+RULES_UNSUPPORTED = "model selection rules are not supported yet (leave spec.modelSelection.rules empty)"
+RULE_NO_MODEL_SELECTION_RULES = CelRule(
+    rule="!has(self.rules) || size(self.rules) == 0",
+    field_path=".rules",
+    message=RULES_UNSUPPORTED,
+)
+
 
 class LoadSpec(CorralModel):
     """Load guards applied on top of the strategy."""
 
-    max_queue_requests_per_replica: int = Field(
+    max_queue_requests_per_replica: K8sInt = Field(
         default=32, ge=1, le=100_000, description="Waiting requests per replica beyond which it is skipped."
     )
-    hotspot_factor: float = Field(
+    hotspot_factor: K8sFloat = Field(
         default=3.0,
-        ge=1.0,
+        gt=1.0,
         le=10.0,
         description=(
-            "Hotspot bound c: no replica is given work while its queued prefill time exceeds c x the "
+            "Hotspot bound c (> 1): no replica is given work while its queued prefill time exceeds c x the "
             "fleet's mean (and half the TTFT SLO)."
         ),
     )
-    two_choice_above: int = Field(
+    two_choice_above: K8sInt = Field(
         default=16,
-        ge=0,
+        ge=1,
         le=100_000,
         description="With more candidate replicas than this, score two random candidates (power of two).",
     )
@@ -82,16 +95,21 @@ class LoadSpec(CorralModel):
 class AdapterPaging(CorralModel):
     """Hints for the adapter paging manager."""
 
+    @model_validator(mode="after")
+    def _unique(self) -> AdapterPaging:
+        raise_issues(set_duplicates(self.pin, ".pin"))
+        return self
+
     pin: list[AdapterName] = Field(
         default_factory=list,
         max_length=MAX_PINNED,
-        description="Adapters kept resident in a GPU slot on every replica.",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Adapters kept resident in a GPU slot on every replica (unique names).",
+        json_schema_extra=list_set(),
     )
-    prefetch_to_cpu: bool = Field(
+    prefetch_to_cpu: K8sBool = Field(
         default=True, description="Prefetch adapters with rising demand into host memory."
     )
-    replication_demand_rps: float = Field(
+    replication_demand_rps: K8sFloat = Field(
         default=5.0,
         gt=0,
         le=1e6,
@@ -100,7 +118,7 @@ class AdapterPaging(CorralModel):
 
 
 class ModelSelectionRule(CorralModel):
-    """One model-selection rule (placeholder: the match language is designed later)."""
+    """One model-selection rule (placeholder: designed later; any rule is rejected until implemented)."""
 
     name: str = name_field("Rule name.")
     match: dict[str, Any] = Field(
@@ -112,18 +130,21 @@ class ModelSelectionRule(CorralModel):
 
 
 class ModelSelection(CorralModel):
-    """Rules that choose a model or adapter for a request."""
+    """Rules that choose a model or adapter for a request (not supported yet: must stay empty)."""
+
+    model_config = ConfigDict(json_schema_extra=cel(RULE_NO_MODEL_SELECTION_RULES))
 
     rules: list[ModelSelectionRule] = Field(
         default_factory=list,
         max_length=MAX_RULES,
-        description="Rules, first match wins (unique names).",
+        description="Reserved: rules, first match wins (unique names). Not supported yet: must be empty.",
         json_schema_extra=list_map(),
     )
 
     @model_validator(mode="after")
     def _rules(self) -> ModelSelection:
-        raise_issues(duplicates([r.name for r in self.rules], ".rules"))
+        if self.rules:
+            raise_issues([(".rules", RULES_UNSUPPORTED)])
         return self
 
 
@@ -138,7 +159,7 @@ class Tenants(CorralModel):
     """Tenant authentication."""
 
     secret_ref: SecretKeyRef = Field(description="Secret key holding the tenants' API keys.")
-    isolate_cache: bool = Field(
+    isolate_cache: K8sBool = Field(
         default=False, description="Salt prefix hashes by tenant so tenants never share cached prefixes."
     )
 
@@ -162,7 +183,7 @@ class RoutingPolicySpec(CorralModel):
             "'approximate' (the router's own record of what it sent where)."
         ),
     )
-    ttft_slo_ms: float = Field(
+    ttft_slo_ms: K8sFloat = Field(
         default=2000.0, gt=0, le=600_000, description="Time-to-first-token SLO in milliseconds (> 0)."
     )
     load: LoadSpec = Field(
@@ -183,8 +204,8 @@ class RouterStatus(CorralModel):
     """One router instance that has loaded this policy."""
 
     id: str = Field(max_length=253, description="Router instance id.")
-    ready: bool = Field(default=False, description="Whether the router serves traffic.")
-    policy_generation: int | None = Field(
+    ready: K8sBool = Field(default=False, description="Whether the router serves traffic.")
+    policy_generation: K8sInt | None = Field(
         default=None, ge=0, description="metadata.generation of the policy the router runs."
     )
 
@@ -192,7 +213,9 @@ class RouterStatus(CorralModel):
 class RoutingPolicyStatus(CorralModel):
     """Observed state of a RoutingPolicy, written by the operator."""
 
-    observed_generation: int | None = Field(default=None, ge=0, description="Last metadata.generation seen.")
+    observed_generation: K8sInt | None = Field(
+        default=None, ge=0, description="Last metadata.generation seen."
+    )
     conditions: list[Condition] = conditions_field()
     active_strategy: Strategy | None = Field(default=None, description="Strategy the routers run now.")
     routers: list[RouterStatus] = Field(

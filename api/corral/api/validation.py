@@ -3,12 +3,22 @@
 This module owns turning YAML files into :class:`Problem` lines: YAML syntax errors (with line), unknown
 ``apiVersion``/``kind``, and every schema or rule violation the pydantic models report, rendered with a
 Kubernetes-style field path (``spec.gpuClasses[1].maxReplicas``) and, where the apiserver has a fixed
-phrase for the same failure (``Unsupported value``, ``should be greater than or equal to``), the same words.
+phrase for the same failure (``Unsupported value``, ``should be greater than or equal to``, ``must be of
+type integer``, ``Duplicate value``), the same words.
+
+The verdict (valid or not) is meant to be the apiserver's for the same file applied with kubectl
+(``fieldValidation=Strict``); ``tests/integration/test_k8s_parity.py`` checks that on every fixture. So the
+YAML is read as kubectl reads it: timestamps stay strings, a repeated key is an error, and nesting deeper
+than any Corral schema (:data:`MAX_DEPTH`) is reported with its path instead of overflowing the stack.
+On top of the per-object checks, :func:`cross_check` checks the objects given together against each other
+(a RoutingPolicy's pins against its ModelPool's adapters, one policy per pool): offline only until the
+admission webhook exists.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,10 +29,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .common import API_VERSION, GROUP, RULE_ERROR_TYPE
+from .common import API_VERSION, GROUP, NOT_FINITE, RULE_ERROR_TYPE
 from .models import KINDS, ModelPool, RoutingPolicy
 
 YAML_SUFFIXES = (".yaml", ".yml")
+MAX_DEPTH = 64
+"""Deepest nesting of mappings/sequences accepted in a document (Corral's schemas need fewer than 10)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Report:
 
     problems: list[Problem] = field(default_factory=list)
     objects: list[ModelPool | RoutingPolicy] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    """File of each of :attr:`objects` (same order)."""
     files: int = 0
     skipped: int = 0
 
@@ -99,6 +113,19 @@ def _expected_values(expected: str) -> list[str]:
     return [q or n for q, n in re.findall(r"'((?:[^'\\]|\\.)*)'|(-?\d+(?:\.\d+)?)", expected)]
 
 
+_TYPE_NAMES = {
+    "string_type": "string",
+    "bool_type": "boolean",
+    "int_type": "integer",
+    "float_type": "number",
+    "dict_type": "object",
+    "model_type": "object",
+    "model_attributes_type": "object",
+    "list_type": "array",
+}
+"""pydantic's wrong-type errors -> the OpenAPI type the apiserver names (``must be of type boolean``)."""
+
+
 def error_lines(exc: ValidationError) -> list[tuple[str, str]]:
     """Flatten a pydantic error into ``(field path, message)`` pairs in Kubernetes wording."""
     out: list[tuple[str, str]] = []
@@ -118,6 +145,10 @@ def error_lines(exc: ValidationError) -> list[tuple[str, str]]:
             out.append((path, f"Unsupported value: {json.dumps(inp)}: supported values: {values}"))
         elif kind == "string_pattern_mismatch":
             out.append((path, f"should match '{ctx.get('pattern')}'{_got(inp)}"))
+        elif kind == "finite_number":
+            out.append((path, f"{NOT_FINITE}{_got(inp)}"))
+        elif kind in _TYPE_NAMES:
+            out.append((path, f"must be of type {_TYPE_NAMES[kind]}{_got(inp)}"))
         else:
             msg = err["msg"].removeprefix("Value error, ")
             msg = re.sub(r"^(Input|String|List|Dictionary|Value) should", "should", msg)
@@ -171,16 +202,93 @@ def validate_document(
         obj = KINDS[kind].model_validate(doc)
     except ValidationError as exc:
         return None, [Problem(file, msg, label, path) for path, msg in error_lines(exc)]
+    except RecursionError:  # a guard only: _too_deep rejects such documents before they are loaded
+        return None, [Problem(file, f"nested deeper than {MAX_DEPTH} levels", label)]
     return obj, []
 
 
+# ------------------------------------------------------------------------------------------ YAML as kubectl
+
+
+class KubeLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it (go-yaml via sigs.k8s.io/yaml, then JSON): timestamps stay strings, a whole
+    float becomes an int (Go writes ``4.0`` as ``4``), and a key repeated in one mapping is an error, worded
+    as the apiserver words it under ``fieldValidation=Strict``."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                repeated = key in seen
+            except TypeError:  # unhashable key: the SafeLoader reports it
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {json.dumps(str(key))} already set in map", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _construct_number(loader: KubeLoader, node: yaml.ScalarNode) -> Any:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)  # type: ignore[no-untyped-call]
+    return int(value) if math.isfinite(value) and value.is_integer() else value
+
+
+KubeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+
+
 def _load_all(text: str) -> Iterator[Any]:
-    loader = yaml.SafeLoader(text)
+    loader = KubeLoader(text)
     try:
         while loader.check_data():
             yield loader.get_data()
     finally:
         loader.dispose()
+
+
+def _too_deep(text: str) -> tuple[int, str, int] | None:
+    """(document number, field path, line) of the first node nested deeper than :data:`MAX_DEPTH`, or None.
+
+    Walks the parser's events (no recursion), so it is safe on any nesting; YAML errors are left to the
+    loader to report.
+    """
+    # one frame per open collection: [is_mapping, next scalar is a key, current key/index]
+    stack: list[list[Any]] = []
+    doc = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.DocumentStartEvent):
+                doc += 1
+                stack.clear()
+                continue
+            if stack and not isinstance(event, yaml.CollectionEndEvent):
+                top = stack[-1]
+                if top[0] and top[1]:  # a mapping key
+                    top[1] = False
+                    top[2] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+                    continue
+                if top[0]:
+                    top[1] = True
+                else:
+                    top[2] += 1
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                if len(stack) >= MAX_DEPTH:
+                    line = event.start_mark.line + 1 if event.start_mark is not None else 0
+                    return doc, format_loc(f[2] for f in stack[:8]) + "...", line
+                is_map = isinstance(event, yaml.MappingStartEvent)
+                stack.append([is_map, is_map, -1])
+            elif isinstance(event, yaml.CollectionEndEvent) and stack:
+                stack.pop()
+    except yaml.YAMLError:
+        return None
+    return None
 
 
 def validate_text(
@@ -189,6 +297,12 @@ def validate_text(
     """Validate every document of a (multi-document) YAML text, adding to ``report``."""
     report = report if report is not None else Report()
     report.files += 1
+    deep = _too_deep(text)
+    if deep is not None:
+        doc_no, path, deep_line = deep
+        msg = f"nested deeper than {MAX_DEPTH} levels (no Corral field is)"
+        report.problems.append(Problem(file, msg, f"<document {doc_no}>", path, line=deep_line or None))
+        return report
     index = 0
     try:
         for doc in _load_all(text):
@@ -199,6 +313,7 @@ def validate_text(
             report.problems.extend(problems)
             if obj is not None:
                 report.objects.append(obj)
+                report.sources.append(file)
             elif not problems:
                 report.skipped += 1
     except yaml.YAMLError as exc:
@@ -215,7 +330,10 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[Problem]
     problems: list[Problem] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in YAML_SUFFIXES))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in YAML_SUFFIXES)
+            if not found:
+                problems.append(Problem("", f"no YAML files found in {p} (looked for *.yaml and *.yml)"))
+            files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
@@ -223,8 +341,9 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[Problem]
     return files, problems
 
 
-def validate_paths(paths: Sequence[str | Path], *, skip_foreign: bool = False) -> Report:
-    """Validate files and directories (see :func:`expand_paths`)."""
+def validate_paths(paths: Sequence[str | Path], *, skip_foreign: bool = False, cross: bool = True) -> Report:
+    """Validate files and directories (see :func:`expand_paths`), and with ``cross`` the valid objects
+    against each other (:func:`cross_check`)."""
     files, problems = expand_paths(paths)
     report = Report(problems=problems)
     for f in files:
@@ -235,4 +354,70 @@ def validate_paths(paths: Sequence[str | Path], *, skip_foreign: bool = False) -
             report.problems.append(Problem(str(f), f"cannot read: {exc}"))
             continue
         validate_text(text, str(f), skip_foreign=skip_foreign, report=report)
+    if cross:
+        cross_check(report)
+    return report
+
+
+# ------------------------------------------------------------------------------------ across objects
+
+
+def _ns(obj: ModelPool | RoutingPolicy) -> str:
+    return obj.metadata.namespace or ""
+
+
+def cross_check(report: Report) -> Report:
+    """Check the valid objects of ``report`` against each other; adds to ``report.problems``.
+
+    * a RoutingPolicy's ``adapterPaging.pin`` entries must be adapters of its ModelPool (when the pool is
+      among the objects);
+    * at most one RoutingPolicy per ModelPool;
+    * a ModelPool's ``routingPolicyRef`` and the policies' ``poolRef`` must agree.
+
+    Objects match by name within a namespace (an unset namespace matches only unset ones). The apiserver
+    cannot check these (one object at a time) until Corral's admission webhook exists.
+    """
+    pools: dict[tuple[str, str], ModelPool] = {}
+    policies: list[tuple[RoutingPolicy, str]] = []
+    for obj, src in zip(report.objects, report.sources, strict=True):
+        if isinstance(obj, ModelPool):
+            pools[(_ns(obj), obj.metadata.name)] = obj
+        else:
+            policies.append((obj, src))
+    first: dict[tuple[str, str], RoutingPolicy] = {}
+    by_name = {(_ns(rp), rp.metadata.name): (rp, src) for rp, src in policies}
+    for (ns, name), pool in pools.items():
+        ref = pool.spec.routing_policy_ref
+        if ref is not None and (ns, ref) in by_name:
+            rp, src = by_name[(ns, ref)]
+            if rp.spec.pool_ref != name:
+                msg = (
+                    f'names ModelPool "{rp.spec.pool_ref}" but ModelPool "{name}" names this policy in '
+                    "spec.routingPolicyRef"
+                )
+                report.problems.append(Problem(src, msg, f"RoutingPolicy/{ref}", "spec.poolRef"))
+    for rp, src in policies:
+        label = f"RoutingPolicy/{rp.metadata.name}"
+        key = (_ns(rp), rp.spec.pool_ref)
+        if key in first:
+            other = first[key].metadata.name
+            msg = f'ModelPool "{rp.spec.pool_ref}" already has RoutingPolicy "{other}" (one policy per pool)'
+            report.problems.append(Problem(src, msg, label, "spec.poolRef"))
+        else:
+            first[key] = rp
+        target = pools.get(key)
+        if target is None:
+            continue
+        ref = target.spec.routing_policy_ref
+        if ref is not None and ref != rp.metadata.name:
+            msg = (
+                f'ModelPool "{target.metadata.name}" names RoutingPolicy "{ref}" in spec.routingPolicyRef, '
+                f'not "{rp.metadata.name}"'
+            )
+            report.problems.append(Problem(src, msg, label, "spec.poolRef"))
+        adapters = {a.name for a in target.spec.adapters}
+        for i, name in enumerate(rp.spec.adapter_paging.pin):
+            if name not in adapters:
+                msg = f'must name an adapter of ModelPool "{target.metadata.name}" (got "{name}")'
+                report.problems.append(Problem(src, msg, label, f"spec.adapterPaging.pin[{i}]"))
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..validation import Report, validate_paths, validate_text
+from ..validation import Report, cross_check, validate_paths, validate_text
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,8 +14,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="Validate Corral custom resources offline.",
         description=(
             "Validate ModelPool and RoutingPolicy YAML (multi-document files, directories searched "
-            "recursively for *.yaml/*.yml, '-' for stdin) with the same rules as the CRDs. Prints "
-            "'file: Kind/name: field.path: message' per error; exit code 1 on any error."
+            "recursively for *.yaml/*.yml, '-' for stdin) with the same rules as the CRDs, and the objects "
+            "given together against each other (a RoutingPolicy's pins against its ModelPool's adapters, "
+            "one policy per pool). Prints 'file: Kind/name: field.path: message' per error. Exit code 0: "
+            "all valid; 1: any error (also a missing path or a folder without YAML files)."
         ),
     )
     p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="files or directories to validate")
@@ -31,11 +33,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     files = [p for p in args.paths if p != "-"]
-    report: Report = validate_paths(files, skip_foreign=args.skip_foreign) if files else Report()
+    report: Report = Report()
+    if files:
+        report = validate_paths(files, skip_foreign=args.skip_foreign, cross=False)
     if "-" in args.paths:
         validate_text(sys.stdin.read(), "<stdin>", skip_foreign=args.skip_foreign, report=report)
+    cross_check(report)
     for problem in report.problems:
         print(problem)
-    if not args.quiet:
+    if not args.quiet and report.files:  # nothing read (missing path, empty folder): its one line says it
         print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
