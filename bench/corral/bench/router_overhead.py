@@ -69,10 +69,17 @@ def _engine_proc(n: int, q: Any, stop: Any) -> None:
 
 def _router_proc(engines: list[str], policy: str, q: Any, stop: Any) -> None:
     _uvloop()
+    from dataclasses import replace
+
     from corral.router.server import RouterConfig, RouterServer
+    from corral.router.settings import router_settings
+
+    # The shipped defaults (default RoutingPolicy, explain as shipped); only the strategy may differ.
+    shipped = router_settings(None)
+    settings = shipped if policy == shipped.strategy else replace(shipped, strategy=policy, policy_params={})
 
     async def run() -> None:
-        srv = RouterServer(engines, RouterConfig(policy=policy, explain_all=False))
+        srv = RouterServer(engines, RouterConfig.from_settings(settings))
         await srv.start("127.0.0.1", 0, 0)
         await srv.wait_for_replicas(len(engines), 20)
         q.put((srv.grpc_address, srv.http_url))
@@ -177,8 +184,10 @@ async def _run_cases(
     router_stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(router[0]))
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
 
+    from corral.router.tokenizer import SIM_TOKENIZER
+
     async def direct(prompt: str, i: int) -> None:
-        ids = list(prompt.encode())
+        ids = SIM_TOKENIZER.encode(prompt)  # what the router sends the engines for the same text
         req = epb.GenerateRequest(request_id=f"d{i}", model=MODEL, prompt_token_ids=ids, max_tokens=4)
         async for _ in engine_stubs[i % len(engine_stubs)].Generate(req):
             pass
@@ -240,8 +249,8 @@ def _start_ray_serve() -> str:
     @serve.deployment(max_ongoing_requests=64)
     class Echo:
         async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
-            ids = list(body["prompt"].encode())[-4:]
-            return {"choices": [{"text": bytes(ids).decode(), "finish_reason": "length"}]}
+            text = body["prompt"][-4:]
+            return {"choices": [{"text": text, "finish_reason": "length"}]}
 
     @serve.deployment(max_ongoing_requests=64)
     class Ingress:

@@ -8,8 +8,14 @@ import contextlib
 import logging
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
 
+from corral.api.models import ModelPool, RoutingPolicy
+from corral.api.validation import validate_paths
+
+from ..settings import RouterSettings, router_settings
+from ..tokenizer import load_tokenizer
 from .app import RouterServer, load_api_keys
 from .core import RouterConfig
 
@@ -30,6 +36,47 @@ def _param(s: str) -> tuple[str, Any]:
     return k, val
 
 
+def _settings(paths: list[str]) -> RouterSettings:
+    """RouterSettings from RoutingPolicy/ModelPool files, validated exactly as ``corral validate`` does."""
+    if not paths:
+        return router_settings(None)
+    report = validate_paths(paths)
+    if not report.ok:
+        raise ValueError("; ".join(str(p) for p in report.problems[:5]))
+    policies = [o for o in report.objects if isinstance(o, RoutingPolicy)]
+    pools = [o for o in report.objects if isinstance(o, ModelPool)]
+    if len(policies) > 1 or len(pools) > 1:
+        raise ValueError(f"{', '.join(paths)}: expected at most one RoutingPolicy and one ModelPool")
+    pool = pools[0] if pools else None
+    if policies and pool is not None and policies[0].spec.pool_ref != pool.metadata.name:
+        raise ValueError(
+            f"RoutingPolicy {policies[0].metadata.name} routes pool '{policies[0].spec.pool_ref}', "
+            f"not the ModelPool '{pool.metadata.name}' given with it"
+        )
+    return router_settings(policies[0] if policies else None, pool)
+
+
+def _config(ns: argparse.Namespace) -> RouterConfig:
+    s = _settings(ns.routing_policy)
+    if ns.policy is not None or ns.policy_param:
+        s = replace(s, strategy=ns.policy or s.strategy, policy_params=dict(ns.policy_param))
+    if ns.index_mode is not None:
+        s = replace(s, index_mode=ns.index_mode)
+    if s.tenant_secret is not None and not ns.api_keys:
+        raise ValueError(
+            f"the RoutingPolicy sets spec.tenants (Secret {s.tenant_secret[0]}, key {s.tenant_secret[1]}): "
+            "give that Secret's content with --api-keys FILE, or the router would serve without keys"
+        )
+    cfg = RouterConfig.from_settings(
+        s,
+        api_keys=load_api_keys(ns.api_keys) if ns.api_keys else None,
+        stale_after_s=ns.stale_after,
+    )
+    uris = {m.name: m.tokenizer for m in s.models.values() if m.tokenizer} | dict(ns.tokenizer)
+    cfg.tokenizers = {model: load_tokenizer(str(uri)) for model, uri in uris.items()}
+    return cfg
+
+
 def install_uvloop() -> bool:
     try:
         import uvloop
@@ -42,9 +89,27 @@ def install_uvloop() -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m corral.router.server", description=__doc__)
     ap.add_argument("--engines", default="", help="comma-separated engine endpoint addresses host:port")
-    ap.add_argument("--policy", default="corral")
+    ap.add_argument(
+        "-f",
+        "--routing-policy",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="RoutingPolicy (and its ModelPool) YAML file or folder: route exactly as deployed "
+        "(strategy, SLO, index mode, queue bound, tenants, adapters, tokenizers, GPU-class profiles)",
+    )
+    ap.add_argument("--policy", default=None, help="strategy (default: the RoutingPolicy's, else corral)")
     ap.add_argument("--policy-param", action="append", type=_param, default=[], metavar="KEY=VALUE")
-    ap.add_argument("--index-mode", choices=["approximate", "precise"], default="approximate")
+    ap.add_argument("--index-mode", choices=["approximate", "precise"], default=None)
+    ap.add_argument(
+        "--tokenizer",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="MODEL=PATH",
+        help="tokenizer.json (or its folder) for a model (default: spec.models[].tokenizer, else the "
+        "engine's own, else the simulator's)",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=50050)
     ap.add_argument("--http-port", type=int, default=8000)
@@ -54,22 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default="INFO")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _config(ns)
+    except (OSError, ValueError) as e:
+        print(f"corral router: {e}", file=sys.stderr)
+        return 2
     if not ns.no_uvloop:
         install_uvloop()
-    cfg = RouterConfig(
-        policy=ns.policy,
-        policy_params=dict(ns.policy_param),
-        index_mode=ns.index_mode,
-        api_keys=load_api_keys(ns.api_keys) if ns.api_keys else None,
-        stale_after_s=ns.stale_after,
-    )
     engines = [a.strip() for a in ns.engines.split(",") if a.strip()]
 
     async def run() -> None:
         server = RouterServer(engines, cfg)
         await server.start(ns.host, ns.grpc_port, ns.http_port)
         print(
-            f"corral router: grpc {server.grpc_address}  http {server.http_url}  policy {ns.policy}",
+            f"corral router: grpc {server.grpc_address}  http {server.http_url}  policy {cfg.policy}",
             flush=True,
         )
         stop = asyncio.Event()

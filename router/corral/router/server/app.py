@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from ..core import DispatchHook
 from ..engine_client import Discovery, StaticDiscovery
+from ..settings import RouterSettings
 from .core import Router, RouterConfig
 from .grpc_api import GrpcApi
 from .http_api import HttpApi
@@ -42,12 +44,13 @@ class RouterServer:
         self,
         discovery: Discovery | Iterable[str],
         config: RouterConfig | None = None,
+        on_dispatch: DispatchHook | None = None,
         **pool_kw: Any,
     ) -> None:
         if not isinstance(discovery, Discovery):
             discovery = StaticDiscovery(list(discovery))
         self.discovery = discovery
-        self.router = Router(discovery, config, **pool_kw)
+        self.router = Router(discovery, config, on_dispatch, **pool_kw)
         self.grpc = GrpcApi(self.router)
         self.http = HttpApi(self.router)
         self.grpc_address = ""
@@ -74,6 +77,10 @@ class RouterServer:
     def update_policy(self, strategy: str, params: dict[str, Any] | None = None) -> None:
         """Swap the routing policy live (no state dropped, engines untouched)."""
         self.router.update_policy(strategy, params)
+
+    def configure(self, settings: RouterSettings) -> None:
+        """Apply the CRs' translation (:func:`corral.router.settings.router_settings`) live."""
+        self.router.configure(settings)
 
     def set_api_keys(self, keys: dict[str, str] | None) -> None:
         self.router.set_api_keys(keys)

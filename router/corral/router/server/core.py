@@ -332,17 +332,7 @@ class Router:
                     continue
                 m.decision(self.policy_name, rid, r.gpu_class)
                 if req_pb is None:
-                    req_pb = epb.GenerateRequest(
-                        request_id=rr.request_id,
-                        model=rr.model,
-                        adapter=rr.adapter or "",
-                        prompt_token_ids=p.token_ids,
-                        block_hashes=rr.block_hashes,
-                        max_tokens=rr.max_tokens,
-                        sampling=p.sampling,
-                        adapter_source=p.adapter_source,
-                        tenant=rr.tenant or "",
-                    )
+                    req_pb = generate_request_pb(p)
                 core.dispatch(rid, rr, d)
                 call = conn.stub.Generate(req_pb)
                 try:
@@ -397,6 +387,10 @@ class Router:
             raise
         except (asyncio.CancelledError, GeneratorExit):
             code = "499"
+            raise
+        except Exception as e:  # a bug: the fronts answer an OpenAI-shaped 500; count it as one
+            code = "500"
+            span.set_attribute("error.message", f"{type(e).__name__}: {e}")
             raise
         finally:
             m.request_done(api, code, time.perf_counter() - t0)
