@@ -86,7 +86,7 @@ def install_uvloop() -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m corral.router.server", description=__doc__)
     ap.add_argument("--engines", default="", help="comma-separated engine endpoint addresses host:port")
     ap.add_argument(
@@ -117,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stale-after", type=float, default=1.0, help="seconds of engine silence before removal")
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--log-level", default="INFO")
-    ns = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = _config(ns)
