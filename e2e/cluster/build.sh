@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build a Docker-free local Kubernetes control plane from Go modules (via GOPROXY), cached per version set:
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (k8s.io/kubernetes via a wrapper module)
-#   etcd (go.etcd.io/etcd/server/v3 via a wrapper module), kwok (+ its default stage YAMLs), helm
+#   etcd (go.etcd.io/etcd/server/v3 via a wrapper module), kwok (+ its default stage YAMLs), helm,
+#   ray-operator (KubeRay's operator, github.com/ray-project/kuberay/ray-operator)
 #
 # Usage:
 #   e2e/cluster/build.sh                 build whatever is missing, then print the bin dir (last stdout line)
@@ -9,7 +10,7 @@
 #   e2e/cluster/build.sh --check         exit 0 if every binary is present in the bin dir, 1 otherwise
 #
 # Environment:
-#   K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION   versions (defaults below)
+#   K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUBERAY_VERSION   versions (defaults below)
 #   CORRAL_CACHE   cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/corral)
 #   K8S_BIN_DIR    bin dir override (default $CORRAL_CACHE/k8s/<k8s>-etcd<v>-kwok<v>-helm<v>)
 #   K8S_BUILD_DIR  scratch dir for the wrapper modules (default $CORRAL_CACHE/k8s-build)
@@ -23,10 +24,12 @@ K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.14}"   # any go.etcd.io/etcd/server/v3 v3.6.x / v3.7.x the proxy serves
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"    # last release whose go.mod says `go 1.26.0` (kwok main needs go 1.27)
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+KUBERAY_VERSION="${KUBERAY_VERSION:-v1.5.0}"   # `go list -m -versions github.com/ray-project/kuberay/ray-operator`
 CACHE="${CORRAL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/corral}"
 OUT="${K8S_BIN_DIR:-$CACHE/k8s/$K8S_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION}"
 WORK="${K8S_BUILD_DIR:-$CACHE/k8s-build}"
-BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
+# ray-operator is not in the bin-dir name: an older cache dir just gets it built (--check fails until then).
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm ray-operator)
 FILES=(kwok-stages.yaml)
 
 all_present() {
@@ -99,7 +102,7 @@ K8S_MINOR="${K8S_VERSION#v1.}"; K8S_MINOR="${K8S_MINOR%%.*}"       # 37
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"                             # v0.37.2
 BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
-log "building into $OUT (k8s $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION, -p $JOBS)"
+log "building into $OUT (k8s $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION, kuberay $KUBERAY_VERSION, -p $JOBS)"
 
 # ---------------------------------------------------------------- kubernetes
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
@@ -203,6 +206,18 @@ if [[ ! -x "$OUT/helm" ]]; then
       $H/pkg/lint/rules.k8sVersionMajor=1 $H/pkg/lint/rules.k8sVersionMinor=$K8S_MINOR" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   publish helm
+fi
+
+# ---------------------------------------------------------------- KubeRay operator
+if [[ ! -x "$OUT/ray-operator" ]]; then
+  # The module root is the operator's main package and its go.mod has no replace directives, so a
+  # plain `go install` works. Its CRDs (config/crd/bases/) are vendored in manifests/third_party/kuberay/.
+  STEP="kuberay ray-operator $KUBERAY_VERSION"
+  log "$STEP (~3-5 min on 2 cores with a cold build cache)"
+  GOBIN="$STAGE" go install -trimpath -ldflags "-s -w" \
+    "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION" 2>&1 | quiet
+  [[ -x "$STAGE/ray-operator" ]] || die "go install produced no ray-operator binary"
+  publish ray-operator
 fi
 
 STEP="final check"
