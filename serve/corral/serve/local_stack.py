@@ -205,7 +205,10 @@ class LocalStack:
                 break
             if time.monotonic() > deadline:
                 waiting = ", ".join(f"{k} {r}/{w}" for k, (r, w) in state.items() if r < w) or "routers"
-                raise LocalStackError(f"replicas not ready after {timeout_s:.0f}s: {waiting}")
+                why = "; ".join(self.failed_apps(waiting_too=True))
+                raise LocalStackError(
+                    f"replicas not ready after {timeout_s:.0f}s: {waiting}" + (f" ({why})" if why else "")
+                )
             time.sleep(0.3)
         if progress is not None:
             progress(self.replica_progress())
@@ -232,7 +235,9 @@ class LocalStack:
         self.plans[i] = plan_pool(old.pool, policy, old.options)
         self.deploy()
 
-    def failed_apps(self) -> list[str]:
+    def failed_apps(self, waiting_too: bool = False) -> list[str]:
+        """One ``name: cause`` line per failed application or deployment (the exception line of Serve's
+        message); with ``waiting_too``, also the deployments that are not running yet and say why."""
         from ray import serve
 
         try:
@@ -242,8 +247,16 @@ class LocalStack:
         out = []
         for plan in self.plans:
             app = st.applications.get(plan.app_name)
-            if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
+            if app is None:
+                continue
+            if str(app.status).endswith("DEPLOY_FAILED"):
                 out.append(f"{plan.app_name}: {failure_cause(app.message)}")
+                continue
+            for name, dep in app.deployments.items():
+                status = str(dep.status).rsplit(".", 1)[-1]
+                failed = status in ("DEPLOY_FAILED", "UNHEALTHY")
+                if dep.message and (failed or (waiting_too and status != "HEALTHY")):
+                    out.append(f"{plan.app_name}/{name}: {failure_cause(dep.message)}")
         return out
 
     def replica_progress(self) -> dict[str, tuple[int, int]]:
