@@ -9,7 +9,8 @@ The verdicts, accepted or rejected, must be identical.
 * ``tests/data/invalid/*.yaml``: one object each; rejected by both. The ``# expect-server:`` header is a
   substring of the apiserver's message (``-``: not checkable server-side). An apiVersion/kind the server
   does not serve is rejected at discovery, as kubectl rejects it ("no matches for kind ...").
-* ``tests/data/valid/*.yaml`` and ``manifests/examples/*.yaml``: accepted by both.
+* ``tests/data/valid/*.yaml`` and ``manifests/examples/*.yaml``: accepted by both, and the spec the
+  apiserver would store (CRD defaults applied) equals the one ``corral validate`` builds (model defaults).
 * ``tests/data/invalid-cross/*.yaml``: several objects that are only wrong *together* (a pin naming an
   adapter the pool lacks, two policies for one pool): the apiserver sees one object at a time, so each
   object alone must be accepted by both; the combination is rejected offline only (``# expect-server: -``,
@@ -26,10 +27,11 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from corral.api.models import ModelPool, RoutingPolicy
 from corral.api.validation import validate_paths, validate_text
 from kubernetes import client
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
@@ -94,6 +96,11 @@ class ServerVerdict:
     accepted: bool
     status: int
     message: str
+    raw: bytes = b""
+    """The response body: the object as the apiserver would store it (defaults applied) when accepted."""
+
+    def stored(self) -> dict[str, Any]:
+        return dict(json.loads(self.raw))
 
 
 def server_verdict(cluster: K8sCluster, doc: str) -> ServerVerdict:
@@ -118,8 +125,8 @@ def server_verdict(cluster: K8sCluster, doc: str) -> ServerVerdict:
     resp = api.call_api(method, url, header_params=head, body=body, post_params=post, _request_timeout=60)
     raw = resp.read()
     assert resp.status < 500, f"apiserver error HTTP {resp.status}: {raw[:2000]!r}"
-    if resp.status in (200, 201):  # the object as stored (not decoded: it may nest deeper than json allows)
-        return ServerVerdict(True, resp.status, "")
+    if resp.status in (200, 201):  # not decoded here: it may nest deeper than Python's json allows
+        return ServerVerdict(True, resp.status, "", raw)
     return ServerVerdict(False, resp.status, str(json.loads(raw).get("message", "")))
 
 
@@ -146,6 +153,24 @@ def crds(k8s_cluster: K8sCluster) -> K8sCluster:
         k8s_cluster.wait_until(lambda n=n: _established(k8s_cluster, n), timeout=60, what=f"{n} Established")
     k8s_cluster.dynamic.resources.invalidate_cache()
     return k8s_cluster
+
+
+def _pruned(value: Any) -> Any:
+    """``value`` without empty lists/maps (pydantic writes a default ``pin: []``, the apiserver omits it)."""
+    if isinstance(value, dict):
+        out = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in ({}, [])}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
+
+
+def assert_same_defaults(obj: ModelPool | RoutingPolicy, verdict: ServerVerdict, what: str) -> None:
+    """The spec the apiserver stores (CRD defaults applied) is the spec ``corral validate`` builds (pydantic
+    defaults applied): one set of defaults, so the runtime sees what ``kubectl get`` shows."""
+    mine = _pruned(obj.to_k8s()["spec"])
+    theirs = _pruned(verdict.stored()["spec"])
+    assert mine == theirs, f"{what}: defaults differ\n offline:   {mine}\n apiserver: {theirs}"
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -196,6 +221,8 @@ def test_valid_accepted_by_both(crds: K8sCluster, path: Path) -> None:
         f"{'accepts' if server else 'rejects'} ({why or [str(p) for p in report.problems]})"
     )
     assert server, f"{path.name}: both reject it: {why}; offline: {[str(p) for p in report.problems]}"
+    for obj, verdict in zip(report.objects, verdicts, strict=True):
+        assert_same_defaults(obj, verdict, path.name)
 
 
 @pytest.mark.parametrize("path", CROSS, ids=[p.name for p in CROSS])
@@ -204,13 +231,14 @@ def test_cross_object_fixture_objects_accepted_alone(crds: K8sCluster, path: Pat
     docs = documents(path.read_text())
     assert len(docs) >= 2, f"{path.name}: a cross-object fixture holds several objects"
     for i, doc in enumerate(docs, 1):
-        offline = validate_text(doc, f"{path.name}#{i}").ok
+        offline = validate_text(doc, f"{path.name}#{i}")
         server = server_verdict(crds, doc)
-        _record(f"{_rel(path)}#{i}", offline, server.accepted)
-        assert offline and server.accepted, (
-            f"{path.name} object {i}: alone it must be valid on both sides (offline {offline}, "
+        _record(f"{_rel(path)}#{i}", offline.ok, server.accepted)
+        assert offline.ok and server.accepted, (
+            f"{path.name} object {i}: alone it must be valid on both sides (offline {offline.problems}, "
             f"apiserver HTTP {server.status}: {server.message})"
         )
+        assert_same_defaults(offline.objects[0], server, f"{path.name} object {i}")
     assert not validate_paths([path]).ok, f"{path.name}: offline accepts the combination"
 
 

@@ -520,3 +520,38 @@ def test_source_validator_never_crashes(uri: str) -> None:
         ModelPool.model_validate(doc)
     except ValidationError as exc:
         assert all(p.startswith("spec.adapters[0].source") for p, _ in error_lines(exc))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_value_anywhere_is_a_problem_never_a_crash(data: st.DataObject) -> None:
+    """Any JSON value at any place of an example: `corral validate` answers with problems, never raises."""
+    example = data.draw(st.sampled_from(sorted(EXAMPLES.glob("*.yaml"))))
+    doc = yaml.safe_load(example.read_text())
+    where = data.draw(st.sampled_from(_paths(doc)[1:]))
+    target = doc
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = data.draw(JSON)
+    report = validate_text(yaml.safe_dump(doc), "<t>")
+    assert all(str(p) for p in report.problems)

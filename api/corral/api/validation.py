@@ -187,12 +187,16 @@ def validate_document(
     problems: list[Problem] = []
     if api_version is None:
         problems.append(Problem(file, "Required value", label, "apiVersion"))
+    elif not isinstance(api_version, str):
+        problems.append(Problem(file, f"must be of type string{_got(api_version)}", label, "apiVersion"))
     elif api_version != API_VERSION:
         problems.append(
             Problem(file, f'unknown apiVersion "{api_version}" (expected {API_VERSION})', label, "apiVersion")
         )
     if kind is None:
         problems.append(Problem(file, "Required value", label, "kind"))
+    elif not isinstance(kind, str):
+        problems.append(Problem(file, f"must be of type string{_got(kind)}", label, "kind"))
     elif kind not in KINDS:
         known = " or ".join(KINDS)
         problems.append(Problem(file, f'unknown kind "{kind}" (expected {known})', label, "kind"))
