@@ -124,7 +124,7 @@ def test_benchmark_runs_the_shipped_routing_policy_defaults() -> None:
     shipped = router_settings(RoutingPolicySpec.model_validate({"poolRef": "x", "ttftSloMs": 5000}))
     bench = fleet_settings("corral", 5.0)
     assert bench == shipped
-    assert bench.index_mode == "precise" and bench.max_queue_per_replica == 32
+    assert bench.index_mode == "precise" and bench.max_queue_per_replica == 128
     assert fleet_settings("approx_prefix", 5.0).index_mode == "approximate"
     assert fleet_settings("corral@approximate", 5.0) == replace(shipped, index_mode="approximate")
     assert dict(fleet_settings("corral", 5.0, {"hotspot_c": None}).policy_params)["hotspot_c"] is None

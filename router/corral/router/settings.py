@@ -64,16 +64,20 @@ class PagingSettings:
     cpu_slots: int | None = None
 
 
+_CRD = RoutingPolicySpec(pool_ref="defaults")
+"""A RoutingPolicy spec with every field at the CRD default: the one source of the runtime defaults."""
+
+
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
     """Everything a router runs with, derived from the CRs (see :func:`router_settings`)."""
 
-    strategy: str = "corral"
-    policy_params: Mapping[str, Any] = field(default_factory=dict)
-    index_mode: IndexMode = "precise"
-    block_size: int = 16
-    ttft_slo_s: float = 2.0
-    max_queue_per_replica: int = 32
+    strategy: str = _CRD.strategy
+    policy_params: Mapping[str, Any] = field(default_factory=lambda: policy_params(_CRD)[1])
+    index_mode: IndexMode = _CRD.prefix_index
+    block_size: int = _CRD.block_size
+    ttft_slo_s: float = _CRD.ttft_slo_ms / 1000.0
+    max_queue_per_replica: int = _CRD.load.max_queue_requests_per_replica
     isolate_tenants: bool = False
     tenant_secret: tuple[str, str] | None = None  # (Secret name, key)
     models: Mapping[str, ModelSettings] = field(default_factory=dict)
@@ -90,6 +94,16 @@ def policy_params(spec: RoutingPolicySpec) -> tuple[str, dict[str, Any]]:
         "narrow_above": spec.load.two_choice_above,
     }
     return spec.strategy, {k: knobs[k] for k in POLICY_KNOBS.get(spec.strategy, ())}
+
+
+def default_params(strategy: str, ttft_slo_s: float | None = None) -> dict[str, Any]:
+    """The params ``strategy`` gets from a RoutingPolicy at the CRD defaults (with that TTFT SLO)."""
+    knobs = {
+        "ttft_slo_s": _CRD.ttft_slo_ms / 1000.0 if ttft_slo_s is None else ttft_slo_s,
+        "hotspot_c": _CRD.load.hotspot_factor,
+        "narrow_above": _CRD.load.two_choice_above,
+    }
+    return {k: knobs[k] for k in POLICY_KNOBS.get(strategy, ())}
 
 
 def default_policy_spec(pool_name: str = "pool") -> RoutingPolicySpec:

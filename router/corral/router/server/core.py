@@ -31,7 +31,7 @@ from ..engine_client import Discovery, EnginePool
 from ..events import AdapterLoaded, EngineEvent
 from ..hashing import block_hashes, salt_for
 from ..policy import NoReplicaError, Policy
-from ..settings import RouterSettings
+from ..settings import RouterSettings, default_params
 from ..state import FleetState, IndexMode
 from ..tokenizer import SIM_TOKENIZER, ChatTemplateError, Tokenizer, TokenizerLoadError, load_tokenizer_cached
 from ..tokenizer import max_token_bytes as _max_token_bytes
@@ -60,16 +60,19 @@ def detokenize(ids: Sequence[int], tokenizer: Tokenizer | None = None) -> str:
     return (tokenizer or SIM_TOKENIZER).decode(ids)
 
 
+_DEFAULTS = RouterSettings()  # the CRD's defaults (see corral.router.settings)
+
+
 @dataclass(slots=True)
 class RouterConfig:
     """One router process's configuration: the routing fields (also in :class:`RouterSettings`, the
     translation of the CRs; see :meth:`from_settings`) and the server's own knobs."""
 
-    policy: str = "corral"
-    policy_params: dict[str, Any] = field(default_factory=dict)
-    index_mode: IndexMode = "precise"
-    max_queue_per_replica: int = 32
-    ttft_slo_s: float = 2.0
+    policy: str = _DEFAULTS.strategy
+    policy_params: dict[str, Any] = field(default_factory=dict)  # empty: the CRD defaults' knobs
+    index_mode: IndexMode = _DEFAULTS.index_mode
+    max_queue_per_replica: int = _DEFAULTS.max_queue_per_replica
+    ttft_slo_s: float = _DEFAULTS.ttft_slo_s
     api_keys: dict[str, str] | None = None  # key -> tenant; None = no auth
     isolate_tenants: bool = False  # salt prefix hashes with the tenant
     adapters: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (base model, source uri)
@@ -90,7 +93,7 @@ class RouterConfig:
         """The routing part as :class:`RouterSettings` (what :class:`RouterCore` runs with)."""
         return RouterSettings(
             strategy=self.policy,
-            policy_params=dict(self.policy_params),
+            policy_params=dict(self.policy_params) or default_params(self.policy, self.ttft_slo_s),
             index_mode=self.index_mode,
             ttft_slo_s=self.ttft_slo_s,
             max_queue_per_replica=self.max_queue_per_replica,
