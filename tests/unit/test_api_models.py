@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from corral.api import crdgen, modelpool, routingpolicy
-from corral.api.models import STRATEGIES, AdapterCache, GpuClass, ModelPool, RoutingPolicy
+from corral.api.models import STRATEGIES, AdapterCache, GpuClass, ModelPool, RoutingPolicy, RoutingPolicySpec
 from corral.api.profiles import (
     BUILTIN_PROFILES,
     GpuProfile,
@@ -19,7 +19,7 @@ from corral.api.profiles import (
     adapter_mb,
     resolve_profile,
 )
-from corral.api.validation import error_lines, validate_text
+from corral.api.validation import error_lines, go_yaml_scalar, validate_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -448,6 +448,32 @@ def test_deep_nesting_is_a_problem_not_a_crash() -> None:
         "<t>:11: <document 1>: spec.models[0].engineArgs.x.a.a.a...: "
         "nested deeper than 64 levels (no Corral field is)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("yes", True), ("y", True), ("Y", True), ("on", True), ("n", False), ("off", False), ("~", None),
+        ("Null", None), ("", None), ("0x10", 16), ("0o10", 8), ("010", 8), ("08", 8), ("0b101", 5),
+        ("1_000", 1000), ("+1", 1), ("1e3", 1000), ("1.5e3", 1500), ("+.5", 0.5), (".5", 0.5), ("4.0", 4),
+        ("1:20", "1:20"), ("2024-01-01", "2024-01-01"), ("1e400", "1e400"), ("abc", "abc"),
+    ],
+)  # fmt: skip
+def test_plain_scalars_resolve_as_in_kubectl(text: str, value: Any) -> None:
+    """Checked one by one against kube-apiserver 1.37 (YAML request bodies); PyYAML alone differs on y, 0o10,
+    1e3, 1.5e3, +.5, 1:20 and timestamps."""
+    got = go_yaml_scalar(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_null_means_unset() -> None:
+    """The apiserver prunes a null field and applies its default: so does corral validate."""
+    text = yaml.safe_dump(rp()) + "  ttftSloMs: ~\n  load: {twoChoiceAbove: null}\n"
+    report = validate_text(text, "<t>")
+    assert report.ok, report.problems
+    spec = report.objects[0].spec
+    assert isinstance(spec, RoutingPolicySpec)
+    assert (spec.ttft_slo_ms, spec.load.two_choice_above) == (2000.0, 16)
 
 
 def test_yaml_read_as_kubectl_reads_it() -> None:

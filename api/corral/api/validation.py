@@ -203,7 +203,7 @@ def validate_document(
     if problems or not isinstance(kind, str):
         return None, problems
     try:
-        obj = KINDS[kind].model_validate(doc)
+        obj = KINDS[kind].model_validate(drop_nulls(doc))
     except ValidationError as exc:
         return None, [Problem(file, msg, label, path) for path, msg in error_lines(exc)]
     except RecursionError:  # a guard only: _too_deep rejects such documents before they are loaded
@@ -214,15 +214,72 @@ def validate_document(
 # ------------------------------------------------------------------------------------------ YAML as kubectl
 
 
-class KubeLoader(yaml.SafeLoader):
-    """YAML as kubectl reads it (go-yaml via sigs.k8s.io/yaml, then JSON): timestamps stay strings, a whole
-    float becomes an int (Go writes ``4.0`` as ``4``), and a key repeated in one mapping is an error, worded
-    as the apiserver words it under ``fieldValidation=Strict``."""
+_TAG = "tag:yaml.org,2002:"
+_GO_TRUE = frozenset(["y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"])
+_GO_FALSE = frozenset(["n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"])
+_GO_NULL = frozenset(["", "~", "null", "Null", "NULL"])
+_GO_SPECIAL = {
+    **dict.fromkeys([".nan", ".NaN", ".NAN"], math.nan),
+    **dict.fromkeys([".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"], math.inf),
+    **dict.fromkeys(["-.inf", "-.Inf", "-.INF"], -math.inf),
+}
+_GO_INT = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+|0[0-7]*|[1-9][0-9]*)")
+_GO_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_GO_DOT_FLOAT = re.compile(r"\.[0-9]+([eE][-+]?[0-9]+)?")
+_GO_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([Tt ].*)?")
 
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
+
+def go_yaml_scalar(text: str) -> Any:
+    """A plain (unquoted) YAML scalar's value as kubectl's YAML reader (go-yaml v2, YAML 1.1) resolves it,
+    then as JSON carries it: ``y``/``on``/``no`` are booleans, ``1e3``/``+.5`` numbers, ``0o10``/``010``
+    octal, ``1:20`` and timestamps strings; a whole float is an int (Go writes ``4.0`` as ``4``)."""
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    if text in _GO_NULL:
+        return None
+    if text in _GO_SPECIAL:
+        return _GO_SPECIAL[text]
+    first = text[:1]
+    value: Any = text
+    if first == "." and _GO_DOT_FLOAT.fullmatch(text):
+        value = float(text)
+    elif first and first in "+-0123456789" and not _GO_TIMESTAMP.fullmatch(text):
+        plain = text.replace("_", "")
+        m = _GO_INT.fullmatch(plain)
+        if m:
+            digits = m.group(2)
+            base = 8 if len(digits) > 1 and digits[0] == "0" and digits[1] in "01234567" else 0
+            number = int(digits, base)
+            number = -number if m.group(1) == "-" else number
+            if -(2**63) <= number < 2**64:
+                return number
+        if _GO_FLOAT.fullmatch(plain):
+            value = float(plain)
+            if math.isinf(value):  # out of range: go-yaml keeps the text
+                return text
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+class KubeLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it (go-yaml v2 via sigs.k8s.io/yaml, then JSON): plain scalars resolve as in
+    :func:`go_yaml_scalar` (PyYAML differs on ``y``, ``1e3``, ``0o10``, ``1:20``, timestamps), and a key
+    repeated in one mapping is an error, worded as the apiserver words it under ``fieldValidation=Strict``."""
+
+    yaml_implicit_resolvers: dict[Any, Any] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0]:
+            if value == "<<":
+                return _TAG + "merge"
+            v = go_yaml_scalar(value)
+            if v is None:
+                return _TAG + "null"
+            return _TAG + {bool: "bool", int: "int", float: "float"}.get(type(v), "str")
+        return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -240,12 +297,22 @@ class KubeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _construct_number(loader: KubeLoader, node: yaml.ScalarNode) -> Any:
-    value = yaml.SafeLoader.construct_yaml_float(loader, node)  # type: ignore[no-untyped-call]
-    return int(value) if math.isfinite(value) and value.is_integer() else value
+def _construct_go_scalar(loader: KubeLoader, node: yaml.ScalarNode) -> Any:
+    return go_yaml_scalar(node.value)
 
 
-KubeLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+for _t in ("bool", "int", "float", "null"):
+    KubeLoader.add_constructor(_TAG + _t, _construct_go_scalar)
+
+
+def drop_nulls(value: Any) -> Any:
+    """``value`` without mapping entries whose value is null: the apiserver prunes a null field of a
+    structural schema (and then applies its default), so ``replicas: ~`` means "unset"."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
 
 
 def _load_all(text: str) -> Iterator[Any]:
