@@ -16,6 +16,9 @@ The verdicts, accepted or rejected, must be identical.
   object alone must be accepted by both; the combination is rejected offline only (``# expect-server: -``,
   until the admission webhook exists; ``tests/unit/test_api_invalid.py`` checks the offline message).
 
+* plain YAML scalars where YAML readers differ (``y``, ``1e3``, ``0o10``, ``1:20``, ``~``, ...) in a number, a
+  boolean and a string field: same verdict and the same stored value.
+
 A file's verdict is "accepted" when every object in it is. ``test_verdicts_agree_summary`` prints the
 table (``-s``) and the count of agreeing fixtures.
 """
@@ -242,9 +245,51 @@ def test_cross_object_fixture_objects_accepted_alone(crds: K8sCluster, path: Pat
     assert not validate_paths([path]).ok, f"{path.name}: offline accepts the combination"
 
 
+PLAIN_SCALARS = (
+    "yes", "on", "On", "y", "Y", "no", "off", "True", "TRUE", "0x10", "0o10", "010", "08", "1_000", ".5",
+    "+1", "~", "Null", "1:20", "0b101", "1e3", "1E3", "1.5e3", "-0", ".Inf", "2024-01-01", "'5'", "0.",
+    "1_0.5", "+.5", "4.0", "1e400", "-.5", "0x1F", "'true'", "!!str 5",
+)  # fmt: skip
+"""Plain YAML scalars where YAML readers disagree (YAML 1.1 vs 1.2, PyYAML vs go-yaml)."""
+
+
+def test_yaml_scalars_read_as_the_apiserver_reads_them(crds: K8sCluster) -> None:
+    """Each scalar in a number, a boolean and a string field: same verdict and same stored value."""
+    fields = {
+        "number": ("  ttftSloMs: {v}\n", lambda spec: spec.get("ttftSloMs")),
+        "boolean": (
+            "  tenants: {{secretRef: {{name: k}}, isolateCache: {v}}}\n",
+            lambda spec: spec.get("tenants", {}).get("isolateCache"),
+        ),
+        "string": (
+            "  tenants: {{secretRef: {{name: k, key: {v}}}}}\n",
+            lambda spec: spec.get("tenants", {}).get("secretRef", {}).get("key"),
+        ),
+    }
+    wrong = []
+    for kind, (line, pick) in fields.items():
+        for v in PLAIN_SCALARS:
+            doc = (
+                "apiVersion: corral.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: q}\n"
+                "spec:\n  poolRef: p\n" + line.format(v=v)
+            )
+            server = server_verdict(crds, doc)
+            report = validate_text(doc, "<t>")
+            stored = pick(server.stored()["spec"]) if server.accepted else None
+            built = pick(report.objects[0].to_k8s()["spec"]) if report.ok else None
+            _record(f"plain scalar {v} as a {kind}", report.ok, server.accepted)
+            same_value = stored == built and (type(stored) is type(built) or kind == "number")
+            if server.accepted != report.ok or not same_value:
+                wrong.append(
+                    f"{kind} {v!r}: apiserver {server.accepted} {stored!r}, offline {report.ok} {built!r}"
+                )
+    assert not wrong, "\n".join(wrong)
+
+
 def test_verdicts_agree_summary(capsys: pytest.CaptureFixture[str]) -> None:
     """Runs last: the table of verdicts (run with ``-s`` to see it) and the agreement count."""
     expected = len(INVALID) + len(VALID) + sum(len(documents(p.read_text())) for p in CROSS)
+    expected += 3 * len(PLAIN_SCALARS)
     if not RESULTS:
         pytest.skip("no parity result recorded (the apiserver tests were skipped)")
     agree = sum(o == s for o, s in RESULTS.values())
