@@ -126,7 +126,7 @@ def test_validate_deep_nesting_does_not_stop_the_folder(
     assert rc == 1 and "Traceback" not in out + err
     lines = out.splitlines()
     assert len(lines) == 2, out
-    assert lines[0].startswith(f"{tmp_path / 'a-deep.yaml'}:5: <document 1>: spec.models[0].engineArgs.x[0]")
+    assert lines[0].startswith(f"{tmp_path / 'a-deep.yaml'}:5: ModelPool/p: spec.models[0].engineArgs.x[0]")
     assert "nested deeper than 64 levels" in lines[0]
     assert (
         lines[1]

@@ -445,7 +445,7 @@ def test_deep_nesting_is_a_problem_not_a_crash() -> None:
         "baseModel: org/m", "baseModel: org/m\n    engineArgs: {x: " + deep + "}"
     )
     assert offline(text) == [
-        "<t>:11: <document 1>: spec.models[0].engineArgs.x.a.a.a...: "
+        "<t>:11: ModelPool/p: spec.models[0].engineArgs.x.a.a.a...: "
         "nested deeper than 64 levels (no Corral field is)"
     ]
 

@@ -324,35 +324,45 @@ def _load_all(text: str) -> Iterator[Any]:
         loader.dispose()
 
 
-def _too_deep(text: str) -> tuple[int, str, int] | None:
-    """(document number, field path, line) of the first node nested deeper than :data:`MAX_DEPTH`, or None.
+def _too_deep(text: str) -> tuple[str, str, int] | None:
+    """(object label, field path, line) of the first node nested deeper than :data:`MAX_DEPTH`, or None.
 
     Walks the parser's events (no recursion), so it is safe on any nesting; YAML errors are left to the
     loader to report.
     """
-    # one frame per open collection: [is_mapping, next scalar is a key, current key/index]
+    # one frame per open collection: [is_mapping, next node is a key, current key/index]
     stack: list[list[Any]] = []
     doc = 0
+    kind = name = None
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.DocumentStartEvent):
                 doc += 1
                 stack.clear()
+                kind = name = None
                 continue
             if stack and not isinstance(event, yaml.CollectionEndEvent):
                 top = stack[-1]
                 if top[0] and top[1]:  # a mapping key
                     top[1] = False
                     top[2] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
-                    continue
-                if top[0]:
+                    if isinstance(event, yaml.ScalarEvent | yaml.AliasEvent):
+                        continue
+                elif top[0]:
                     top[1] = True
+                    if isinstance(event, yaml.ScalarEvent):
+                        where = [f[2] for f in stack]
+                        if where == ["kind"]:
+                            kind = event.value
+                        elif where == ["metadata", "name"]:
+                            name = event.value
                 else:
                     top[2] += 1
             if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
                 if len(stack) >= MAX_DEPTH:
                     line = event.start_mark.line + 1 if event.start_mark is not None else 0
-                    return doc, format_loc(f[2] for f in stack[:8]) + "...", line
+                    label = f"{kind}/{name or f'<document {doc}>'}" if kind else f"<document {doc}>"
+                    return label, format_loc(f[2] for f in stack[:8]) + "...", line
                 is_map = isinstance(event, yaml.MappingStartEvent)
                 stack.append([is_map, is_map, -1])
             elif isinstance(event, yaml.CollectionEndEvent) and stack:
@@ -370,9 +380,9 @@ def validate_text(
     report.files += 1
     deep = _too_deep(text)
     if deep is not None:
-        doc_no, path, deep_line = deep
+        label, path, deep_line = deep
         msg = f"nested deeper than {MAX_DEPTH} levels (no Corral field is)"
-        report.problems.append(Problem(file, msg, f"<document {doc_no}>", path, line=deep_line or None))
+        report.problems.append(Problem(file, msg, label, path, line=deep_line or None))
         return report
     index = 0
     try:
