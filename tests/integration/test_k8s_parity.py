@@ -140,7 +140,7 @@ def server_verdict(cluster: K8sCluster, doc: str) -> ServerVerdict:
 
 def _established(cluster: K8sCluster, name: str) -> bool:
     crd = client.ApiextensionsV1Api(cluster.api_client).read_custom_resource_definition(name)
-    conds = {c.type: c for c in crd.status.conditions or []}
+    conds = {c.type: c for c in (crd.status.conditions if crd.status else None) or []}
     for bad in ("NonStructuralSchema",):
         if bad in conds and conds[bad].status == "True":
             raise AssertionError(f"CRD {name}: {conds[bad].message}")

@@ -436,7 +436,7 @@ def test_policy_knob_ranges_equal_the_runtime() -> None:
     assert errors(RoutingPolicy, rp(load={"twoChoiceAbove": 0})) == [
         "spec.load.twoChoiceAbove: should be greater than or equal to 1 (got 0)"
     ]
-    CorralParams(hotspot_c=1.01, narrow_above=1, ttft_slo_s=1e-6)  # the edges the CRD allows run
+    CorralParams.model_validate({"hotspot_c": 1.01, "narrow_above": 1, "ttft_slo_s": 1e-6})  # edges run
 
 
 def test_deep_nesting_is_a_problem_not_a_crash() -> None:
