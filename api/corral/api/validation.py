@@ -460,7 +460,8 @@ def cross_check(report: Report) -> Report:
     """
     pools: dict[tuple[str, str], ModelPool] = {}
     policies: list[tuple[RoutingPolicy, str]] = []
-    for obj, src in zip(report.objects, report.sources, strict=True):
+    sources = [*report.sources, *[""] * (len(report.objects) - len(report.sources))]
+    for obj, src in zip(report.objects, sources, strict=False):
         if isinstance(obj, ModelPool):
             pools[(_ns(obj), obj.metadata.name)] = obj
         else:
