@@ -73,7 +73,13 @@ class LoadSpec(CorralModel):
     """Load guards applied on top of the strategy."""
 
     max_queue_requests_per_replica: K8sInt = Field(
-        default=32, ge=1, le=100_000, description="Waiting requests per replica beyond which it is skipped."
+        default=128,
+        ge=1,
+        le=100_000,
+        description=(
+            "Requests sent to a replica and not yet started (router count, or the engine's own if larger) at "
+            "which it takes no more; when every replica is at it, requests get 429 with Retry-After."
+        ),
     )
     hotspot_factor: K8sFloat = Field(
         default=3.0,
