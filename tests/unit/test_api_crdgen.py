@@ -38,8 +38,9 @@ def test_committed_crds_are_up_to_date(tmp_path: Path) -> None:
     assert len(written) == len(KINDS)
     for f in written:
         committed = CRD_DIR / f.name
-        assert committed.exists(), f"{committed} missing: run `corral crds`"
-        assert committed.read_text() == f.read_text(), f"{committed} is stale: run `corral crds`"
+        assert committed.exists(), f"{committed} missing: run `corral crds --out manifests/crds`"
+        stale = f"{committed} is stale: run `corral crds --out manifests/crds`"
+        assert committed.read_text() == f.read_text(), stale
     assert crdgen.check(CRD_DIR) == []
 
 

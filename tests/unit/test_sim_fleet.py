@@ -66,7 +66,9 @@ def test_a_policy_sees_engine_events_in_precise_mode() -> None:
             return self.inner.choose(req, fleet, now, explain)
 
     reg = PolicyRegistry([Spy])
-    run_fleet(w, "spy@precise", scale=1.0, config=FleetConfig(replicas=parse_replicas("H100:2")), policies=reg)
+    run_fleet(
+        w, "spy@precise", scale=1.0, config=FleetConfig(replicas=parse_replicas("H100:2")), policies=reg
+    )
     assert seen["blocks"] > 0 and seen["samples"] == 2
 
 

@@ -4,15 +4,16 @@ This module owns :class:`GpuProfile`, the built-in profiles :data:`BUILTIN_PROFI
 :func:`resolve_profile`. It is deliberately tiny and stable: the router's cost model and the sim engine
 import it, so add fields only with defaults and never change a unit.
 
-Step-time model (DESIGN.md section 3), one engine step that runs ``p`` prefill and ``d`` decode tokens::
+Step-time model (vLLM-style continuous batching), one engine step that runs ``p`` prefill and ``d``
+decode tokens::
 
     step_us = b0_us + b1_us * p + b2_us * d
 
 Sources for the numbers (Llama-3.1-8B class, bf16):
 
-* H100 and A100-80GB ``b`` coefficients: the published Llama-3.1-8B step-time fits recorded in
-  ``docs/DESIGN.md`` section 3 (H100 b=(5753, 17.3, 6.0) us, A100-80GB b=(16442, 47.8, 18.2) us).
-* L4 has no published fit; per DESIGN.md it is scaled from H100: ``b1`` (prefill, compute-bound) by the
+* H100 and A100-80GB ``b`` coefficients: published Llama-3.1-8B step-time fits (H100 b=(5753, 17.3,
+  6.0) us, A100-80GB b=(16442, 47.8, 18.2) us), as used by the project's design notes.
+* L4 has no published fit; it is scaled from H100: ``b1`` (prefill, compute-bound) by the
   ratio of dense bf16 FLOP/s, ``b0`` and ``b2`` (weight/KV reads, memory-bound) by the ratio of memory
   bandwidth. Peak figures from the NVIDIA datasheets: H100 SXM 989 TFLOP/s dense bf16 and 3.35 TB/s
   HBM3; A100-80GB SXM 312 TFLOP/s and 2.0 TB/s HBM2e; L4 121 TFLOP/s and 0.3 TB/s GDDR6.

@@ -46,7 +46,7 @@ Strategy = Literal[
     "precise_prefix",
     "dualmap",
 ]
-"""``corral`` (the cost model) or one of the baselines of DESIGN.md section 2 (same names as the bench)."""
+"""``corral`` (the cost model) or a baseline of ``corral.router.policies`` (same names as the bench)."""
 
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
 

@@ -11,7 +11,8 @@ and satisfies the same :class:`corral.serve.endpoint.Engine` protocol as the sim
   ``abort(request_id)`` when the client goes away.
 - **adapters**: ``add_lora(LoRARequest(lora_name, lora_int_id, lora_path))`` and
   ``remove_lora(lora_int_id)`` on the engine itself. The OpenAI server's ``/v1/unload_lora_adapter`` only
-  forgets the name and never evicts (api-notes §7.2), so it is not used. vLLM keeps added adapters in a
+  forgets the name and never evicts (vllm/entrypoints/serve/lora/api_router.py in vLLM 0.33), so it
+  is not used. vLLM keeps added adapters in a
   CPU LRU of ``max_cpu_loras`` and evicts silently past it; this wrapper keeps its own LRU of the same
   size and removes the oldest itself, so the residency it reports (and the router's view) stays true.
   vLLM has no explicit CPU->GPU promotion call: an added adapter is activated into one of ``max_loras``

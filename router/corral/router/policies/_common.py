@@ -370,7 +370,7 @@ def fixed_prefix_key(req: RoutingRequest, key_blocks: int) -> int:
 
 
 class HotPrefixKeyer:
-    """DualMap's adaptive prefix key (paper §3, "prefix hotness"; see docs/papers.md).
+    """DualMap's adaptive prefix key (DualMap paper §3, "prefix hotness").
 
     The key is the first ``L`` key units of the prompt (a key unit is ``unit`` blocks, 512 tokens in the
     paper). Starting at depth 1, descend while the node for the first ``L`` units is marked expanded.

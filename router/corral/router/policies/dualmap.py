@@ -1,6 +1,6 @@
 """``dualmap``: DualMap (Yuan et al., ICLR 2026) as published, without router-side rebalancing.
 
-Implemented from docs/papers.md ([R] = the paper via write-ups, [C] = the authors' code):
+Implemented from the paper ([R] = the paper via write-ups, [C] = the authors' code):
 1. Adaptive prefix key [R]: 512-token key units; descend while the prefix node is expanded; a node is
    expanded when its share of a sliding window exceeds 2/n and merged back below 1/n (window 200, 20
    samples minimum, from [C]; the paper's window size was not found). ``expand_share``/``merge_share``
