@@ -160,3 +160,21 @@ def kuberay(k8s_cluster: K8sCluster, k8s_bin_dir: Path) -> Iterator[KubeRay]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+CORRAL_CRD_DIR = REPO / "manifests" / "crds"
+CORRAL_CRDS = ("modelpools.corral.dev", "routingpolicies.corral.dev")
+
+
+def install_corral_crds(cluster: K8sCluster) -> None:
+    """Corral's own CRDs (manifests/crds), server-side applied; waits until they are served."""
+    cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=corral-tests",
+        "-f",
+        str(CORRAL_CRD_DIR),
+    )
+    names = (f"crd/{c}" for c in CORRAL_CRDS)
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names, timeout=90)
