@@ -534,6 +534,29 @@ class RouterDeployment:
             for rid, r in self.server.fleet.replicas.items()
         }
 
+    def sample_view(self, ahead_s: float = 0.0) -> dict[str, Any]:
+        """How this router judges each replica's last load sample (tests): its engine-clock ``time``, when
+        it arrived on this router's clock, and whether the policy counts it now and ``ahead_s`` later."""
+        from corral.router.policies._common import fresh_sample
+
+        if self.server is None:
+            return {"router_id": self.router_id, "replicas": {}}
+        now = self.server.router.now()
+        params = getattr(self.server.router.policy, "params", None)
+        max_age = float(getattr(params, "sample_max_age_s", 5.0))
+        out = {}
+        for rid, r in self.server.fleet.replicas.items():
+            s = r.last_sample
+            out[rid] = {
+                "engine_time": s.time if s is not None else None,
+                "received_at": r.sample_received_at if s is not None else None,
+                "age_s": now - r.sample_received_at if s is not None else None,
+                "fresh": fresh_sample(r, now, max_age) is not None,
+                "fresh_later": fresh_sample(r, now + ahead_s, max_age) is not None,
+            }
+        return {"router_id": self.router_id, "node_id": _node_id(), "now": now, "max_age_s": max_age,
+                "replicas": out}  # fmt: skip
+
     def paging_stats(self) -> dict[str, Any]:
         s = self.pager.stats
         return {"loads": s.loads, "unloads": s.unloads, "prefetches": s.prefetches, "failures": s.failures,
