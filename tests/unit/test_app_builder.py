@@ -409,3 +409,36 @@ async def test_deployed_router_runs_with_the_crs_settings(
         await r.__del__()
         await ep.stop(None)
         await engine.close()
+
+
+def test_cli_tenants_need_api_keys_one_line_errors(tmp_path: Path) -> None:
+    """``corral serve`` refuses to serve a policy with tenants open, in one line; --api-keys fixes it."""
+    import yaml
+
+    policy = copy.deepcopy(POLICY)
+    policy["spec"]["tenants"] = {"secretRef": {"name": "chat-keys"}}
+    (tmp_path / "crs.yaml").write_text(yaml.safe_dump_all([POOL, policy]))
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("sk-a: tenant-a\n")
+
+    def serve(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "corral.api.cli",
+            "serve",
+            "-f",
+            str(tmp_path / "crs.yaml"),
+            "--print-config",
+        ]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+
+    out = serve()
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "spec.tenants" in out.stderr and "--api-keys" in out.stderr
+    out = serve("--api-keys", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 1 and out.stderr.startswith("corral serve: --api-keys "), out.stderr
+    out = serve("--api-keys", str(keys))
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["applications"][0]["args"]["options"]["api_keys_file"] == str(keys.resolve())

@@ -60,6 +60,10 @@ GPU_CLASS_RESOURCE_PREFIX = "corral.dev/gpu-class-"
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+class PlanError(ValueError):
+    """The CRs (or the options) cannot be served as given; the message is one line naming the field."""
+
+
 def gpu_class_resource(gpu_class: str) -> str:
     """The Ray custom resource that marks nodes of a GPU class (count = GPUs per node).
 
@@ -224,7 +228,7 @@ def _validated(cls: type[ModelPool] | type[RoutingPolicy], obj: Any) -> Any:
 
         name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), Mapping) else None
         problems = "; ".join(f"{path}: {msg}" for path, msg in error_lines(e))
-        raise ValueError(f"{cls.__name__} {name or '(unnamed)'} is invalid: {problems}") from None
+        raise PlanError(f"{cls.__name__} {name or '(unnamed)'} is invalid: {problems}") from None
 
 
 def pool_id_of(pool: ModelPool | Mapping[str, Any]) -> str:
@@ -264,14 +268,14 @@ def plan_pool(
     pool_id = pool_id_of(mp)
     settings = router_settings(rp, mp)
     if rp is not None and block_size is not None and block_size != settings.block_size:
-        raise ValueError(
+        raise PlanError(
             f"block_size {block_size} disagrees with RoutingPolicy {rp.metadata.name} "
             f"spec.blockSize {settings.block_size}"
         )
     engine_block_size = settings.block_size if rp is not None or block_size is None else int(block_size)
     if settings.tenant_secret is not None and not opts.api_keys_file:
         secret, key = settings.tenant_secret
-        raise ValueError(
+        raise PlanError(
             f"RoutingPolicy {rp.metadata.name if rp else ''} sets spec.tenants (API keys in Secret "
             f"{secret!r}, key {key!r}) but no API keys source is configured for the routers "
             "(ServeOptions.api_keys_file, e.g. `corral serve --api-keys FILE`): refusing to serve open"
@@ -284,7 +288,7 @@ def plan_pool(
     for m in spec.models:
         engine = opts.engine_override or m.engine
         if engine not in ("sim", "vllm", "echo"):
-            raise ValueError(f"model {m.name}: unknown engine {engine!r} (sim, vllm)")
+            raise PlanError(f"model {m.name}: unknown engine {engine!r} (sim, vllm)")
         for c in spec.gpu_classes:
             gpus = float(c.gpus_per_replica)
             want = c.desired_replicas

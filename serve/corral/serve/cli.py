@@ -75,7 +75,12 @@ def _api_keys_file(path: str | None) -> str | None:
         return None
     from corral.router.server import load_api_keys
 
-    load_api_keys(path)  # a missing or malformed file fails now, with its own message
+    from .app import PlanError
+
+    try:
+        load_api_keys(path)  # a missing or malformed file fails now, not in the router replicas
+    except (OSError, ValueError) as e:
+        raise PlanError(f"--api-keys {path}: {e}") from None
     return str(Path(path).resolve())
 
 
@@ -97,12 +102,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def reported(command: str, body: Callable[[], int]) -> int:
     """Run ``body``; a user-fixable failure becomes one line on stderr and exit code 1."""
+    from .app import PlanError
     from .local_stack import LocalStackError
     from .manifests import ManifestError
 
     try:
         return body()
-    except (ManifestError, LocalStackError) as e:
+    except (ManifestError, LocalStackError, PlanError) as e:
         print(f"corral {command}: {e}", file=sys.stderr)
         return 1
 
