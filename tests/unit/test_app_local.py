@@ -63,4 +63,4 @@ def test_cli_print_config_is_a_valid_serve_config() -> None:
         check=True, capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     cfg = ServeDeploySchema.model_validate(yaml.safe_load(out.stdout))
-    assert cfg.applications[0].import_path == "corral.serve.app:build_app"
+    assert cfg.applications[0].import_path == "corral.serve.application:build_app"

@@ -1,4 +1,5 @@
-"""ModelPool + RoutingPolicy -> Ray Serve: the pure translation, and the Serve application builder.
+"""ModelPool + RoutingPolicy -> Ray Serve: the pure translation (the Serve application builder that runs
+its result is :mod:`corral.serve.application`).
 
 :func:`plan_pool` turns the two custom resources (the :mod:`corral.api` models; plain CR dicts are first
 validated into them, so there is one path and the CRD's defaults are the only defaults) into a
@@ -11,9 +12,9 @@ router replica runs it on the pool and the policy it is given. From the plan com
 
 - :meth:`PoolPlan.serve_application` / :func:`serve_config`: the Serve config file (``ServeDeploySchema``
   JSON, what KubeRay's ``serveConfigV2`` and the dashboard's REST API take), whose ``import_path`` is
-  :func:`build_app`, a Serve *application builder* receiving the pool, the options and the engines' block
-  size back as ``args``;
-- :func:`build_application`: the Python ``Application`` for ``serve.run`` (local mode, tests).
+  :func:`corral.serve.application.build_app`, a Serve *application builder* receiving the pool, the
+  options and the engines' block size back as ``args``;
+- :func:`corral.serve.application.build_application`: the Python ``Application`` for ``serve.run``.
 
 Nothing here imports Ray at module import time (the operator and ``corral validate`` use it).
 
@@ -51,7 +52,7 @@ from corral.api.routingpolicy import RoutingPolicy
 from corral.router.settings import RouterSettings, default_policy_spec, router_settings
 from pydantic import ValidationError
 
-APP_BUILDER_IMPORT_PATH = "corral.serve.app:build_app"
+APP_BUILDER_IMPORT_PATH = "corral.serve.application:build_app"
 ENGINE_DEPLOYMENT_PREFIX = "engine"
 ROUTER_DEPLOYMENT_NAME = "router"
 DEFAULT_NAMESPACE = "corral"  # Ray namespace of the registry actor
@@ -389,49 +390,3 @@ def serve_config(
     if http_options:
         cfg["http_options"] = dict(http_options)
     return cfg
-
-
-# ---- Serve application ------------------------------------------------------------------------------
-
-
-def build_application(plan: PoolPlan) -> Any:
-    """The Serve ``Application`` of a plan: engine deployments bound into the router (the ingress)."""
-    from . import deployments
-
-    engine_dep: Any = deployments.EngineDeployment  # Serve Deployment objects (typed as classes)
-    router_dep: Any = deployments.RouterDeployment
-
-    engines = [
-        engine_dep.options(
-            name=e.name,
-            num_replicas=e.num_replicas,
-            ray_actor_options=e.ray_actor_options,
-            max_ongoing_requests=e.max_ongoing_requests,
-            user_config=e.user_config,
-            health_check_period_s=plan.options.health_check_period_s,
-            health_check_timeout_s=plan.options.health_check_timeout_s,
-        ).bind(**e.init_kwargs)
-        for e in plan.engines
-    ]
-    r = plan.router
-    extra: dict[str, Any] = {}
-    if r.max_replicas_per_node is not None:
-        extra["max_replicas_per_node"] = r.max_replicas_per_node
-    return router_dep.options(
-        **extra,
-        name=r.name,
-        num_replicas=r.num_replicas,
-        ray_actor_options=r.ray_actor_options,
-        max_ongoing_requests=r.max_ongoing_requests,
-        user_config=r.user_config,
-        health_check_period_s=plan.options.health_check_period_s,
-        health_check_timeout_s=plan.options.health_check_timeout_s,
-    ).bind(engines=engines, **r.init_kwargs)
-
-
-def build_app(args: dict[str, Any]) -> Any:
-    """Serve application builder (``import_path: corral.serve.app:build_app``; ``args``: pool, options
-    and the engines' ``blockSize``; the config's per-deployment ``user_config`` carries the policy)."""
-    return build_application(
-        plan_pool(args["pool"], None, args.get("options"), block_size=args.get("blockSize"))
-    )
