@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ import numpy as np
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.bench import DEFAULT_OUT
 from corral.bench.provenance import provenance
+from corral.router.core import RouterCore
 from corral.router.hashing import block_hashes, salt_for
-from corral.router.policies import make_policy, policy_names
+from corral.router.policies import policy_names
+from corral.router.settings import router_settings
 from corral.router.state import FleetState
 from corral.router.types import RoutingRequest
 
@@ -92,18 +95,26 @@ def _pct(xs: Sequence[float], q: float) -> float:
 
 
 def time_decisions(policy_name: str, fleet: FleetState, reqs: list[RoutingRequest], n: int) -> list[float]:
-    policy = make_policy(policy_name, seed=1)
+    """Decision latency of the shipped router core (:meth:`RouterCore.route`: queue bound + policy) with the
+    default RoutingPolicy's settings, only the strategy swapped."""
+    shipped = router_settings(None)
+    settings = (
+        shipped
+        if policy_name == shipped.strategy
+        else replace(shipped, strategy=policy_name, policy_params={})
+    )
+    core = RouterCore(settings, clock=lambda: 0.0, fleet=fleet)
+    route = core.route
     for q in reqs[: min(len(reqs), 20)]:  # warm-up (ring build, caches)
-        policy.choose(q, fleet, 0.0)
+        route(q)
     out = []
     clock = time.perf_counter_ns
-    choose = policy.choose
     m = len(reqs)
     gc.collect()
     for i in range(n):
         q = reqs[i % m]
         t0 = clock()
-        choose(q, fleet, 0.0)
+        route(q)
         out.append((clock() - t0) / 1e3)
     return out
 

@@ -56,13 +56,14 @@ class RouterCore:
         clock: Callable[[], float] | None = None,
         policies: PolicyRegistry = BUILTIN_POLICIES,
         on_dispatch: DispatchHook | None = None,
+        fleet: FleetState | None = None,
     ) -> None:
         self.settings = settings or RouterSettings()
         self.policies = policies
         t0 = time.monotonic()
         self.clock: Callable[[], float] = clock or (lambda: time.monotonic() - t0)
         self.on_dispatch = on_dispatch
-        self.fleet = FleetState(index_mode=self.settings.index_mode, clock=self.clock)
+        self.fleet = fleet or FleetState(index_mode=self.settings.index_mode, clock=self.clock)
         self.policy: Policy = policies.make(self.settings.strategy, **dict(self.settings.policy_params))
         self.rejected = 0  # requests refused because every replica was at its queue bound
 
