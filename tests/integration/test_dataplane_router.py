@@ -481,6 +481,32 @@ async def _metrics(r: RouterServer) -> str:
         return await resp.text()
 
 
+async def test_queue_bound_refuses_with_429_and_retry_after(fleet: Fleet) -> None:
+    """RoutingPolicy load.maxQueueRequestsPerReplica: replicas at the bound take no more; when all are,
+    HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED naming the field, and nothing is left pending."""
+    from corral.router.types import RoutingRequest
+
+    r = await fleet.add_router(max_queue_per_replica=1)
+    core = r.router.core
+    held = [RoutingRequest(f"held-{rid}", MODEL, [], 64, 4) for rid in sorted(r.fleet.replicas)]
+    for h, rid in zip(held, sorted(r.fleet.replicas), strict=True):
+        core.dispatch(rid, h)  # one request waiting on every replica (no first token yet)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    status, out, headers = await post(r.http_url + "/v1/completions", body)
+    assert status == 429, out
+    assert "maxQueueRequestsPerReplica" in out["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub(r).Generate(rpb.CompletionRequest(model=MODEL, prompt="hello", max_tokens=2))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    core.finish(sorted(r.fleet.replicas)[0], held[0].request_id)  # room on one replica again
+    status, out, headers = await post(r.http_url + "/v1/completions", body)
+    assert status == 200 and headers["x-corral-replica"] == sorted(r.fleet.replicas)[0]
+    for h, rid in zip(held[1:], sorted(r.fleet.replicas)[1:], strict=True):
+        core.finish(rid, h.request_id)
+    assert all(not x.in_flight for x in r.fleet.replicas.values())
+
+
 async def test_bad_requests_get_4xx_naming_the_field() -> None:
     f = Fleet()
     eng = RecordingEngine(replica_id="e0", model=MODEL, profile="H100", gpu_class="H100")
