@@ -111,13 +111,12 @@ def test_crds_print_to_stdout_and_write_only_with_out(
     assert main(["crds", "--check"]) == 0  # default --check compares with manifests/crds
 
 
-def test_operator_is_not_advertised(capsys: pytest.CaptureFixture[str]) -> None:
+def test_operator_is_advertised(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "operator" not in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        main(["operator"])
-    assert exc.value.code == 2
+    assert "operator" in capsys.readouterr().out
+    assert main(["operator"]) == 2  # no subcommand: usage
+    assert "run" in capsys.readouterr().err
 
 
 def test_bench_overhead_runs_as_a_subprocess_and_writes_to_out(tmp_path: Path) -> None:

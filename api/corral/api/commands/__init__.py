@@ -52,7 +52,7 @@ for _cmd in (
     Command("crds", "corral.api.commands.crds", "Print the CRDs (--out DIR writes them, --check compares)."),
     Command("version", "corral.api.commands.version", "Print the Corral and API versions."),
     # Implemented by other components; the module paths are the contract (change them here if they move).
-    # ``operator`` is added here when corral.operator.cli exists (not advertised before).
+    Command("operator", "corral.operator.cli", "Run the Kubernetes operator (kopf, KubeRay).", "operator"),
     Command("serve", "corral.serve.cli", "Run Corral on a Ray cluster (router + engines).", "serve"),
     Command("bench", "corral.serve.bench_cli", "Run the router and fleet benchmarks.", "serve"),
     Command("demo", "corral.serve.demo_cli", "Start a local demo fleet and send requests.", "serve"),

@@ -1,0 +1,128 @@
+"""``corral operator``: run the Kubernetes operator, or print what it would create.
+
+``corral operator run`` starts the kopf operator (:mod:`corral.operator.handlers`) against the current
+kubeconfig (``$KUBECONFIG`` / ``~/.kube/config``; in a pod, its service account)::
+
+    kubectl apply --server-side -f manifests/crds/ -f manifests/third_party/kuberay/
+    corral operator run --namespace default          # or --all-namespaces
+    kubectl apply -f manifests/examples/
+
+``corral operator render -f manifests/examples/`` prints the RayService of each ModelPool (no cluster
+needed; no ownerReference without a live uid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "operator",
+        help="Run the Kubernetes operator (ModelPool/RoutingPolicy -> KubeRay RayService).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="operator_command", metavar="SUBCOMMAND")
+    run = sub.add_parser("run", help="start the operator against the current kubeconfig")
+    ns = run.add_mutually_exclusive_group()
+    ns.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    ns.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    run.add_argument(
+        "--target", choices=["rayservice", "ray"], default="rayservice",
+        help="default target for pools without a corral.dev/target annotation (default rayservice)",
+    )  # fmt: skip
+    run.add_argument("--ray-address", default=None, help="dashboard URL for --target ray (not deployed yet)")
+    _rayservice_arguments(run)
+    run.add_argument("--peering", default=None, help="kopf peering name (default: standalone)")
+    run.add_argument("--liveness", default=None, metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=_run)
+    render = sub.add_parser("render", help="print the RayService of each ModelPool in the files")
+    render.add_argument("-f", "--filename", action="append", required=True, metavar="PATH")
+    _rayservice_arguments(render)
+    render.set_defaults(func=_render)
+    p.set_defaults(func=lambda _a: _usage(p))
+    return p
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+def _rayservice_arguments(p: argparse.ArgumentParser) -> None:
+    from .translate import DEFAULT_IMAGE
+
+    p.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"Ray image with corral installed ({DEFAULT_IMAGE})"
+    )
+    p.add_argument("--worker-cpu", default="8", help="CPU per engine pod (default 8)")
+    p.add_argument("--worker-memory", default="64Gi", help="memory per engine pod (default 64Gi)")
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from .translate import RayServiceOptions
+
+    return RayServiceOptions(image=args.image, worker_cpu=args.worker_cpu, worker_memory=args.worker_memory)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from . import handlers
+
+    handlers.CONFIG = handlers.OperatorConfig(target=args.target, rayservice=_options(args))
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        clusterwide=bool(args.all_namespaces),
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def _docs(paths: list[str]) -> list[dict[str, Any]]:
+    import yaml
+
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        files += sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+    return [d for f in files for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
+
+
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .translate import ray_service
+
+    docs = _docs(args.filename)
+    policies = [d for d in docs if d.get("kind") == "RoutingPolicy"]
+    out = []
+    for pool in (d for d in docs if d.get("kind") == "ModelPool"):
+        ns, name = pool["metadata"].get("namespace"), pool["metadata"]["name"]
+        ref = (pool.get("spec") or {}).get("routingPolicyRef")
+        policy = next(
+            (
+                p
+                for p in policies
+                if p["metadata"].get("namespace") == ns
+                and (p["metadata"]["name"] == ref if ref else (p.get("spec") or {}).get("poolRef") == name)
+            ),
+            None,
+        )
+        try:
+            out.append(ray_service(pool, policy, _options(args)))
+        except ValueError as exc:
+            print(f"corral operator: {exc}", file=sys.stderr)
+            return 1
+    sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False))
+    return 0
