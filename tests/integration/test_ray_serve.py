@@ -8,7 +8,6 @@ import asyncio
 import copy
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +17,7 @@ import pytest
 import requests
 from corral.serve.local_adapters import make_tiny_adapter
 from corral.serve.local_stack import LocalOptions, LocalStack
+from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,20 +47,6 @@ POLICY: dict[str, Any] = {
              "adapterPaging": {"prefetchToCpu": False, "replicationDemandRps": 1.0}},
 }  # fmt: skip
 ADAPTERS = ("hot", "warm", "cold")
-
-
-def wait_until(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except AssertionError as e:
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ import grpc
 import pytest
 import requests
 from corral.serve.app import PoolPlan, ServeOptions, gpu_class_resource, plan_pool, serve_config
+from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -63,20 +64,6 @@ POLICY: dict[str, Any] = {
     "metadata": {"name": "twonode"},
     "spec": {"poolRef": "twonode"},
 }
-
-
-def wait_until(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.3) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except Exception as e:  # not there yet (actor not created, replica starting, ...)
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def _free_port() -> int:

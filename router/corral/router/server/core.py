@@ -29,8 +29,8 @@ from opentelemetry import trace
 from ..core import DispatchHook, RouterCore, Saturated
 from ..engine_client import Discovery, EnginePool
 from ..events import AdapterLoaded, EngineEvent
-from ..hashing import block_hashes, salt_for
 from ..policy import NoReplicaError, Policy
+from ..request import build_request
 from ..settings import RouterSettings, default_params
 from ..state import FleetState, IndexMode
 from ..tokenizer import SIM_TOKENIZER, ChatTemplateError, Tokenizer, TokenizerLoadError, load_tokenizer_cached
@@ -621,15 +621,15 @@ def _finish_prepare(
         )
     cands = router.fleet.candidates(base)
     bs = cands[0].block_size if cands else 16
-    salt = salt_for(adapter, tenant if router.config.isolate_tenants else None)
-    rr = RoutingRequest(
-        request_id=new_request_id(),
-        model=base,
-        block_hashes=block_hashes(ids, bs, salt),
-        prompt_tokens=len(ids),
-        max_tokens=mt,
+    rr = build_request(
+        new_request_id(),
+        base,
+        tokens=ids,
         adapter=adapter,
         tenant=tenant,
+        isolate_tenant=router.config.isolate_tenants,
+        max_tokens=mt,
+        block_size=bs,
         arrival=router.now(),
     )
     return Prepared(rr, ids, model, source, text, sp, client_request_id or None, tok)
