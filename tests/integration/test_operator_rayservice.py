@@ -284,6 +284,24 @@ def test_operator_rayservice_lifecycle(
     )
     assert wait(lambda: rayservice("later"), timeout=30, what="RayService later")
 
+    # ---- a pool the operator cannot deploy (unknown target) gets Degraded + a Warning; others carry on
+    bad = copy.deepcopy(later)
+    bad["metadata"]["name"] = "bad-target"
+    bad["metadata"]["annotations"] = {t.TARGET_ANNOTATION: "k8s-jobs"}
+    del bad["spec"]["routingPolicyRef"]
+    k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad))
+    bad_degraded = wait(
+        lambda: (
+            cond(get("modelpools", "bad-target"), "Degraded").get("status") == "True"
+            and cond(get("modelpools", "bad-target"), "Degraded")
+        ),
+        timeout=30,
+        what="bad-target pool Degraded",
+    )
+    assert bad_degraded["reason"] == "InvalidTarget" and "k8s-jobs" in bad_degraded["message"]
+    assert "InvalidTarget" in wait(lambda: events("bad-target"), timeout=20, what="Warning Event")
+    assert rayservice("bad-target") is None
+
     # ---- delete the pool: finalizer runs, RayService (and KubeRay's RayClusters) gone
     assert "corral.dev/finalizer" in (get("modelpools", "llama-8b") or {})["metadata"]["finalizers"]
     k8s_cluster.kubectl("-n", ns, "delete", "modelpool", "llama-8b", "--wait=false")
