@@ -317,3 +317,38 @@ def test_scale_patch_moves_only_replica_counts(pool: dict[str, Any], policy: dic
     ]
     # a group KubeRay has not added yet is left to KubeRay
     assert t.scale_patch(new, {"spec": {"workerGroupSpecs": []}}) == []
+
+
+# ------------------------------------------------------------------------------------------ Serve level
+
+
+def _code_version(rs: dict[str, Any]) -> str:
+    """Ray Serve's code version of the pool's application: a change restarts every replica."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    (app,) = serve_cfg(rs)["applications"]
+    return str(get_app_code_version(ServeApplicationSchema.model_validate(app)))
+
+
+def test_policy_change_keeps_the_serve_code_version(pool: dict[str, Any], policy: dict[str, Any]) -> None:
+    old = t.ray_service(pool, policy)
+    policy["spec"]["strategy"] = "least_loaded"
+    assert _code_version(t.ray_service(pool, policy, existing=old)) == _code_version(old)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="corral.serve.app puts the whole pool spec in the application's args, which Serve hashes into "
+    "the code version: replica counts and adapters restart every replica (fix in serve/app.py)",
+)
+@pytest.mark.parametrize("change", ["replicas", "adapters"])
+def test_routine_pool_changes_keep_the_serve_code_version(
+    pool: dict[str, Any], policy: dict[str, Any], change: str
+) -> None:
+    old = t.ray_service(pool, policy)
+    if change == "replicas":
+        pool["spec"]["gpuClasses"][1]["replicas"] = 3
+    else:
+        pool["spec"]["adapters"].pop()
+    assert _code_version(t.ray_service(pool, policy, existing=old)) == _code_version(old)
