@@ -352,3 +352,18 @@ def test_routine_pool_changes_keep_the_serve_code_version(
     else:
         pool["spec"]["adapters"].pop()
     assert _code_version(t.ray_service(pool, policy, existing=old)) == _code_version(old)
+
+
+def test_serve_rest_config_keeps_foreign_apps(pool: dict[str, Any], policy: dict[str, Any]) -> None:
+    foreign = {"name": "someone-else", "import_path": "x:app", "route_prefix": "/x"}
+    current = {
+        "applications": {
+            "someone-else": {"status": "RUNNING", "deployed_app_config": foreign},
+            "corral-gone": {"status": "RUNNING", "deployed_app_config": {"name": "corral-gone"}},
+        }
+    }
+    body = t.serve_rest_config([(pool, policy)], http_options={"port": 8123}, current=current)
+    assert [a["name"] for a in body["applications"]] == ["corral-llama-8b", "someone-else"]
+    assert body["applications"][1] == foreign
+    assert body["http_options"] == {"port": 8123}
+    assert t.app_name(pool) == "corral-llama-8b"

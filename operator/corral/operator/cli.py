@@ -37,7 +37,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--target", choices=["rayservice", "ray"], default="rayservice",
         help="default target for pools without a corral.dev/target annotation (default rayservice)",
     )  # fmt: skip
-    run.add_argument("--ray-address", default=None, help="dashboard URL for --target ray (not deployed yet)")
+    run.add_argument(
+        "--ray-address", default=None, metavar="URL",
+        help="target ray: the Ray dashboard to PUT Serve configs to, e.g. http://127.0.0.1:8265",
+    )  # fmt: skip
+    run.add_argument(
+        "--http-port", type=int, default=None, help="target ray: Serve's HTTP proxy port (default: Serve's)"
+    )
     _rayservice_arguments(run)
     run.add_argument("--peering", default=None, help="kopf peering name (default: standalone)")
     run.add_argument("--liveness", default=None, metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
@@ -64,12 +70,24 @@ def _rayservice_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--worker-cpu", default="8", help="CPU per engine pod (default 8)")
     p.add_argument("--worker-memory", default="64Gi", help="memory per engine pod (default 64Gi)")
+    p.add_argument(
+        "--serve-options", default=None, metavar="JSON",
+        help='corral.serve.app.ServeOptions fields, e.g. \'{"router_grpc_port": 0}\'',
+    )  # fmt: skip
 
 
 def _options(args: argparse.Namespace) -> Any:
+    import json
+
+    from corral.serve.app import ServeOptions
+
     from .translate import RayServiceOptions
 
-    return RayServiceOptions(image=args.image, worker_cpu=args.worker_cpu, worker_memory=args.worker_memory)
+    serve = json.loads(args.serve_options) if args.serve_options else {}
+    ServeOptions.from_dict(serve)  # unknown fields are an error now, not at the first reconcile
+    return RayServiceOptions(
+        image=args.image, worker_cpu=args.worker_cpu, worker_memory=args.worker_memory, serve=serve
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -77,7 +95,12 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import handlers
 
-    handlers.CONFIG = handlers.OperatorConfig(target=args.target, rayservice=_options(args))
+    handlers.CONFIG = handlers.OperatorConfig(
+        target=args.target,
+        rayservice=_options(args),
+        ray_address=args.ray_address,
+        http_options={"host": "127.0.0.1", "port": args.http_port} if args.http_port else None,
+    )
     kopf.configure(verbose=args.verbose)
     kopf.run(
         standalone=args.peering is None,

@@ -22,9 +22,11 @@ Importing this module registers the handlers in kopf's default registry; ``corra
 * a timer refreshes each pool's status from its RayService (KubeRay's Ready condition, Serve deployment
   health).
 
-Target ``ray`` (an existing Ray cluster through the dashboard's Serve REST API) is translated
-(:func:`corral.operator.translate.serve_rest_config`) but not deployed by these handlers yet: such a pool
-is Degraded with reason ``TargetNotSupported``.
+Target ``ray`` (annotation ``corral.dev/target: ray`` or ``--target ray``; an existing Ray cluster at
+``--ray-address``): every change PUTs :func:`corral.operator.translate.serve_rest_config` of all watched
+``ray`` pools to the dashboard's Serve REST API (declarative: other applications on that cluster are kept
+as deployed), deletion PUTs the config without the pool, and Ready follows the Serve application's
+status.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ BACKOFF_S = 5.0  # retry delay of a handler that failed unexpectedly (kopf's def
 @dataclass
 class OperatorConfig:
     target: t.Target = "rayservice"
-    rayservice: t.RayServiceOptions = field(default_factory=t.RayServiceOptions)
+    rayservice: t.RayServiceOptions = field(default_factory=t.RayServiceOptions)  # .serve: both targets
     retry_delay_s: float = 5.0
+    ray_address: str | None = None  # target ray: the dashboard, e.g. http://127.0.0.1:8265
+    http_options: dict[str, Any] | None = None  # target ray: Serve's http_options in the PUT
 
 
 CONFIG = OperatorConfig()
@@ -105,6 +109,12 @@ def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 def policies_by_pool(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, str]:
     """(namespace, poolRef) -> names of the RoutingPolicies that route it."""
     return {(namespace, spec.get("poolRef")): name}
+
+
+@kopf.index(GROUP, VERSION, POOLS)
+def all_pools(namespace: str | None, name: str, **_: Any) -> dict[str, tuple[str | None, str]]:
+    """Every watched ModelPool (target ``ray``: the dashboard's config holds all of them at once)."""
+    return {"all": (namespace, name)}
 
 
 def _body(obj: Mapping[str, Any]) -> kopf.Body:
@@ -161,8 +171,10 @@ def pool_status(
     rs: Mapping[str, Any] | None,
     *,
     problem: tuple[str, str] | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """The ModelPool's status from its spec, its RayService and a problem ``(reason, message)``."""
+    """The ModelPool's status from its spec, its RayService (or a view of its Serve application in the
+    same shape, named by ``source``) and a problem ``(reason, message)``."""
     from corral.serve.app import deployment_name
 
     gen = pool["metadata"].get("generation")
@@ -182,8 +194,8 @@ def pool_status(
             condition("Degraded", True, problem[0], problem[1], generation=gen),
         ]
     else:
-        rs_name = (rs or {}).get("metadata", {}).get("name", "")
-        msg = f"RayService {rs_name}: {reason}" + (f": {message}" if message else "")
+        what = source or f"RayService {(rs or {}).get('metadata', {}).get('name', '')}"
+        msg = f"{what}: {reason}" + (f": {message}" if message else "")
         conds = [
             condition("Ready", ready, "RayServiceReady" if ready else reason, msg, generation=gen),
             condition(
@@ -211,7 +223,11 @@ _CHANGE = {
 
 
 def reconcile_pool(
-    k: Kube, pool: Mapping[str, Any], index: Mapping[Any, Any] | None, logger: logging.Logger | Any
+    k: Kube,
+    pool: Mapping[str, Any],
+    index: Mapping[Any, Any] | None,
+    logger: logging.Logger | Any,
+    pools: Mapping[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Make the pool's RayService match the CRs; returns the pool's new status (the caller writes it)."""
     meta = pool["metadata"]
@@ -221,10 +237,8 @@ def reconcile_pool(
     except ValueError as exc:
         kopf.warn(_body(pool), reason="InvalidTarget", message=str(exc))
         return pool_status(pool, None, problem=("InvalidTarget", str(exc)))
-    if target != "rayservice":
-        msg = f"target {target!r} is not deployed by the operator yet (only 'rayservice')"
-        kopf.warn(_body(pool), reason="TargetNotSupported", message=msg)
-        return pool_status(pool, None, problem=("TargetNotSupported", msg))
+    if target == "ray":
+        return reconcile_ray_target(k, pool, index, pools, logger)
 
     policy, policy_problem = find_policy(k, pool, index)
     rs_name = t.rayservice_name(meta["name"])
@@ -261,6 +275,129 @@ def reconcile_pool(
     return pool_status(pool, live)
 
 
+# ------------------------------------------------------------------------------------------ target ray
+
+
+def _dashboard(method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+    """A call to the Ray dashboard of target ``ray`` (JSON in and out)."""
+    import json
+    import urllib.request
+
+    if not CONFIG.ray_address:
+        raise kopf.PermanentError("target ray needs the operator's --ray-address")
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        CONFIG.ray_address.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def deploy_ray_target(
+    k: Kube,
+    index: Mapping[Any, Any] | None,
+    pools: Mapping[Any, Any] | None,
+    *,
+    exclude: tuple[str, str] | None = None,
+) -> dict[tuple[str, str], str]:
+    """PUT the Serve config of every watched pool with target ``ray`` (but ``exclude``) to the dashboard,
+    keeping other applications. Returns the pools left out because they cannot be planned, with why."""
+    import urllib.error
+
+    chosen, bad = [], {}
+    for ns, name in sorted(set((pools or {}).get("all", [])), key=str):
+        key = (ns or "default", name)
+        if key == exclude:
+            continue
+        body = _alive(k.get(GROUP, VERSION, POOLS, key[0], name))
+        if body is None:
+            continue
+        try:
+            if t.target_of(body, CONFIG.target) != "ray":
+                continue
+            policy, _problem = find_policy(k, body, index)
+            t.plan(body, policy, CONFIG.rayservice.serve)  # plannable on its own?
+        except ValueError as exc:
+            bad[key] = str(exc)
+            continue
+        chosen.append((body, policy))
+    try:
+        current = _dashboard("GET", t.SERVE_REST_PATH + "?api_type=declarative")
+        cfg = t.serve_rest_config(
+            chosen, CONFIG.rayservice.serve, http_options=CONFIG.http_options, current=current
+        )
+        _dashboard("PUT", t.SERVE_REST_PATH, cfg)
+    except (urllib.error.URLError, OSError) as exc:
+        raise kopf.TemporaryError(
+            f"Ray dashboard {CONFIG.ray_address}: {exc}", delay=CONFIG.retry_delay_s
+        ) from exc
+    return bad
+
+
+def _serve_app(pool: Mapping[str, Any]) -> tuple[bool, str, str, dict[str, Any]]:
+    """(running, status, message, deployments) of the pool's Serve application on the target-``ray``
+    cluster."""
+    import urllib.error
+
+    try:
+        details = _dashboard("GET", t.SERVE_REST_PATH) or {}
+    except (urllib.error.URLError, OSError) as exc:
+        return False, "DashboardUnreachable", str(exc), {}
+    app = (details.get("applications") or {}).get(t.app_name(pool))
+    if not app:
+        return False, "NotDeployed", "no such Serve application yet", {}
+    running = app.get("status") == "RUNNING"
+    return (
+        running,
+        str(app.get("status") or "Unknown"),
+        str(app.get("message") or ""),
+        app.get("deployments") or {},
+    )
+
+
+def ray_pool_status(pool: Mapping[str, Any], problem: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The pool's status from its Serve application, in the shape :func:`pool_status` reads."""
+    running, status, message, deployments = _serve_app(pool)
+    ready = {"type": "Ready", "status": "True" if running else "False", "reason": status, "message": message}
+    deps = {n: {"status": (d or {}).get("status")} for n, d in deployments.items()}
+    view = {
+        "status": {
+            "conditions": [ready],
+            "activeServiceStatus": {
+                "applicationStatuses": {t.app_name(pool): {"serveDeploymentStatuses": deps}}
+            },
+        }
+    }
+    return pool_status(pool, view, problem=problem, source=f"Serve application {t.app_name(pool)}")
+
+
+def reconcile_ray_target(
+    k: Kube,
+    pool: Mapping[str, Any],
+    index: Mapping[Any, Any] | None,
+    pools: Mapping[Any, Any] | None,
+    logger: logging.Logger | Any,
+) -> dict[str, Any]:
+    meta = pool["metadata"]
+    key = (meta.get("namespace") or "default", meta["name"])
+    if not CONFIG.ray_address:
+        msg = "target 'ray' needs the operator started with --ray-address"
+        kopf.warn(_body(pool), reason="TargetNotConfigured", message=msg)
+        return pool_status(pool, None, problem=("TargetNotConfigured", msg))
+    bad = deploy_ray_target(k, index, pools)
+    if key in bad:
+        kopf.warn(_body(pool), reason="InvalidSpec", message=bad[key])
+        return pool_status(pool, None, problem=("InvalidSpec", bad[key]))
+    kopf.info(_body(pool), reason="ServeConfigApplied", message=f"Serve config PUT to {CONFIG.ray_address}")
+    logger.info("Serve config with %s PUT to %s", t.app_name(pool), CONFIG.ray_address)
+    _policy, problem = find_policy(k, pool, index)
+    return ray_pool_status(pool, ("RoutingPolicyMissing", problem) if problem else None)
+
+
 def _write_pool_status(patch: kopf.Patch, status: Mapping[str, Any]) -> None:
     for key, value in status.items():
         patch.status[key] = value
@@ -275,16 +412,28 @@ def _retry(exc: ApiException, what: str) -> kopf.TemporaryError:
 @kopf.on.resume(GROUP, VERSION, POOLS, backoff=BACKOFF_S)
 def pool_changed(body: kopf.Body, patch: kopf.Patch, logger: Any, **kw: Any) -> None:
     try:
-        status = reconcile_pool(kube(), body, kw.get("policies_by_pool"), logger)
+        status = reconcile_pool(kube(), body, kw.get("policies_by_pool"), logger, kw.get("all_pools"))
     except ApiException as exc:
         raise _retry(exc, "reconciling the RayService") from exc
     _write_pool_status(patch, status)
 
 
 @kopf.on.delete(GROUP, VERSION, POOLS, backoff=BACKOFF_S)
-def pool_deleted(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+def pool_deleted(body: kopf.Body, name: str, namespace: str | None, **kw: Any) -> None:
     k = kube()
     namespace = namespace or "default"
+    try:
+        target = t.target_of(body, CONFIG.target)
+    except ValueError:
+        target = "rayservice"
+    if target == "ray" and CONFIG.ray_address:
+        deploy_ray_target(k, kw.get("policies_by_pool"), kw.get("all_pools"), exclude=(namespace, name))
+        kopf.info(
+            body,
+            reason="ServeApplicationDeleted",
+            message=f"{t.app_name(body)} removed from the Serve config",
+        )
+        return
     rs_name = t.rayservice_name(name)
     try:
         if k.delete(RAY_GROUP, RAY_VERSION, RAYSERVICES, namespace, rs_name):
@@ -305,6 +454,13 @@ def pool_status_refresh(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     )
     if degraded and degraded.get("status") == "True":
         return  # the reconcile's verdict stands until the spec changes
+    try:
+        target = t.target_of(body, CONFIG.target)
+    except ValueError:
+        return
+    if target == "ray":
+        _write_pool_status(patch, ray_pool_status(body))
+        return
     ns = meta.get("namespace", "default")
     rs = kube().get(RAY_GROUP, RAY_VERSION, RAYSERVICES, ns, t.rayservice_name(meta["name"]))
     _write_pool_status(patch, pool_status(body, rs))
@@ -338,7 +494,11 @@ def _policy_status(
 
 
 def reconcile_policy(
-    k: Kube, policy: Mapping[str, Any], index: Mapping[Any, Any] | None, logger: logging.Logger | Any
+    k: Kube,
+    policy: Mapping[str, Any],
+    index: Mapping[Any, Any] | None,
+    logger: logging.Logger | Any,
+    pools: Mapping[Any, Any] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """Reconcile the policy's pool; returns (policy status, problem message or None)."""
     meta = policy["metadata"]
@@ -348,7 +508,7 @@ def reconcile_policy(
     if pool is None:
         msg = f"ModelPool {ns}/{pool_name} (spec.poolRef) not found"
         return _policy_status(policy, ("PoolNotFound", msg), False), msg
-    status = reconcile_pool(k, pool, index, logger)
+    status = reconcile_pool(k, pool, index, logger, pools)
     k.patch_status(GROUP, VERSION, POOLS, ns, pool["metadata"]["name"], status)
     ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
     return _policy_status(policy, None, ready), None
@@ -360,7 +520,7 @@ def reconcile_policy(
 def policy_changed(body: kopf.Body, patch: kopf.Patch, logger: Any, **kw: Any) -> None:
     k = kube()
     try:
-        status, problem = reconcile_policy(k, body, kw.get("policies_by_pool"), logger)
+        status, problem = reconcile_policy(k, body, kw.get("policies_by_pool"), logger, kw.get("all_pools"))
     except ApiException as exc:
         raise _retry(exc, "reconciling the policy's pool") from exc
     for key, value in status.items():
@@ -381,7 +541,7 @@ def policy_deleted(body: kopf.Body, logger: Any, **kw: Any) -> None:
     if pool is None:
         return
     try:
-        status = reconcile_pool(k, pool, kw.get("policies_by_pool"), logger)
+        status = reconcile_pool(k, pool, kw.get("policies_by_pool"), logger, kw.get("all_pools"))
         k.patch_status(GROUP, VERSION, POOLS, ns, pool["metadata"]["name"], status)
     except ApiException as exc:
         raise _retry(exc, "reconciling the pool after its policy was deleted") from exc

@@ -52,7 +52,14 @@ from corral.api.modelpool import GpuClass, ModelPool
 from corral.api.routingpolicy import RoutingPolicy
 from corral.api.validation import error_lines
 from corral.router.settings import router_settings
-from corral.serve.app import PoolPlan, ServeOptions, gpu_class_resource, plan_pool, serve_config
+from corral.serve.app import (
+    PoolPlan,
+    ServeOptions,
+    gpu_class_resource,
+    plan_pool,
+    pool_id_of,
+    serve_config,
+)
 from pydantic import ValidationError
 
 Target = Literal["rayservice", "ray"]
@@ -74,6 +81,7 @@ GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedu
 API_KEYS_DIR = "/etc/corral/api-keys"  # where a RoutingPolicy's tenants Secret is mounted in Ray pods
 API_KEYS_VOLUME = "corral-api-keys"
 SERVE_REST_PATH = "/api/serve/applications/"
+APP_PREFIX = "corral-"  # Serve applications named so are Corral's (corral.serve.app: "corral-<pool id>")
 DEFAULT_RAY_VERSION = "2.60.0"  # the ray[serve] Corral pins
 DEFAULT_IMAGE = "corral-ray:latest"
 
@@ -210,15 +218,30 @@ def serve_config_yaml(cfg: Mapping[str, Any]) -> str:
 def serve_rest_config(
     pools: Iterable[tuple[ModelPool | Mapping[str, Any], RoutingPolicy | Mapping[str, Any] | None]],
     options: Mapping[str, Any] | ServeOptions | None = None,
+    *,
+    http_options: Mapping[str, Any] | None = None,
+    current: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Target ``ray``: the JSON body of ``PUT <dashboard>/api/serve/applications/`` for every pool
-    deployed to one Ray cluster (the endpoint deletes applications it is not given)."""
+    deployed to one Ray cluster. The endpoint is declarative (applications it is not given are deleted),
+    so the applications of ``current`` (the ``GET`` of the same endpoint) that are not Corral's
+    (:data:`APP_PREFIX`) are kept as they were deployed."""
     plans = [plan(p, rp, options) for p, rp in pools]
     names = [p.app_name for p in plans]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"two pools map to the same Serve application: {', '.join(dup)}")
-    return serve_config(plans)
+    cfg = serve_config(plans, http_options=http_options)
+    for name, app in sorted(((current or {}).get("applications") or {}).items()):
+        deployed = (app or {}).get("deployed_app_config")
+        if not name.startswith(APP_PREFIX) and deployed:
+            cfg["applications"].append(dict(deployed))
+    return cfg
+
+
+def app_name(pool: ModelPool | Mapping[str, Any]) -> str:
+    """The Serve application of a pool (``corral-<pool id>``)."""
+    return f"{APP_PREFIX}{pool_id_of(clean_pool(pool))}"
 
 
 # ------------------------------------------------------------------------------------------ RayService
