@@ -13,7 +13,7 @@ help:
 	@echo "make test-unit         pytest -m 'not integration'"
 	@echo "make test-integration  pytest -m integration"
 	@echo "make lint              ruff check + ruff format --check"
-	@echo "make bench-docs        rerun fleet/router/overhead benchmarks into docs/benchmarks (fleet ~6 min)"
+	@echo "make bench-docs        rerun fleet/router/overhead/ablation benchmarks into docs/benchmarks (~15 min)"
 
 k8s-bins:
 	bash e2e/cluster/build.sh
@@ -45,3 +45,4 @@ bench-docs:
 	.venv/bin/corral bench fleet --out docs/benchmarks
 	.venv/bin/corral bench router --out docs/benchmarks
 	.venv/bin/corral bench overhead --ray --out docs/benchmarks
+	.venv/bin/corral bench ablation --out docs/benchmarks
