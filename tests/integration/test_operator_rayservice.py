@@ -162,6 +162,7 @@ def test_operator_rayservice_lifecycle(
     assert (owner["kind"], owner["name"], owner["uid"]) == ("ModelPool", "llama-8b", pool["metadata"]["uid"])
     (rc,) = wait(lambda: kuberay.ray_clusters_of(ns, "llama-8b"), timeout=60, what="RayCluster")
     rc_uid = rc["metadata"]["uid"]
+    assert rc["metadata"]["labels"][t.POOL_LABEL] == "llama-8b"  # KubeRay copies the RayService's labels
 
     def pods(group: str) -> list[Any]:
         return [
@@ -171,6 +172,8 @@ def test_operator_rayservice_lifecycle(
         ]
 
     wait(lambda: len(pods("gpu-h100")) == 4 and len(pods("gpu-a100")) == 2, timeout=60, what="worker pods")
+    for p in kuberay.pods_of(ns, rc["metadata"]["name"]):
+        assert p.metadata.labels[t.POOL_LABEL] == "llama-8b", p.metadata.name
 
     def pool_status_at(gen: int) -> dict[str, Any] | None:
         p = get("modelpools", "llama-8b")
