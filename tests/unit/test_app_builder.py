@@ -152,9 +152,36 @@ def test_serve_config_is_json_and_yaml_clean() -> None:
 def test_builder_args_round_trip_to_the_same_plan() -> None:
     plan = plan_pool(POOL, POLICY, ServeOptions(router_grpc_port=0, router_http_port=0))
     assert plan.router.max_replicas_per_node is None  # ephemeral ports: routers may share a node
-    args = plan.serve_application()["args"]
+    app = plan.serve_application()
+    args = app["args"]
     again = plan_pool(args["pool"], POLICY, args["options"])
-    assert again.deployment_schemas() == plan.deployment_schemas()
+    # The builder's args hold only what engines are built from; Serve takes num_replicas and user_config
+    # from the config's deployments (applied in place), so with those the plan is the same.
+    overrides = {d["name"]: d for d in app["deployments"]}
+    rebuilt = [
+        {
+            **d,
+            "num_replicas": overrides[d["name"]]["num_replicas"],
+            "user_config": overrides[d["name"]]["user_config"],
+        }
+        for d in again.deployment_schemas()
+    ]
+    assert rebuilt == plan.deployment_schemas()
+
+
+def test_routine_pool_changes_stay_out_of_the_builder_args() -> None:
+    """Replica counts and adapters are not in ``args`` (Serve hashes args into the code version: a change
+    there restarts every replica); they reach the deployments through num_replicas and user_config."""
+    args = plan_pool(POOL, POLICY).serve_application()["args"]
+    pool = copy.deepcopy(POOL)
+    pool["spec"]["gpuClasses"][0]["replicas"] = pool["spec"]["gpuClasses"][0]["maxReplicas"]
+    pool["spec"]["adapters"] = pool["spec"]["adapters"][:1]
+    changed = plan_pool(pool, POLICY)
+    assert changed.serve_application()["args"] == args
+    router = next(d for d in changed.deployment_schemas() if d["name"] == "router")
+    assert [a["name"] for a in router["user_config"]["pool"]["spec"]["adapters"]] == [
+        pool["spec"]["adapters"][0]["name"]
+    ]
 
 
 def test_policy_change_keeps_the_code_version() -> None:
@@ -302,9 +329,13 @@ def test_block_size_reaches_engines_through_the_serve_builder_args() -> None:
     assert args["blockSize"] == 32 and "policy" not in args
     rebuilt = plan_pool(args["pool"], None, args["options"], block_size=args["blockSize"])
     assert {e.init_kwargs["block_size"] for e in rebuilt.engines} == {32}
-    assert rebuilt.deployment_schemas() == [
-        {**d, "user_config": r["user_config"]} if d["name"] == "router" else d
-        for d, r in zip(plan.deployment_schemas(), rebuilt.deployment_schemas(), strict=True)
+    placement = [
+        {k: v for k, v in d.items() if k not in ("num_replicas", "user_config")}
+        for d in plan.deployment_schemas()
+    ]
+    assert placement == [
+        {k: v for k, v in d.items() if k not in ("num_replicas", "user_config")}
+        for d in rebuilt.deployment_schemas()
     ]
 
 

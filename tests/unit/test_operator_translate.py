@@ -337,11 +337,6 @@ def test_policy_change_keeps_the_serve_code_version(pool: dict[str, Any], policy
     assert _code_version(t.ray_service(pool, policy, existing=old)) == _code_version(old)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corral.serve.app puts the whole pool spec in the application's args, which Serve hashes into "
-    "the code version: replica counts and adapters restart every replica (fix in serve/app.py)",
-)
 @pytest.mark.parametrize("change", ["replicas", "adapters"])
 def test_routine_pool_changes_keep_the_serve_code_version(
     pool: dict[str, Any], policy: dict[str, Any], change: str

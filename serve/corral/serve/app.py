@@ -189,18 +189,18 @@ class PoolPlan:
     def serve_application(self) -> dict[str, Any]:
         """This pool as one ``ServeApplicationSchema`` entry (``applications[]`` of a Serve config).
 
-        The RoutingPolicy is deliberately *not* in ``args``: Serve hashes ``import_path``, ``runtime_env``
-        and ``args`` into the application's code version, and a new code version restarts every replica.
-        The policy travels only in the router deployment's ``user_config``, so changing it is an in-place
-        ``reconfigure`` of the routers and leaves the engines alone. Only its ``blockSize`` is in
-        ``args``: engines are built with it, so changing it must restart them.
+        Serve hashes ``import_path``, ``runtime_env`` and ``args`` into the application's code version, and
+        a new code version restarts every replica. So ``args`` carry only what engines are built from
+        (:func:`structural_pool`, the options and the policy's ``blockSize``); routine changes travel where
+        Serve applies them in place: replica counts in each deployment's ``num_replicas``, the adapter
+        catalog and the whole ModelPool + RoutingPolicy in ``user_config`` (a live ``reconfigure``).
         """
         return {
             "name": self.app_name,
             "route_prefix": f"/corral/{self.pool_id}",
             "import_path": APP_BUILDER_IMPORT_PATH,
             "args": {
-                "pool": self.pool.to_k8s(),
+                "pool": structural_pool(self.pool),
                 "options": self.options.to_dict(),
                 "blockSize": self.settings.block_size,  # engines start with it: a change restarts them
             },
@@ -350,7 +350,6 @@ def plan_pool(
         max_ongoing_requests=opts.router_max_ongoing_requests,
         init_kwargs={
             "pool_id": pool_id,
-            "pool": mp.to_k8s(),  # the router derives its pool-side settings from it (router_settings)
             "namespace": opts.namespace,
             "host": opts.router_host,
             "grpc_port": opts.router_grpc_port,
@@ -361,7 +360,7 @@ def plan_pool(
         },
         # The policy spec (camelCase, every field explicit) is all a reconfigure needs; the adapter
         # catalog is there for tools (the router derives its own from the pool).
-        user_config={"policy": policy_spec.to_k8s(), "adapters": adapters},
+        user_config={"policy": policy_spec.to_k8s(), "pool": mp.to_k8s(), "adapters": adapters},
         max_replicas_per_node=1 if (opts.router_grpc_port or opts.router_http_port) else None,
     )
     return PoolPlan(
@@ -374,6 +373,24 @@ def plan_pool(
         policy=rp,
         settings=settings,
     )
+
+
+def structural_pool(mp: ModelPool) -> dict[str, Any]:
+    """The part of a ModelPool that engine replicas are built from (the Serve application's ``args``):
+    models, GPU classes without their replica counts, the adapter cache sizes; name and namespace only of
+    the metadata. Replica counts (``num_replicas``) and adapters (``user_config``) are left out, so
+    changing them keeps the application's code version and Serve applies them in place."""
+    cr = mp.to_k8s()
+    spec = dict(cr["spec"])
+    spec.pop("adapters", None)
+    spec.pop("routingPolicyRef", None)
+    classes = []
+    for c in spec.get("gpuClasses", []):
+        c = {k: v for k, v in c.items() if k not in ("replicas", "minReplicas", "maxReplicas")}
+        classes.append({**c, "minReplicas": 1, "maxReplicas": 1})  # placeholders: num_replicas rules
+    spec["gpuClasses"] = classes
+    meta = {k: v for k, v in cr["metadata"].items() if k in ("name", "namespace")}
+    return {"apiVersion": cr["apiVersion"], "kind": cr["kind"], "metadata": meta, "spec": spec}
 
 
 def serve_config(

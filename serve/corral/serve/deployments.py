@@ -313,18 +313,18 @@ class RouterDeployment:
     """One router replica: the RouterServer on its own ports (Prometheus metrics at ``/metrics`` on the HTTP
     port), registry discovery, live RoutingPolicy, paging.
 
-    Its settings are :func:`corral.router.settings.router_settings` of the pool (``pool``, fixed for the
-    replica's life) and the RoutingPolicy spec in ``user_config`` (live). Serve calls :meth:`reconfigure`
-    right after the constructor; the first call starts the server with those settings (so the prefix-index
-    mode, queue bound, tenants and profiles are right from the first request), later ones apply changes in
-    place."""
+    Its settings are :func:`corral.router.settings.router_settings` of the ModelPool and the RoutingPolicy
+    spec, both in ``user_config`` (live: adapter and policy changes never restart a replica). Serve calls
+    :meth:`reconfigure` right after the constructor; the first call starts the server with those settings
+    (so the prefix-index mode, queue bound, tenants and profiles are right from the first request), later
+    ones apply changes in place."""
 
     async def __init__(  # type: ignore[misc]
         self,
         *,
         engines: list[Any] | None = None,  # engine deployment handles (bound so Serve deploys them)
         pool_id: str,
-        pool: dict[str, Any] | None = None,  # the ModelPool (camelCase CR)
+        pool: dict[str, Any] | None = None,  # the ModelPool (camelCase CR); user_config["pool"] wins
         namespace: str = DEFAULT_NAMESPACE,
         host: str = "0.0.0.0",
         grpc_port: int = 0,
@@ -362,10 +362,14 @@ class RouterDeployment:
     def settings_for(self, user_config: dict[str, Any] | None) -> Any:
         """RouterSettings of this pool under the RoutingPolicy spec in ``user_config`` (defaults if none).
         Raises (and so fails the reconfigure) on an invalid spec, or on tenants without API keys."""
+        from corral.api.modelpool import ModelPool
         from corral.api.routingpolicy import RoutingPolicySpec
         from corral.router.settings import default_policy_spec, router_settings
 
-        raw = (user_config or {}).get("policy")
+        cfg = user_config or {}
+        if cfg.get("pool"):  # the whole ModelPool travels in user_config: adapter changes apply live
+            self.pool = ModelPool.model_validate(cfg["pool"])
+        raw = cfg.get("policy")
         pool_name = self.pool.metadata.name if self.pool is not None else self.pool_id
         spec = RoutingPolicySpec.model_validate(raw) if raw else default_policy_spec(pool_name)
         settings = router_settings(spec, self.pool)
