@@ -11,8 +11,8 @@ The verdict (valid or not) is meant to be the apiserver's for the same file appl
 YAML is read as kubectl reads it: timestamps stay strings, a repeated key is an error, and nesting deeper
 than any Corral schema (:data:`MAX_DEPTH`) is reported with its path instead of overflowing the stack.
 On top of the per-object checks, :func:`cross_check` checks the objects given together against each other
-(a RoutingPolicy's pins against its ModelPool's adapters, one policy per pool): offline only until the
-admission webhook exists.
+(a RoutingPolicy's pins against its ModelPool's adapters, one policy per pool); the operator's admission
+webhook runs the same checks against the objects stored in the cluster (:func:`admission_problems`).
 """
 
 from __future__ import annotations
@@ -448,20 +448,30 @@ def _ns(obj: ModelPool | RoutingPolicy) -> str:
 
 
 def cross_check(report: Report) -> Report:
-    """Check the valid objects of ``report`` against each other; adds to ``report.problems``.
+    """Check the valid objects of ``report`` against each other (:func:`cross_problems`); adds to
+    ``report.problems``."""
+    sources = [*report.sources, *[""] * (len(report.objects) - len(report.sources))]
+    report.problems.extend(cross_problems(list(zip(report.objects, sources, strict=False))))
+    return report
+
+
+def cross_problems(objects: Sequence[tuple[ModelPool | RoutingPolicy, str]]) -> list[Problem]:
+    """The problems between ``(object, source file)`` pairs given together (``corral validate`` and the
+    operator's admission webhook both call this):
 
     * a RoutingPolicy's ``adapterPaging.pin`` entries must be adapters of its ModelPool (when the pool is
       among the objects);
-    * at most one RoutingPolicy per ModelPool;
+    * at most one RoutingPolicy per ModelPool (the later one in ``objects`` is reported);
     * a ModelPool's ``routingPolicyRef`` and the policies' ``poolRef`` must agree.
 
     Objects match by name within a namespace (an unset namespace matches only unset ones). The apiserver
-    cannot check these (one object at a time) until Corral's admission webhook exists.
-    """
+    checks one object at a time; these need the others (offline here, online in
+    :func:`admission_problems`). That an adapter's ``baseModel`` is a model of its pool is a rule of the
+    ModelPool itself (its CRD checks it)."""
+    problems: list[Problem] = []
     pools: dict[tuple[str, str], ModelPool] = {}
     policies: list[tuple[RoutingPolicy, str]] = []
-    sources = [*report.sources, *[""] * (len(report.objects) - len(report.sources))]
-    for obj, src in zip(report.objects, sources, strict=False):
+    for obj, src in objects:
         if isinstance(obj, ModelPool):
             pools[(_ns(obj), obj.metadata.name)] = obj
         else:
@@ -477,14 +487,14 @@ def cross_check(report: Report) -> Report:
                     f'names ModelPool "{rp.spec.pool_ref}" but ModelPool "{name}" names this policy in '
                     "spec.routingPolicyRef"
                 )
-                report.problems.append(Problem(src, msg, f"RoutingPolicy/{ref}", "spec.poolRef"))
+                problems.append(Problem(src, msg, f"RoutingPolicy/{ref}", "spec.poolRef"))
     for rp, src in policies:
         label = f"RoutingPolicy/{rp.metadata.name}"
         key = (_ns(rp), rp.spec.pool_ref)
         if key in first:
             other = first[key].metadata.name
             msg = f'ModelPool "{rp.spec.pool_ref}" already has RoutingPolicy "{other}" (one policy per pool)'
-            report.problems.append(Problem(src, msg, label, "spec.poolRef"))
+            problems.append(Problem(src, msg, label, "spec.poolRef"))
         else:
             first[key] = rp
         target = pools.get(key)
@@ -496,10 +506,35 @@ def cross_check(report: Report) -> Report:
                 f'ModelPool "{target.metadata.name}" names RoutingPolicy "{ref}" in spec.routingPolicyRef, '
                 f'not "{rp.metadata.name}"'
             )
-            report.problems.append(Problem(src, msg, label, "spec.poolRef"))
+            problems.append(Problem(src, msg, label, "spec.poolRef"))
         adapters = {a.name for a in target.spec.adapters}
         for i, name in enumerate(rp.spec.adapter_paging.pin):
             if name not in adapters:
                 msg = f'must name an adapter of ModelPool "{target.metadata.name}" (got "{name}")'
-                report.problems.append(Problem(src, msg, label, f"spec.adapterPaging.pin[{i}]"))
-    return report
+                problems.append(Problem(src, msg, label, f"spec.adapterPaging.pin[{i}]"))
+    return problems
+
+
+def load_object(doc: Any) -> ModelPool | RoutingPolicy | None:
+    """A live object (an apiserver's JSON: its ``status`` is ignored) as a model; None when it is not a
+    valid Corral object."""
+    if not isinstance(doc, dict):
+        return None
+    obj, _problems = validate_document({k: v for k, v in doc.items() if k != "status"}, "", 0)
+    return obj
+
+
+def admission_problems(
+    new: ModelPool | RoutingPolicy,
+    others: Sequence[ModelPool | RoutingPolicy],
+    old: ModelPool | RoutingPolicy | None = None,
+) -> list[Problem]:
+    """The problems (:func:`cross_problems`) that creating ``new``, or changing ``old`` into ``new``, adds
+    among ``others`` (the objects already stored beside it, ``new``'s previous version excluded).
+    Problems that were there before the change do not count: a change that does not make things worse
+    is admitted. Problems carry no file, so they print as ``Kind/name: field.path: message``, as
+    ``corral validate`` prints them after its file name."""
+    me = (new.kind, _ns(new), new.metadata.name)
+    rest = [(o, "") for o in others if (o.kind, _ns(o), o.metadata.name) != me]
+    before = set(cross_problems([*rest, *([(old, "")] if old is not None else [])]))
+    return [p for p in cross_problems([*rest, (new, "")]) if p not in before]

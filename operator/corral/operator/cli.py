@@ -7,6 +7,11 @@ kubeconfig (``$KUBECONFIG`` / ``~/.kube/config``; in a pod, its service account)
     corral operator run --namespace default          # or --all-namespaces
     kubectl apply -f manifests/examples/
 
+``--webhook`` also serves the validating admission webhook (the cross-object checks of ``corral
+validate``; :mod:`corral.operator.admission`). ``--peering NAME`` runs it as one of several replicas
+(kopf peering; ``kubectl apply -f manifests/third_party/kopf/`` first): one works, the others stand by
+and take over when it stops answering.
+
 ``corral operator render -f manifests/examples/`` prints the RayService of each ModelPool (no cluster
 needed; no ownerReference without a live uid).
 """
@@ -14,6 +19,7 @@ needed; no ownerReference without a live uid).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +51,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--http-port", type=int, default=None, help="target ray: Serve's HTTP proxy port (default: Serve's)"
     )
     _rayservice_arguments(run)
-    run.add_argument("--peering", default=None, help="kopf peering name (default: standalone)")
+    run.add_argument(
+        "--peering", default=os.environ.get("CORRAL_OPERATOR_PEERING"), metavar="NAME",
+        help="run as one of several replicas: kopf peering object NAME (created if absent; needs the "
+        "CRDs in manifests/third_party/kopf/); the replica with the highest --priority works, the "
+        "others wait (default: standalone; env CORRAL_OPERATOR_PEERING)",
+    )  # fmt: skip
+    run.add_argument(
+        "--priority", type=int, default=None,
+        help="peering priority (default: random, so replicas never tie; kopf pauses all tied peers)",
+    )  # fmt: skip
+    run.add_argument(
+        "--peering-lifetime", type=int, default=30, metavar="S",
+        help="seconds after its last keep-alive that a silent replica counts as dead (default 30)",
+    )  # fmt: skip
+    run.add_argument(
+        "--webhook", action="store_true", default=_env_flag("CORRAL_OPERATOR_WEBHOOK"),
+        help="serve the validating admission webhook (cross-object checks of `corral validate`) and "
+        "register it (ValidatingWebhookConfiguration corral.dev); env CORRAL_OPERATOR_WEBHOOK=1",
+    )  # fmt: skip
+    run.add_argument(
+        "--webhook-host", default="127.0.0.1",
+        help="address or DNS name the apiserver reaches the webhook at (default 127.0.0.1)",
+    )  # fmt: skip
+    run.add_argument("--webhook-port", type=int, default=9443, help="webhook HTTPS port (default 9443)")
+    run.add_argument("--webhook-listen", default=None, help="listening address (default: --webhook-host)")
+    run.add_argument(
+        "--webhook-certfile", default=None,
+        help="TLS certificate (PEM; also the caBundle); default: a self-signed one for --webhook-host",
+    )  # fmt: skip
+    run.add_argument("--webhook-keyfile", default=None, help="its private key (PEM)")
     run.add_argument("--liveness", default=None, metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
@@ -55,6 +90,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     render.set_defaults(func=_render)
     p.set_defaults(func=lambda _a: _usage(p))
     return p
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _usage(p: argparse.ArgumentParser) -> int:
@@ -101,10 +140,34 @@ def _run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         http_options={"host": "127.0.0.1", "port": args.http_port} if args.http_port else None,
     )
+    if args.webhook:
+        from . import admission  # registers the validating handlers
+
+        admission.CONFIG = admission.WebhookConfig(
+            host=args.webhook_host,
+            port=args.webhook_port,
+            listen=args.webhook_listen,
+            certfile=args.webhook_certfile,
+            pkeyfile=args.webhook_keyfile,
+        )
+    priority = 0
+    if args.peering:
+        import random
+
+        from .kube import ensure_peering
+
+        try:
+            ensure_peering(handlers.kube(), args.peering, args.namespace, clusterwide=args.all_namespaces)
+        except RuntimeError as exc:
+            print(f"corral operator: {exc}", file=sys.stderr)
+            return 1
+        priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
+        handlers.PEERING_LIFETIME = args.peering_lifetime
     kopf.configure(verbose=args.verbose)
     kopf.run(
-        standalone=args.peering is None,
-        peering_name=args.peering,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        priority=priority,
         clusterwide=bool(args.all_namespaces),
         namespaces=args.namespace,
         liveness_endpoint=args.liveness,

@@ -71,6 +71,10 @@ class OperatorConfig:
 CONFIG = OperatorConfig()
 """Set by ``corral operator run`` before kopf starts (module state: kopf handlers are module functions)."""
 
+PEERING_LIFETIME = 30
+"""Seconds a replica's peering keep-alive counts (``--peering-lifetime``): a replica silent for longer is
+dead to the others, and the next one by priority takes over."""
+
 _KUBE: Kube | None = None
 
 
@@ -99,6 +103,7 @@ def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="corral.dev", key="last-handled-configuration"
     )
     settings.execution.max_workers = 4
+    settings.peering.lifetime = PEERING_LIFETIME
     kube()
 
 

@@ -16,6 +16,7 @@ GROUP, VERSION = "corral.dev", "v1alpha1"
 POOLS, POLICIES = "modelpools", "routingpolicies"
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 RAYSERVICES, RAYCLUSTERS = "rayservices", "rayclusters"
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 
 
@@ -116,6 +117,32 @@ class Kube:
                 return False
             raise
         return True
+
+
+def ensure_peering(k: Kube, name: str, namespaces: Sequence[str], *, clusterwide: bool) -> None:
+    """Create kopf's peering object ``name`` (a ClusterKopfPeering with ``clusterwide``, else a KopfPeering
+    in each namespace) unless it exists: kopf peers only through an existing object. RuntimeError when
+    the peering CRDs (manifests/third_party/kopf/) are not installed."""
+    body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "metadata": {"name": name}}
+    calls: list[Any] = []
+    if clusterwide:
+        cluster_body = {**body, "kind": "ClusterKopfPeering"}
+        calls.append(lambda: k.custom.create_cluster_custom_object(
+            PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", cluster_body))  # fmt: skip
+    for ns in namespaces:
+        ns_body = {**body, "kind": "KopfPeering"}
+        calls.append(lambda ns=ns, b=ns_body: k.custom.create_namespaced_custom_object(
+            PEERING_GROUP, PEERING_VERSION, ns, "kopfpeerings", b))  # fmt: skip
+    for call in calls:
+        try:
+            call()
+        except ApiException as exc:
+            if exc.status == 404:
+                raise RuntimeError(
+                    "--peering needs kopf's peering CRDs: kubectl apply -f manifests/third_party/kopf/"
+                ) from exc
+            if exc.status != 409:
+                raise
 
 
 def now() -> str:
