@@ -30,7 +30,7 @@ def test_generated_chart_files_are_in_sync() -> None:
         assert path.read_text() == text, f"{path.relative_to(REPO)} is stale: {FIX}"
     # no stray CRD templates
     crd_templates = {p.name for p in (chart_testkit.CHART / "templates" / "crds").glob("*.yaml")}
-    assert crd_templates == {p.name for p in chart_values.CRD_DIR.glob("*.yaml")}
+    assert crd_templates == {name for _src, name, _cond in chart_values._crd_sources()}
 
 
 def test_values_yaml_is_the_models_defaults_and_every_leaf_is_annotated() -> None:
@@ -60,10 +60,10 @@ def test_lint() -> None:
     [
         (["--set", "operator.target=kuberay"], "/operator/target"),
         (["--set", "operator.replicas=two"], "/operator/replicas"),
-        (["--set", "operator.replicas=3"], "/operator/replicas"),
+        (["--set", "operator.replicas=30"], "/operator/replicas"),
         (["--set", "operatr.verbose=true"], "additional properties 'operatr' not allowed"),
         (["--set", "router.service.grpcPort=70000"], "/router/service/grpcPort"),
-        (["--set", "webhook.failurePolicy=Maybe"], "/webhook/failurePolicy"),
+        (["--set", "webhook.port=0"], "/webhook/port"),
     ],
 )
 def test_bad_values_fail_with_the_path(args: list[str], message: str) -> None:
@@ -78,7 +78,7 @@ def _by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def test_crds_are_the_committed_ones_and_kept_by_default() -> None:
     crds = _by_kind(chart_testkit.template(), "CustomResourceDefinition")
-    committed = {
+    committed: dict[str, Any] = {
         d["metadata"]["name"]: d
         for p in sorted(chart_values.CRD_DIR.glob("*.yaml"))
         for d in [yaml.safe_load(p.read_text())]
@@ -154,26 +154,56 @@ def test_helm_test_hook_curls_the_router() -> None:
     assert pod["spec"]["containers"][0]["args"][-1] == "http://x-corral-router.ns.svc:8080/v1/models"
 
 
+def _operator(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(_by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"])
+
+
 def test_webhook_self_signed_and_cert_manager() -> None:
+    """The operator serves and registers the webhook (kopf manages the configurations named
+    admission.WEBHOOK_CONFIGURATION); the chart gives it a Service, a certificate, and the empty
+    configurations so that uninstall removes them."""
+    import base64
+    import ssl
+
+    from corral.operator.admission import WEBHOOK_CONFIGURATION
+
     assert not _by_kind(chart_testkit.template(), "ValidatingWebhookConfiguration")
     objs = chart_testkit.template("--set", "webhook.enabled=true")
-    (vwc,) = _by_kind(objs, "ValidatingWebhookConfiguration")
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        (cfg,) = _by_kind(objs, kind)
+        assert cfg["metadata"]["name"] == WEBHOOK_CONFIGURATION and "webhooks" not in cfg
     (secret,) = _by_kind(objs, "Secret")
-    hook = vwc["webhooks"][0]
-    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
-    assert hook["clientConfig"]["service"]["name"] == "corral-webhook"
-    assert {"modelpools", "routingpolicies"} == set(hook["rules"][0]["resources"])
-    dep = _by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
-    assert {"name": "webhook-tls", "secret": {"secretName": secret["metadata"]["name"]}} in dep["volumes"]
+    pem = base64.b64decode(secret["data"]["tls.crt"]).decode()
+    assert pem.startswith("-----BEGIN CERTIFICATE-----") and base64.b64decode(secret["data"]["tls.key"])
+    ssl.PEM_cert_to_DER_cert(pem)
+    svc = next(o for o in _by_kind(objs, "Service") if o["metadata"]["name"] == "corral-webhook")
+    assert svc["spec"]["ports"][0]["port"] == 9443
+    pod = _operator(objs)
+    args = pod["containers"][0]["args"]
+    assert "--webhook" in args and "--webhook-host=corral-webhook.corral-system.svc" in args
+    assert "--webhook-certfile=/etc/corral/webhook/tls.crt" in args and "--webhook-listen=0.0.0.0" in args
+    assert {"name": "webhook-tls", "secret": {"secretName": secret["metadata"]["name"]}} in pod["volumes"]
 
     objs = chart_testkit.template("--set", "webhook.enabled=true,webhook.certManager.enabled=true")
     assert not _by_kind(objs, "Secret")
     (cert,) = _by_kind(objs, "Certificate")
-    (vwc,) = _by_kind(objs, "ValidatingWebhookConfiguration")
-    assert "caBundle" not in vwc["webhooks"][0]["clientConfig"]
-    assert vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "corral-system/corral-webhook"
     assert cert["spec"]["issuerRef"]["kind"] == "Issuer" and _by_kind(objs, "Issuer")
     assert "corral-webhook.corral-system.svc" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["secretName"] == "corral-webhook-tls"
+
+
+def test_peering_needs_its_crds_and_allows_replicas() -> None:
+    objs = chart_testkit.template("--set", "operator.peering.enabled=true,operator.replicas=2")
+    crds = {c["metadata"]["name"] for c in _by_kind(objs, "CustomResourceDefinition")}
+    assert {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= crds
+    dep = _by_kind(objs, "Deployment")[0]
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    crds = {c["metadata"]["name"] for c in _by_kind(chart_testkit.template(), "CustomResourceDefinition")}
+    assert crds == {"modelpools.corral.dev", "routingpolicies.corral.dev"}
+    proc = chart_testkit.helm(
+        "template", "x", str(chart_testkit.CHART), "--set", "operator.replicas=2", check=False
+    )
+    assert proc.returncode != 0 and "needs operator.peering.enabled" in proc.stderr
 
 
 def test_default_routing_policy_is_a_valid_routing_policy() -> None:

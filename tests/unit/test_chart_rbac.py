@@ -46,6 +46,16 @@ FRAMEWORK_CLUSTER: set[Rule] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
 }
 FRAMEWORK_NAMESPACES: set[Rule] = {("", "namespaces", "list"), ("", "namespaces", "watch")}
+# kopf.on.validate / kopf.on.mutate with settings.admission.managed: kopf creates and patches both
+# configuration kinds (its validating and mutating configuration managers run either way)
+FRAMEWORK_WEBHOOK: set[Rule] = {
+    ("admissionregistration.k8s.io", f"{kind}webhookconfigurations", verb)
+    for kind in ("validating", "mutating")
+    for verb in ("create", "patch")
+}
+# kopf's peering: watches its peering object and patches its keep-alives into it
+FRAMEWORK_PEERING_VERBS = ("list", "patch", "watch")
+CREATE_CALLS = {"create_cluster_custom_object": 2, "create_namespaced_custom_object": 3}  # plural's arg index
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -107,12 +117,37 @@ def kube_method_verbs(mods: dict[str, ast.Module]) -> dict[str, set[tuple[str, s
     return out
 
 
-def derived_rules() -> tuple[set[Rule], set[Rule]]:
-    """(namespaced rules, cluster rules for kopf) the operator's code needs."""
+class Derived:
+    """What the operator's code needs: always (``base``), with ``--webhook`` (``webhook``), with
+    ``--peering`` (``peering``: the kopf.dev plurals it creates)."""
+
+    def __init__(self) -> None:
+        self.base: set[Rule] = set()
+        self.webhook: set[Rule] = set()
+        self.peering_plurals: set[str] = set()
+        self.peering_group = ""
+
+    def namespaced(self) -> set[Rule]:
+        return set(self.base)
+
+    def cluster(self, *, namespaced_mode: bool, webhook: bool) -> set[Rule]:
+        out = set(FRAMEWORK_CLUSTER)
+        if namespaced_mode:
+            out |= FRAMEWORK_NAMESPACES
+        if webhook:
+            out |= self.webhook
+        return out
+
+    def peering(self, plural: str) -> set[Rule]:
+        assert plural in self.peering_plurals, f"the operator never creates {plural}"
+        return {(self.peering_group, plural, v) for v in ("create", *FRAMEWORK_PEERING_VERBS)}
+
+
+def derived_rules() -> Derived:
     mods = _modules()
     consts = _constants(mods)
     methods = kube_method_verbs(mods)
-    rules: set[Rule] = set()
+    out = Derived()
 
     def resolve(node: ast.AST) -> str | None:
         return consts.get(node.id) if isinstance(node, ast.Name) else None
@@ -123,14 +158,25 @@ def derived_rules() -> tuple[set[Rule], set[Rule]]:
             if fname != "kube.py" and name.startswith("client.") and name.endswith("Api"):
                 pytest.fail(f"{fname}: direct Kubernetes client use {name}: teach test_chart_rbac.py")
             attr = name.rsplit(".", 1)[-1]
+            if ".custom." in name and not name.startswith("self.custom."):
+                # CustomObjectsApi used outside the Kube class: only the peering objects' creation
+                assert attr in CREATE_CALLS, f"{fname}: {name}: teach test_chart_rbac.py"
+                arg = call.args[CREATE_CALLS[attr]]
+                group, plural = resolve(call.args[0]), resolve(arg)
+                if plural is None and isinstance(arg, ast.Constant):
+                    plural = str(arg.value)
+                assert group and plural, f"{fname}: {name}: cannot resolve its resource"
+                out.peering_group = group
+                out.peering_plurals.add(str(plural))
+                continue
             # Kube methods called with (GROUP, VERSION, PLURAL, ...)
             if attr in methods and len(call.args) >= 3 and not name.startswith(("self.", "kopf.")):
                 group, plural = resolve(call.args[0]), resolve(call.args[2])
                 if group is None or plural is None:
-                    continue  # e.g. dict.get(...) / list(...) with other arguments
-                rules |= {(group, plural + sub, verb) for verb, sub in methods[attr]}
+                    continue  # e.g. dict.get(...), or a loop variable over constants seen elsewhere
+                out.base |= {(group, plural + sub, verb) for verb, sub in methods[attr]}
             if name in {f"kopf.{e}" for e in KOPF_EVENTS}:
-                rules.add(("", "events", "create"))
+                out.base.add(("", "events", "create"))
         for fn in ast.walk(mod):
             if not isinstance(fn, ast.FunctionDef):
                 continue
@@ -139,14 +185,17 @@ def derived_rules() -> tuple[set[Rule], set[Rule]]:
                     continue
                 dname = _dotted(deco.func)
                 kind = dname.removeprefix("kopf.on.") if dname.startswith("kopf.on.") else dname
+                if kind in ("validate", "mutate"):
+                    out.webhook |= FRAMEWORK_WEBHOOK
+                    continue
                 if kind not in KOPF_HANDLERS | {"kopf.index", "kopf.timer", "kopf.daemon"}:
                     continue
                 group, plural = resolve(deco.args[0]), resolve(deco.args[2])
                 assert group and plural, f"{fname}:{fn.name}: cannot resolve the handler's resource"
-                rules |= {(group, plural, "list"), (group, plural, "watch")}
+                out.base |= {(group, plural, "list"), (group, plural, "watch")}
                 if kind != "kopf.index":
-                    rules |= {(group, plural, "patch"), (group, f"{plural}/status", "patch")}
-    return rules, set(FRAMEWORK_CLUSTER)
+                    out.base |= {(group, plural, "patch"), (group, f"{plural}/status", "patch")}
+    return out
 
 
 def _rules(obj: dict[str, Any]) -> set[Rule]:
@@ -162,40 +211,62 @@ def _rules(obj: dict[str, Any]) -> set[Rule]:
 
 
 def test_the_derivation_sees_the_operators_calls() -> None:
-    ns_rules, _ = derived_rules()
+    d = derived_rules()
     # a few anchors so a broken scanner (finding nothing) cannot pass
-    assert ("ray.io", "rayservices", "delete") in ns_rules
-    assert ("ray.io", "rayclusters", "patch") in ns_rules
-    assert ("corral.dev", "modelpools/status", "patch") in ns_rules
-    assert ("", "events", "create") in ns_rules
+    assert ("ray.io", "rayservices", "delete") in d.base
+    assert ("ray.io", "rayclusters", "patch") in d.base
+    assert ("corral.dev", "modelpools/status", "patch") in d.base
+    assert ("", "events", "create") in d.base
+    assert d.webhook == FRAMEWORK_WEBHOOK
+    assert d.peering_plurals == {"clusterkopfpeerings", "kopfpeerings"}
 
 
-def test_clusterwide_rbac_is_exactly_what_the_operator_uses() -> None:
-    ns_rules, cluster_rules = derived_rules()
-    objs = chart_testkit.template()
-    roles = [o for o in objs if o["kind"] in ("ClusterRole", "Role")]
-    assert [r["kind"] for r in roles] == ["ClusterRole"]
-    assert _rules(roles[0]) == ns_rules | cluster_rules
+def _roles(objs: list[dict[str, Any]]) -> dict[tuple[str, str | None], dict[str, Any]]:
+    return {
+        (o["kind"], o["metadata"].get("namespace")): o for o in objs if o["kind"] in ("ClusterRole", "Role")
+    }
+
+
+@pytest.mark.parametrize("webhook", [False, True])
+@pytest.mark.parametrize("peering", [False, True])
+def test_clusterwide_rbac_is_exactly_what_the_operator_uses(webhook: bool, peering: bool) -> None:
+    d = derived_rules()
+    objs = chart_testkit.template(
+        "--set", f"webhook.enabled={str(webhook).lower()},operator.peering.enabled={str(peering).lower()}"
+    )
+    roles = _roles(objs)
+    assert list(roles) == [("ClusterRole", None)]
+    want = d.namespaced() | d.cluster(namespaced_mode=False, webhook=webhook)
+    if peering:
+        want |= d.peering("clusterkopfpeerings")
+    assert _rules(roles["ClusterRole", None]) == want
     binding = next(o for o in objs if o["kind"] == "ClusterRoleBinding")
     sa = next(o for o in objs if o["kind"] == "ServiceAccount")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "corral-system"}
     ]
     dep = next(o for o in objs if o["kind"] == "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
-    assert "--all-namespaces" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args
+    assert ("--webhook" in args) == webhook and ("--peering=corral" in args) == peering
 
 
-def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
-    ns_rules, cluster_rules = derived_rules()
-    objs = chart_testkit.template("--set", "operator.watchNamespaces={team-a,team-b}")
-    roles = {
-        (o["kind"], o["metadata"].get("namespace")): o for o in objs if o["kind"] in ("ClusterRole", "Role")
-    }
+@pytest.mark.parametrize("peering", [False, True])
+def test_namespaced_rbac_is_a_role_per_watched_namespace(peering: bool) -> None:
+    d = derived_rules()
+    objs = chart_testkit.template(
+        "--set",
+        "operator.watchNamespaces={team-a,team-b}",
+        "--set",
+        f"operator.peering.enabled={str(peering).lower()}",
+    )
+    roles = _roles(objs)
     assert set(roles) == {("ClusterRole", None), ("Role", "team-a"), ("Role", "team-b")}
-    assert _rules(roles["ClusterRole", None]) == cluster_rules | FRAMEWORK_NAMESPACES
+    assert _rules(roles["ClusterRole", None]) == d.cluster(namespaced_mode=True, webhook=False)
     for ns in ("team-a", "team-b"):
-        assert _rules(roles["Role", ns]) == ns_rules
+        want = d.namespaced() | (d.peering("kopfpeerings") if peering else set())
+        assert _rules(roles["Role", ns]) == want
     bindings = {o["metadata"].get("namespace") for o in objs if o["kind"] == "RoleBinding"}
     assert bindings == {"team-a", "team-b"}
     args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][

@@ -88,6 +88,15 @@ creates. Cluster rules: what kopf itself watches across the cluster.
   verbs: ["create"]
 {{- end }}
 
+{{/* with peering: the operator creates the KopfPeering (kube.ensure_peering), kopf watches and patches it */}}
+{{- define "corral.peeringRules" -}}
+{{- if .Values.operator.peering.enabled }}
+- apiGroups: ["kopf.dev"]
+  resources: [{{ if .Values.operator.watchNamespaces }}"kopfpeerings"{{ else }}"clusterkopfpeerings"{{ end }}]
+  verbs: ["create", "list", "patch", "watch"]
+{{- end }}
+{{- end }}
+
 {{- define "corral.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
@@ -96,5 +105,11 @@ creates. Cluster rules: what kopf itself watches across the cluster.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- end }}
+{{- if .Values.webhook.enabled }}
+{{- /* kopf manages the (empty, chart-created) webhook configurations `corral.dev`: creates if absent, patches */}}
+- apiGroups: ["admissionregistration.k8s.io"]
+  resources: ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"]
+  verbs: ["create", "patch"]
 {{- end }}
 {{- end }}
