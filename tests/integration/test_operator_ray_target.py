@@ -4,8 +4,11 @@ dashboard's Serve REST API (``PUT /api/serve/applications/``), against the real 
 A local Ray head (``ray start --head --block`` with its dashboard on loopback, its own temp dir and ports,
 declaring one GPU class resource) runs the sim engines. ``kubectl apply`` of a ModelPool annotated
 ``corral.dev/target: ray`` + its RoutingPolicy -> the Serve application is RUNNING and the pool Ready ->
-editing the RoutingPolicy changes the routers' ``user_config`` only: same engine replicas (no restart) ->
-``kubectl delete`` of the pool removes the application. No KubeRay is involved.
+the router (found at ``<Serve HTTP>/corral/<pool id>``, the application's route) answers OpenAI requests
+for the base model and an adapter, and the operator's timer writes ``status.adapterResidency`` from it
+(the pinned adapter on every engine replica) -> editing the RoutingPolicy changes the routers'
+``user_config`` only: same engine replicas (no restart), and ``corral explain --router`` (a dry run)
+shows the new policy -> ``kubectl delete`` of the pool removes the application. No KubeRay is involved.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import kuberay_testkit
 import pytest
 import yaml
-from corral.serve.app import gpu_class_resource
+from corral.serve.app import gpu_class_resource, pool_id_of
 from kubernetes import client
 from test_operator_rayservice import Operator, _free_port
 
@@ -151,13 +154,17 @@ def test_operator_deploys_to_an_existing_ray_cluster(
             "gpuClasses": [
                 {"name": "cpu", "minReplicas": 1, "maxReplicas": 2, "replicas": 2, "profile": "H100"}
             ],
+            "adapters": [
+                {"name": n, "baseModel": "tiny-llama", "source": f"file:///adapters/{n}"}
+                for n in ("sql", "chat")
+            ],
         },
     }
     policy = {
         "apiVersion": "corral.dev/v1alpha1",
         "kind": "RoutingPolicy",
         "metadata": {"name": "tiny", "namespace": ns},
-        "spec": {"poolRef": "tiny", "strategy": "corral"},
+        "spec": {"poolRef": "tiny", "strategy": "corral", "adapterPaging": {"pin": ["sql"]}},
     }
     k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([pool, policy]))
     app = f"corral-{ns}.tiny"
@@ -180,6 +187,46 @@ def test_operator_deploys_to_an_existing_ray_cluster(
 
     wait(pool_ready, timeout=60, what="pool Ready (Serve application RUNNING)")
 
+    # ---- the router, found through the application's route on Serve's HTTP proxy, answers requests
+    serve_http = f"http://127.0.0.1:{op.cmd[op.cmd.index('--http-port') + 1]}"
+
+    def router_view() -> dict[str, Any]:
+        with urllib.request.urlopen(f"{serve_http}/corral/{pool_id_of(pool)}", timeout=5) as r:
+            return dict(json.loads(r.read()))
+
+    view = wait(lambda: (v := router_view()) and len(v["replicas"]) == 2 and v, timeout=60, what="router")
+    for model in ("tiny-llama", "chat"):
+        body = json.dumps({"model": model, "prompt": "hello corral " * 8, "max_tokens": 4}).encode()
+        req = urllib.request.Request(
+            f"{view['http']}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            answer = json.loads(r.read())
+        assert answer["model"] == model and answer["choices"][0]["text"], answer
+
+    # ---- adapter residency read back from the router by the operator's timer: "sql" is pinned (on every
+    # engine replica's GPU), "chat" was loaded for the request above
+    def residency() -> dict[str, Any] | None:
+        p = custom.get_namespaced_custom_object("corral.dev", "v1alpha1", ns, "modelpools", "tiny")
+        rows = {a["name"]: a for a in (p.get("status") or {}).get("adapterResidency") or []}
+        ok = len(rows.get("sql", {}).get("gpuReplicas") or []) == 2 and rows["chat"].get("gpuReplicas")
+        return rows if ok else None
+
+    rows = wait(residency, timeout=60, what="status.adapterResidency: sql on both replicas, chat loaded")
+    assert set(rows["sql"]["gpuReplicas"]) == set(router_view()["replicas"])
+
+    def explain() -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "corral.api.cli", "explain", "--router", view["grpc"],
+             "--model", "tiny-llama", "--prompt", "hello corral"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    first = explain()
+    assert "dry run" in first and "policy corral ->" in first, first
+
     # ---- RoutingPolicy edit: the routers' user_config, live; the engines keep their replicas
     k8s_cluster.kubectl(
         "-n",
@@ -200,6 +247,9 @@ def test_operator_deploys_to_an_existing_ray_cluster(
     wait(lambda: router_strategy() == "least_loaded", timeout=60, what="the new policy in the Serve config")
     state = wait(lambda: (s := app_state()) and s.get("status") == "RUNNING" and s, timeout=120, what=app)
     assert {r["replica_id"] for r in state["deployments"][engine]["replicas"]} == replicas
+    # live in the running router (same address: the router was reconfigured, not restarted)
+    wait(lambda: "policy least_loaded ->" in explain(), timeout=60, what="corral explain: the new policy")
+    assert router_view()["grpc"] == view["grpc"]
 
     # ---- delete the pool: the application goes, the finalizer is removed
     k8s_cluster.kubectl("-n", ns, "delete", "modelpool", "tiny", "--wait=false")

@@ -135,3 +135,22 @@ def test_cli_render(capsys: pytest.CaptureFixture[str]) -> None:
     pool = yaml.safe_load((EXAMPLES / "modelpool.yaml").read_text())
     policy = yaml.safe_load((EXAMPLES / "routingpolicy.yaml").read_text())
     assert rs == t.ray_service(pool, policy)
+
+
+def test_adapter_residency_from_a_router_view(pool: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """status.adapterResidency: every adapter of the pool, the replicas holding it per tier (a router's
+    ``residency`` view, as ``RouterDeployment.__call__`` returns it); replicas sorted."""
+    names = [a["name"] for a in pool["spec"]["adapters"]]
+    view = {"r1": {"gpu": [names[0]], "cpu": [names[1]]}, "r0": {"gpu": [names[0], names[1]], "cpu": []}}
+    rows = {r["name"]: r for r in h.adapter_residency(pool, view)}
+    assert list(rows) == names
+    assert rows[names[0]] == {"name": names[0], "gpuReplicas": ["r0", "r1"], "cpuReplicas": []}
+    assert rows[names[1]] == {"name": names[1], "gpuReplicas": ["r0"], "cpuReplicas": ["r1"]}
+    assert rows[names[2]] == {"name": names[2], "gpuReplicas": [], "cpuReplicas": []}
+    # the router is found on Serve's HTTP proxy next to the dashboard (--http-port, else Serve's 8000)
+    monkeypatch.setattr(h, "CONFIG", h.OperatorConfig(ray_address="http://10.0.0.5:8265"))
+    assert h.serve_http_url() == "http://10.0.0.5:8000"
+    monkeypatch.setattr(
+        h, "CONFIG", h.OperatorConfig(ray_address="http://127.0.0.1:8265", http_options={"port": 9000})
+    )
+    assert h.serve_http_url() == "http://127.0.0.1:9000"

@@ -20,7 +20,8 @@ Importing this module registers the handlers in kopf's default registry; ``corra
   not exist is Degraded with a message naming it and is retried every ``retry_delay_s``, so it recovers
   by itself when the pool appears.
 * a timer refreshes each pool's status from its RayService (KubeRay's Ready condition, Serve deployment
-  health).
+  health); target ``ray``: another one writes ``status.adapterResidency`` as the pool's routers see it
+  (:func:`router_view`).
 
 Target ``ray`` (annotation ``corral.dev/target: ray`` or ``--target ray``; an existing Ray cluster at
 ``--ray-address``): every change PUTs :func:`corral.operator.translate.serve_rest_config` of all watched
@@ -401,6 +402,77 @@ def reconcile_ray_target(
     logger.info("Serve config with %s PUT to %s", t.app_name(pool), CONFIG.ray_address)
     _policy, problem = find_policy(k, pool, index)
     return ray_pool_status(pool, ("RoutingPolicyMissing", problem) if problem else None)
+
+
+RESIDENCY_INTERVAL_S = 5.0
+
+
+def serve_http_url() -> str | None:
+    """Target ``ray``: Serve's HTTP proxy (the dashboard's host, ``--http-port`` or Serve's 8000)."""
+    from urllib.parse import urlsplit
+
+    if not CONFIG.ray_address:
+        return None
+    host = urlsplit(CONFIG.ray_address).hostname or "127.0.0.1"
+    port = (CONFIG.http_options or {}).get("port") or 8000
+    return f"http://{host}:{port}"
+
+
+def router_view(pool: Mapping[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
+    """Target ``ray``: what one of the pool's routers answers at ``<Serve HTTP>/corral/<pool id>`` (its
+    gRPC/HTTP addresses, policy and the adapters on each engine replica, see
+    ``corral.serve.deployments.RouterDeployment.__call__``); None while it does not answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from corral.serve.app import pool_id_of
+
+    base = serve_http_url()
+    if base is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"{base}/corral/{pool_id_of(pool)}", timeout=timeout) as resp:
+            view = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return view if isinstance(view, dict) else None
+
+
+def adapter_residency(
+    pool: Mapping[str, Any], residency: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """``status.adapterResidency``: for each adapter of the pool, the engine replicas holding it on the GPU
+    and in host memory (from a router's ``{replica_id: {"gpu": [...], "cpu": [...]}}``)."""
+    out = []
+    for a in (pool.get("spec") or {}).get("adapters") or []:
+        name = a.get("name")
+        gpu = sorted(rid for rid, r in residency.items() if name in (r.get("gpu") or []))
+        cpu = sorted(rid for rid, r in residency.items() if name in (r.get("cpu") or []))
+        out.append({"name": name, "gpuReplicas": gpu, "cpuReplicas": cpu})
+    return out
+
+
+def _ray_target(body: kopf.Body, **_: Any) -> bool:
+    try:
+        return t.target_of(body, CONFIG.target) == "ray"
+    except ValueError:
+        return False
+
+
+@kopf.timer(GROUP, VERSION, POOLS, interval=RESIDENCY_INTERVAL_S, initial_delay=2.0, when=_ray_target)
+def adapter_residency_refresh(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+    """Target ``ray``: ``status.adapterResidency`` from the pool's routers (each router sees every engine
+    replica's loaded adapters through its event stream); written only when it changed. (Target
+    ``rayservice``: the routers run in the cluster, behind the RayService's Serve service, which an
+    operator outside the cluster cannot reach; not read yet.)"""
+    view = router_view(body)
+    if view is None:
+        logger.debug("no router of %s answers yet", t.app_name(body))
+        return
+    residency = adapter_residency(body, view.get("residency") or {})
+    if (body.get("status") or {}).get("adapterResidency") != residency:
+        patch.status["adapterResidency"] = residency
 
 
 def _write_pool_status(patch: kopf.Patch, status: Mapping[str, Any]) -> None:

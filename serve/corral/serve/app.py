@@ -71,7 +71,9 @@ def gpu_class_resource(gpu_class: str) -> str:
     Worker groups (or the local node) declare ``{gpu_class_resource(cls): gpus}``; each engine replica of
     that class asks for ``gpusPerReplica`` of it, so replicas land on their class and pack like GPUs,
     whether the engine is vLLM (which also asks ``num_gpus``) or the CPU simulator (which does not).
-    Ray accepts any string here; this one avoids ``/`` so that it also survives tools that split on it.
+    Ray accepts any string as a resource name; this one (``corral.dev/gpu-class-<class>``) contains a ``/``,
+    so quote it (or pass it as JSON, e.g. ``ray start --resources '{"corral.dev/gpu-class-h100": 8}'``)
+    wherever a tool splits names on ``/``.
     """
     return GPU_CLASS_RESOURCE_PREFIX + gpu_class
 

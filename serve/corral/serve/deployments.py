@@ -566,8 +566,20 @@ class RouterDeployment:
         return {"loads": s.loads, "unloads": s.unloads, "prefetches": s.prefetches, "failures": s.failures,
                 "targets": dict(s.last_targets), "leader": self._leader}  # fmt: skip
 
+    def residency(self) -> dict[str, dict[str, list[str]]]:
+        """Adapters loaded on each engine replica as this router sees them (every router sees every engine
+        replica of its pool): ``{replica_id: {"gpu": [...], "cpu": [...]}}``."""
+        if self.server is None:
+            return {}
+        return {
+            rid: {"gpu": sorted(r.adapters_gpu), "cpu": sorted(r.adapters_cpu)}
+            for rid, r in self.server.fleet.replicas.items()
+        }
+
     def __call__(self, *_: Any) -> dict[str, Any]:
-        return self.addresses()
+        """``GET <Serve HTTP>/corral/<pool id>``: this replica's :meth:`addresses` and the pool's adapter
+        :meth:`residency` (read by the operator's timer for ``status.adapterResidency``)."""
+        return {**self.addresses(), "residency": self.residency()}
 
     async def check_health(self) -> None:
         if self._stop.is_set():
