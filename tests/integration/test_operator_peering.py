@@ -6,8 +6,9 @@ and policy -> exactly one RayService, made by the active replica; over a window 
 replicas have renewed their peering keep-alive and the active one's status timer has run again, no
 object changes (resourceVersions stable). The active replica is killed (SIGKILL: no goodbye) -> the
 other resumes once its keep-alive expires (``--peering-lifetime``) -> a later RoutingPolicy edit is
-reconciled by it. Only the KubeRay CRDs are installed (no KubeRay operator, which would write statuses
-and so change resourceVersions for reasons of its own).
+reconciled by it (same RayService). The test installs only the KubeRay CRDs; the session's KubeRay operator
+may be running (started by another test), which writes RayService statuses the pool's status follows:
+such legitimate changes just move the window on.
 """
 
 from __future__ import annotations
@@ -105,25 +106,33 @@ def test_two_replicas_one_works_the_other_takes_over(
     assert active.count("Handler 'pool_changed") >= 1
     assert standby.count("Handler '") == 0  # the paused replica ran no handler
 
-    # ---- nothing flaps: a window until both replicas renewed their keep-alive and the timer ran again
+    # ---- nothing flaps: a window lasting until both replicas renewed their keep-alive and the status
+    # timer ran again sees no resourceVersion change. (When the session's KubeRay operator runs, it writes
+    # the RayService's status and the timer mirrors it into the pool's: a window with such a change is
+    # followed by another; fighting replicas would change something in every window.)
     def versions() -> tuple[str, ...]:
         return tuple(
             o["metadata"]["resourceVersion"]
             for o in (get("modelpools", "llama-8b"), get("routingpolicies", "llama-8b"), *rayservices())
         )
 
-    before = versions()
-    start = datetime.datetime.now(datetime.UTC)
-    timers = active.count("Timer 'pool_status_refresh' succeeded")
+    def quiet_window() -> bool:
+        before = versions()
+        start = datetime.datetime.now(datetime.UTC)
+        timers = active.count("Timer 'pool_status_refresh' succeeded")
 
-    def window_over() -> bool:
-        status = get("kopfpeerings", PEERING, "kopf.dev", "v1")["status"]
-        seen = [datetime.datetime.fromisoformat(p["lastseen"]) for p in status.values()]
-        renewed = len(seen) == 2 and all(s > start for s in seen)
-        return renewed and active.count("Timer 'pool_status_refresh' succeeded") > timers
+        def over() -> bool:
+            status = get("kopfpeerings", PEERING, "kopf.dev", "v1")["status"]
+            seen = [datetime.datetime.fromisoformat(p["lastseen"]) for p in status.values()]
+            renewed = len(seen) == 2 and all(s > start for s in seen)
+            return renewed and active.count("Timer 'pool_status_refresh' succeeded") > timers
 
-    wait(window_over, timeout=40, what="both keep-alives renewed and the status timer run")
-    assert versions() == before
+        wait(over, timeout=40, what="both keep-alives renewed and the status timer run")
+        return versions() == before
+
+    assert any(quiet_window() for _ in range(3)), "resourceVersions changed in 3 windows in a row"
+    (same,) = rayservices()
+    assert same["metadata"]["generation"] == rs["metadata"]["generation"]  # its spec never rewritten
     assert standby.count("Handler '") == 0 and standby.count("Timer '") == 0
 
     # ---- the active replica dies without a goodbye: the standby takes over after its keep-alive expires
