@@ -52,6 +52,7 @@ QUICK_START = {
     "install": "helm install corral charts/corral --namespace corral-system --wait --timeout 90s",
     "apply": "kubectl apply -f manifests/examples/",
     "wait": "kubectl wait --for=create rayservice/llama-8b --timeout=60s",
+    "doctor": "corral doctor",
     "status": "kubectl get modelpools,routingpolicies,rayservices,rayclusters",
     "upgrade": (
         "helm upgrade corral charts/corral --namespace corral-system --reuse-values "
@@ -153,6 +154,19 @@ def fresh_kuberay(fresh_cluster: K8sCluster, k8s_bin_dir: Path) -> Iterator[subp
 
     try:
         fresh_cluster.wait_until(ready, timeout=90, what="KubeRay /readyz")
+        # The Deployment KubeRay's own chart creates (what `corral doctor` looks for): kwok marks it
+        # available; the controller itself is the local process above.
+        fresh_cluster.kubectl("create", "namespace", "kuberay-system")
+        fresh_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(KUBERAY_DEPLOYMENT))
+        fresh_cluster.kubectl(
+            "-n",
+            "kuberay-system",
+            "rollout",
+            "status",
+            "deployment/kuberay-operator",
+            "--timeout=60s",
+            timeout=90,
+        )
         yield proc
     finally:
         proc.terminate()
@@ -161,6 +175,27 @@ def fresh_kuberay(fresh_cluster: K8sCluster, k8s_bin_dir: Path) -> Iterator[subp
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+KUBERAY_DEPLOYMENT: dict[str, Any] = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {
+        "name": "kuberay-operator",
+        "namespace": "kuberay-system",
+        "labels": {"app.kubernetes.io/name": "kuberay-operator"},
+    },
+    "spec": {
+        "replicas": 1,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+        "template": {
+            "metadata": {"labels": {"app.kubernetes.io/name": "kuberay-operator"}},
+            "spec": {
+                "containers": [{"name": "kuberay-operator", "image": "quay.io/kuberay/operator:v1.5.0"}]
+            },
+        },
+    },
+}
 
 
 class LocalOperator:
@@ -314,6 +349,24 @@ def test_helm_quick_start_end_to_end(
         ]
         return found
 
+    # ---- corral doctor on the fresh cluster (KubeRay only): broken, saying what is missing and the fix
+    t0 = time.monotonic()
+    broken = subprocess.run(
+        [sys.executable, "-m", "corral.api.cli", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    timings["doctor-broken"] = round(time.monotonic() - t0, 1)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    out = broken.stdout
+    assert "FAIL  crds      CRD modelpools.corral.dev is not installed" in out, out
+    assert "FAIL  operator  no Corral operator Deployment" in out, out
+    assert "fix: helm install corral charts/corral" in out, out
+    assert "ok    kuberay   KubeRay operator kuberay-system/kuberay-operator v1.5.0 available" in out, out
+    assert "broken: 3 failed" in out, out
+
     # ---- lint, validate against the apiserver, install
     step("namespace")
     assert "0 chart(s) failed" in step("lint").stdout
@@ -335,6 +388,12 @@ def test_helm_quick_start_end_to_end(
         )
         step("apply")
         step("wait")
+        healthy = step("doctor").stdout  # exit 0
+        sys.stderr.write(f"\n[helm e2e] corral doctor (healthy):\n{healthy}\n[broken]:\n{broken.stdout}\n")
+        assert "healthy: 0 failed" in healthy, healthy
+        assert "ok    crds      CRD modelpools.corral.dev (v1alpha1) matches this Corral" in healthy
+        assert "ok    operator  Corral operator corral-system/corral-operator" in healthy
+        assert "class h100" in healthy and "16 nvidia.com/gpu on 2 nodes (wants 4)" in healthy, healthy
         rs = get("ray.io", "rayservices", "llama-8b")
         assert rs is not None and rs["metadata"]["labels"]["corral.dev/pool"] == "llama-8b"
         assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0][

@@ -53,6 +53,7 @@ for _cmd in (
     Command("version", "corral.api.commands.version", "Print the Corral and API versions."),
     # Implemented by other components; the module paths are the contract (change them here if they move).
     Command("operator", "corral.operator.cli", "Run the Kubernetes operator (kopf, KubeRay).", "operator"),
+    Command("doctor", "corral.operator.doctor", "Check a cluster for what Corral needs, with the fixes."),
     Command("serve", "corral.serve.cli", "Run Corral on a Ray cluster (router + engines).", "serve"),
     Command("bench", "corral.serve.bench_cli", "Run the router and fleet benchmarks.", "serve"),
     Command("demo", "corral.serve.demo_cli", "Start a local demo fleet and send requests.", "serve"),
