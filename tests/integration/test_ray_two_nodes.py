@@ -287,28 +287,45 @@ def test_routers_on_both_nodes_see_and_reach_every_engine(cluster: tuple[TwoNode
         assert resp.headers["x-corral-replica"] in want
 
 
+_SAMPLE_VIEWS = """
+import json, sys, time
+import ray
+from ray import serve
+
+address, namespace, app, timeout, want = sys.argv[1:6]
+ray.init(address=address, namespace=namespace, log_to_driver=False)
+handle = serve.get_deployment_handle("router", app_name=app)
+want, views, deadline = set(json.loads(want)), {}, time.monotonic() + float(timeout)
+while len(views) < 2 and time.monotonic() < deadline:
+    v = handle.sample_view.remote(6.0).result(timeout_s=30)  # calls spread over the two router replicas
+    reps = v["replicas"]
+    old_enough = v["now"] > v["max_age_s"] + 1  # the router has run longer than the max age
+    if old_enough and set(reps) == want and all(x["fresh"] for x in reps.values()):
+        views[v["router_id"]] = v
+    else:
+        time.sleep(0.2)
+print(json.dumps(views))
+"""
+
+
 def test_load_samples_age_on_each_routers_own_clock(cluster: tuple[TwoNodes, PoolPlan]) -> None:
     """Each router counts an engine's sample while it is fresh on the router's clock and stops counting
     it ``sample_max_age_s`` later. The sims stamp samples with their own simulated time (it stands still
     while a sim is idle and runs 4x while it works), which, compared with the router's clock as before,
     made idle sims' samples stale for good once a router had run ``sample_max_age_s`` (the ``fresh``
     check, taken after that) and busy sims' samples fresh for ever (the ``fresh_later`` check)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("router", app_name=cluster[1].app_name)
-    want = {r["replica_id"] for r in engines()}
-    views: dict[str, dict[str, Any]] = {}
-
-    def both_routers_fresh() -> bool:
-        for _ in range(8):  # calls spread over the two router replicas
-            v = handle.sample_view.remote(6.0).result(timeout_s=10)
-            reps = v["replicas"]
-            old_enough = v["now"] > v["max_age_s"] + 1  # the router has run longer than the max age
-            if old_enough and set(reps) == want and all(x["fresh"] for x in reps.values()):
-                views[v["router_id"]] = v
-        return len(views) == 2
-
-    wait_until(both_routers_fresh, 60, "both routers holding fresh samples of both engines")
+    nodes, plan = cluster
+    want = sorted(r["replica_id"] for r in engines())
+    # Asked from a fresh driver process: a Serve handle in this process, after an earlier test's Ray
+    # cluster in the same pytest session, times out resolving replicas (Ray driver-side state).
+    args = [nodes.address, NAMESPACE, plan.app_name, "90", json.dumps(want)]
+    out = subprocess.run(
+        [sys.executable, "-c", _SAMPLE_VIEWS, *args],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    views: dict[str, dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(views) == 2, f"both routers holding fresh samples of both engines: {views}"
     assert {v["node_id"] for v in views.values()} == {r["node_id"] for r in routers()}
     for v in views.values():
         assert v["max_age_s"] == 5.0  # the shipped policy's sample_max_age_s
