@@ -144,6 +144,14 @@ def test_router_service_ports_and_servicemonitor() -> None:
     assert all(sm["spec"]["selector"]["matchLabels"][k] == v for k, v in svc["metadata"]["labels"].items()
                if k in sm["spec"]["selector"]["matchLabels"])  # fmt: skip
     assert not _by_kind(chart_testkit.template(), "ServiceMonitor")
+    objs = chart_testkit.template("--set", "router.service.namespace=default,serviceMonitor.enabled=true")
+    assert {o["metadata"]["namespace"] for o in objs if o["kind"] in ("Service", "ServiceMonitor")} == {
+        "default"
+    }
+    test_pod = chart_testkit.helm(
+        "template", "corral", str(chart_testkit.CHART), "--set", "router.service.namespace=default"
+    ).stdout
+    assert "http://corral-router.default.svc:8080/v1/models" in test_pod
 
 
 def test_helm_test_hook_curls_the_router() -> None:

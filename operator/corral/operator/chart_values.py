@@ -150,6 +150,11 @@ class RouterService(_Values):
         "llama-8b",
         min_length=1,
     )
+    namespace: str = _d(
+        "Namespace of the Service: the pool's (a Service selects pods of its own namespace); empty means "
+        "the release namespace.",
+        "",
+    )
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = _d("Service type.", "ClusterIP")
     grpcPort: int = _d("gRPC port (Service and router).", 50051, ge=1, le=65535)
     httpPort: int = _d(
