@@ -49,7 +49,10 @@ QUICK_START = {
     "validate": (
         "helm template corral charts/corral --namespace corral-system | kubectl apply --dry-run=server -f -"
     ),
-    "install": "helm install corral charts/corral --namespace corral-system --wait --timeout 90s",
+    "install": (
+        "helm install corral charts/corral --namespace corral-system "
+        "--set router.service.namespace=default --wait --timeout 90s"
+    ),
     "apply": "kubectl apply -f manifests/examples/",
     "wait": "kubectl wait --for=create rayservice/llama-8b --timeout=60s",
     "doctor": "corral doctor",
@@ -425,6 +428,24 @@ def test_helm_quick_start_end_to_end(
             what="RoutingPolicy status",
         )
         assert policy
+        # the router Service (in the pool's namespace) selects the pool's Ray pods
+        discovery: Any = client.DiscoveryV1Api(cluster.api_client)
+
+        def pods() -> set[str]:
+            items = core.list_namespaced_pod("default", label_selector="corral.dev/pool=llama-8b").items
+            return {p.metadata.name for p in items}
+
+        def router_endpoints() -> set[str]:
+            slices = discovery.list_namespaced_endpoint_slice(
+                "default", label_selector="kubernetes.io/service-name=corral-router"
+            ).items
+            return {e.target_ref.name for sl in slices for e in sl.endpoints or [] if e.target_ref}
+
+        wait(
+            lambda: len(pods()) == 7 and router_endpoints() == pods(),
+            timeout=60,
+            what="router Service endpoints = the pool's pods",
+        )
         status = step("status").stdout
         assert "llama-8b" in status and "rayservice.ray.io/llama-8b" in status
         events = core.list_namespaced_event("default", field_selector="involvedObject.name=llama-8b").items
@@ -434,7 +455,9 @@ def test_helm_quick_start_end_to_end(
         step("upgrade")
         dep = apps.read_namespaced_deployment("corral-operator", NS)
         assert "--verbose" in dep.spec.template.spec.containers[0].args
-        assert core.read_namespaced_service("corral-router", NS).spec.type == "NodePort"
+        assert (
+            core.read_namespaced_service("corral-router", "default").spec.type == "NodePort"
+        )  # reused values
         assert dep.metadata.annotations["deployment.kubernetes.io/revision"] == "2"
 
         # ---- delete the examples while the operator runs: its finalizer removes the RayService
