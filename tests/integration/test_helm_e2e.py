@@ -376,6 +376,11 @@ def test_helm_quick_start_end_to_end(
     out = step("validate").stdout
     assert "(server dry run)" in out and "deployment.apps/corral-operator created (server dry run)" in out
     assert crds() == set(), "dry run must not create anything"
+    # manifests/install.yaml (for users without Helm) passes the same server-side validation
+    plain = cluster.kubectl(
+        "apply", "--server-side", "--dry-run=server", "-f", str(REPO / "manifests" / "install.yaml")
+    )
+    assert "deployment.apps/corral-operator serverside-applied (server dry run)" in plain.stdout, plain.stdout
     step("install")
     assert crds() == {"modelpools.corral.dev", "routingpolicies.corral.dev"}
     dep = apps.read_namespaced_deployment("corral-operator", NS)
