@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 .PHONY: help demo k8s-bins k8s-bin-dir k8s-up test test-unit test-integration lint bench-docs
 
 help:
-	@echo "make k8s-bins          build (or reuse cached) kube-apiserver/KCM/scheduler/kubectl/etcd/kwok/helm"
+	@echo "make k8s-bins          build (or reuse cached) kube-apiserver/KCM/scheduler/kubectl/etcd/kwok/helm/ray-operator (KubeRay)"
 	@echo "make k8s-bin-dir       print where those binaries live"
 	@echo "make k8s-up            start a local control plane (prints export lines; stop: e2e/cluster/down.sh DIR)"
 	@echo "make demo              set up .venv and run the local demo (scripts/demo.sh)"
