@@ -187,6 +187,13 @@ def test_operator_deploys_to_an_existing_ray_cluster(
 
     wait(pool_ready, timeout=60, what="pool Ready (Serve application RUNNING)")
 
+    def policy_ready() -> bool:
+        p = custom.get_namespaced_custom_object("corral.dev", "v1alpha1", ns, "routingpolicies", "tiny")
+        conds = {c["type"]: c for c in (p.get("status") or {}).get("conditions") or []}
+        return conds.get("Ready", {}).get("status") == "True"
+
+    wait(policy_ready, timeout=30, what="policy Ready with its pool")
+
     # ---- the router, found through the application's route on Serve's HTTP proxy, answers requests
     serve_http = f"http://127.0.0.1:{op.cmd[op.cmd.index('--http-port') + 1]}"
 

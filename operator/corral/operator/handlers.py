@@ -609,6 +609,27 @@ def policy_changed(body: kopf.Body, patch: kopf.Patch, logger: Any, **kw: Any) -
     kopf.info(body, reason="Applied", message=f"applied to ModelPool {body['spec'].get('poolRef')}")
 
 
+@kopf.timer(GROUP, VERSION, POLICIES, interval=5.0, initial_delay=5.0, idle=5.0)
+def policy_status_refresh(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """The policy's Ready / Progressing follow its pool's Ready condition (which the pool's timer keeps
+    current), so a policy applied while its pool was still deploying turns Ready with it; a problem the
+    last reconcile found (Degraded) stands until the policy changes."""
+    conds = {c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []}
+    if not conds or conds.get("Degraded", {}).get("status") == "True":
+        return
+    ns = body["metadata"].get("namespace", "default")
+    pool = _alive(kube().get(GROUP, VERSION, POOLS, ns, str((body.get("spec") or {}).get("poolRef"))))
+    if pool is None:
+        return
+    pool_ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pool.get("status") or {}).get("conditions") or []
+    )
+    if (conds.get("Ready", {}).get("status") == "True") != pool_ready:
+        for key, value in _policy_status(body, None, pool_ready).items():
+            patch.status[key] = value
+
+
 @kopf.on.delete(GROUP, VERSION, POLICIES, backoff=BACKOFF_S)
 def policy_deleted(body: kopf.Body, logger: Any, **kw: Any) -> None:
     """The pool goes back to the default policy (a serveConfigV2-only change)."""
