@@ -19,7 +19,11 @@ inconsistencies as a Degraded condition when it reconciles them.
 The server listens with TLS on ``--webhook-listen`` / ``--webhook-port`` and is reached by the apiserver
 at ``--webhook-host`` (127.0.0.1 for a local control plane). Without ``--webhook-certfile``, the operator
 generates a self-signed certificate for that host at startup (``cryptography``) and hands it to the
-apiserver as the webhook's ``caBundle``.
+apiserver as the webhook's ``caBundle``. The webhooks match every namespace (kopf sets no
+namespaceSelector), whatever ``-n`` the operator watches. Several replicas (``--peering``) each serve and
+register the webhook: give them one certificate (``--webhook-certfile``/``--webhook-keyfile``, e.g. from a
+Secret) and one ``--webhook-host`` (a Service), so that what they register is identical; with a
+self-signed certificate each, they would keep replacing each other's ``caBundle``.
 """
 
 from __future__ import annotations
