@@ -18,7 +18,7 @@ Importing this module registers the handlers in kopf's default registry; ``corra
 * RoutingPolicy create / update / resume / delete: reconciles its pool (a policy change is a
   ``serveConfigV2``-only change: the routers' ``user_config``, applied in place). A policy whose pool does
   not exist is Degraded with a message naming it and is retried every ``retry_delay_s``, so it recovers
-  by itself when the pool appears.
+  by itself when the pool appears; a timer keeps its Ready in step with its pool's.
 * a timer refreshes each pool's status from its RayService (KubeRay's Ready condition, Serve deployment
   health); target ``ray``: another one writes ``status.adapterResidency`` as the pool's routers see it
   (:func:`router_view`).
