@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import pytest
 import yaml
 from conftest import CLUSTER_SCRIPTS, K8sCluster
 from kubernetes import client
+from operator_testkit import Operator, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -85,12 +85,6 @@ def test_readme_quick_start_is_what_this_test_runs() -> None:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fresh_cluster(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sCluster]:
     """A private control plane (the session's shared one has other tests' CRDs and operators)."""
@@ -138,13 +132,13 @@ def fresh_kuberay(fresh_cluster: K8sCluster, k8s_bin_dir: Path) -> Iterator[subp
             pytest.fail(f"CI is set, refusing to skip: {msg}", pytrace=False)
         pytest.skip(msg)
     kuberay_testkit.install_kuberay_crds(fresh_cluster)
-    probe = _free_port()
+    probe = free_port()
     log = fresh_cluster.run_dir / "logs" / "ray-operator.log"
     cmd = [
         str(binary),
         f"-kubeconfig={fresh_cluster.kubeconfig}",
         "-enable-leader-election=false",
-        f"-metrics-addr=127.0.0.1:{_free_port()}",
+        f"-metrics-addr=127.0.0.1:{free_port()}",
         f"-health-probe-bind-address=127.0.0.1:{probe}",
     ]
     with open(log, "ab") as out:
@@ -201,57 +195,28 @@ KUBERAY_DEPLOYMENT: dict[str, Any] = {
 }
 
 
-class LocalOperator:
+class LocalOperator(Operator):
     """``corral operator run`` with the rendered Deployment's args, as the chart's ServiceAccount."""
 
     def __init__(self, cluster: K8sCluster, args: list[str]) -> None:
         self.cluster = cluster
-        self.port = _free_port()
+        port = free_port()
         args = [a for a in args if not a.startswith("--liveness=")]
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "corral.api.cli",
-            *args,
-            f"--liveness=http://127.0.0.1:{self.port}/healthz",
-        ]
-        self.log = cluster.run_dir / "logs" / "corral-operator-sa.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        cmd = [sys.executable, "-m", "corral.api.cli", *args, f"--liveness=http://127.0.0.1:{port}/healthz"]
+        super().__init__(cmd, {}, cluster.run_dir / "logs" / "corral-operator-sa.log", port)
 
-    def start(self, kubeconfig: Path) -> None:
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
-        def live() -> bool:
-            self.assert_alive()
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-
-        self.cluster.wait_until(live, timeout=60, what="corral operator liveness")
+    def start_as(self, kubeconfig: Path) -> None:
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        self.env.pop("KUBERNETES_SERVICE_HOST", None)
+        self.start(self.cluster.wait_until)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def assert_alive(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"operator exited:\n{self.text()[-4000:]}"
 
     def assert_no_rbac_gap(self) -> None:
         text = self.text()
         for bad in ("Forbidden", "forbidden", "Not enough permissions", " 403"):
             assert bad not in text, f"RBAC gap ({bad!r}) in the operator log:\n{text[-6000:]}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def sa_kubeconfig(cluster: K8sCluster, sa: str, path: Path) -> Path:
@@ -391,7 +356,7 @@ def test_helm_quick_start_end_to_end(
     # ---- the operator as the chart's ServiceAccount: every API call goes through the chart's RBAC
     op = LocalOperator(cluster, container.args)
     try:
-        op.start(
+        op.start_as(
             sa_kubeconfig(cluster, dep.spec.template.spec.service_account_name, tmp_path / "sa.kubeconfig")
         )
         step("apply")

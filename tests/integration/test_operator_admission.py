@@ -21,7 +21,7 @@ import kuberay_testkit
 import pytest
 import yaml
 from kubernetes import client
-from test_operator_rayservice import Operator, _free_port
+from operator_testkit import Operator, free_port
 
 if TYPE_CHECKING:
     from conftest import K8sCluster
@@ -55,10 +55,10 @@ def _policy(ns: str, name: str, pins: list[str]) -> dict[str, Any]:
 @pytest.fixture
 def webhook_operator(k8s_cluster: K8sCluster, k8s_namespace: str) -> Iterator[Operator]:
     kuberay_testkit.install_corral_crds(k8s_cluster)
-    port = _free_port()
+    port = free_port()
     log = k8s_cluster.run_dir / "logs" / f"corral-operator-webhook-{k8s_namespace}.log"
     cmd = [sys.executable, "-m", "corral.api.cli", "operator", "run", "-n", k8s_namespace, "-v",
-           "--webhook", "--webhook-port", str(_free_port()),
+           "--webhook", "--webhook-port", str(free_port()),
            "--liveness", f"http://127.0.0.1:{port}/healthz"]  # fmt: skip
     op = Operator(cmd, {**os.environ, "KUBECONFIG": str(k8s_cluster.kubeconfig)}, log, port)
     try:

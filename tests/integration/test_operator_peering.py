@@ -23,7 +23,7 @@ import kuberay_testkit
 import pytest
 import yaml
 from kubernetes import client
-from test_operator_rayservice import REPO, Operator, _examples, _free_port
+from operator_testkit import REPO, Operator, examples, free_port
 
 if TYPE_CHECKING:
     from conftest import K8sCluster
@@ -44,7 +44,7 @@ def two_operators(k8s_cluster: K8sCluster, k8s_namespace: str) -> Iterator[tuple
     )  # fmt: skip
     ops = []
     for name, priority in (("a", 200), ("b", 100)):
-        port = _free_port()
+        port = free_port()
         log = k8s_cluster.run_dir / "logs" / f"corral-operator-{name}-{k8s_namespace}.log"
         cmd = [sys.executable, "-m", "corral.api.cli", "operator", "run", "-n", k8s_namespace, "-v",
                "--peering", PEERING, "--priority", str(priority), "--peering-lifetime", str(LIFETIME_S),
@@ -89,7 +89,7 @@ def test_two_replicas_one_works_the_other_takes_over(
 
     wait(settled, timeout=30, what="the peers to see each other")
 
-    docs = _examples(ns)
+    docs = examples(ns)
     k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     gen = wait(lambda: get("modelpools", "llama-8b"), timeout=10, what="pool")["metadata"]["generation"]
     wait(

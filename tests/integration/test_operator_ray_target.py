@@ -31,7 +31,7 @@ import pytest
 import yaml
 from corral.serve.app import gpu_class_resource, pool_id_of
 from kubernetes import client
-from test_operator_rayservice import Operator, _free_port
+from operator_testkit import Operator, free_port
 
 if TYPE_CHECKING:
     from conftest import K8sCluster
@@ -53,7 +53,7 @@ class RayHead:
 
     def __init__(self, tmp: Path) -> None:
         self.log = tmp / "ray-head.log"
-        self.dashboard = f"http://127.0.0.1:{_free_port()}"
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
         # Ray's session dir holds AF_UNIX sockets (<= 107 bytes): pytest's tmp paths are too long
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +63,7 @@ class RayHead:
         for flag in ("--port", "--node-manager-port", "--object-manager-port",
                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
                      "--runtime-env-agent-port", "--ray-client-server-port"):  # fmt: skip
-            ports += [flag, str(_free_port())]
+            ports += [flag, str(free_port())]
         cmd = [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", f"--temp-dir={self.ray_tmp}",
@@ -119,10 +119,10 @@ def ray_head(k8s_cluster: K8sCluster, tmp_path: Path) -> Iterator[RayHead]:
 @pytest.fixture
 def ray_operator(k8s_cluster: K8sCluster, k8s_namespace: str, ray_head: RayHead) -> Iterator[Operator]:
     kuberay_testkit.install_corral_crds(k8s_cluster)
-    port = _free_port()
+    port = free_port()
     log = k8s_cluster.run_dir / "logs" / f"corral-operator-ray-{k8s_namespace}.log"
     cmd = [sys.executable, "-m", "corral.api.cli", "operator", "run", "-n", k8s_namespace, "-v",
-           "--target", "ray", "--ray-address", ray_head.dashboard, "--http-port", str(_free_port()),
+           "--target", "ray", "--ray-address", ray_head.dashboard, "--http-port", str(free_port()),
            "--serve-options", json.dumps(SERVE_OPTIONS),
            "--liveness", f"http://127.0.0.1:{port}/healthz"]  # fmt: skip
     env = {**os.environ, "KUBECONFIG": str(k8s_cluster.kubeconfig)}

@@ -17,12 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
-import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kuberay_testkit
@@ -30,6 +26,7 @@ import pytest
 import yaml
 from kuberay_testkit import KubeRay
 from kubernetes import client
+from operator_testkit import Operator, examples, free_port
 
 if TYPE_CHECKING:
     from conftest import K8sCluster
@@ -37,55 +34,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 kuberay = kuberay_testkit.kuberay  # the fixture
 
-REPO = Path(__file__).resolve().parents[2]
 G, V = "corral.dev", "v1alpha1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Operator:
-    """``corral operator run`` as a subprocess of the test (started, restarted and stopped by pid)."""
-
-    def __init__(self, cmd: list[str], env: dict[str, str], log: Path, port: int) -> None:
-        self.cmd, self.env, self.log, self.port = cmd, env, log, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, wait: Any) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-
-        def live() -> bool:
-            self.assert_alive()
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-
-        wait(live, timeout=60, what="corral operator liveness")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-    def tail(self, n: int = 80) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def count(self, text: str) -> int:
-        return self.log.read_text(errors="replace").count(text)
-
-    def assert_alive(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, (
-            f"corral operator exited {self.proc and self.proc.returncode}:\n{self.tail()}"
-        )
 
 
 @pytest.fixture
@@ -93,7 +42,7 @@ def corral_operator(k8s_cluster: K8sCluster, k8s_namespace: str, kuberay: KubeRa
     """``corral operator run -n <namespace>`` as a subprocess (CRDs installed first), ready when its
     liveness endpoint answers."""
     kuberay_testkit.install_corral_crds(k8s_cluster)
-    port = _free_port()
+    port = free_port()
     log = k8s_cluster.run_dir / "logs" / f"corral-operator-{k8s_namespace}.log"
     cmd = [sys.executable, "-m", "corral.api.cli", "operator", "run", "-n", k8s_namespace, "-v"]
     cmd += ["--liveness", f"http://127.0.0.1:{port}/healthz"]
@@ -106,16 +55,6 @@ def corral_operator(k8s_cluster: K8sCluster, k8s_namespace: str, kuberay: KubeRa
         if log.exists():
             sys.stderr.write(f"\n[corral operator] log tail ({log}):\n{op.tail(150)}\n")
         op.stop()
-
-
-def _examples(ns: str) -> list[dict[str, Any]]:
-    docs = []
-    for f in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
-        for d in yaml.safe_load_all(f.read_text()):
-            if d:
-                d["metadata"]["namespace"] = ns
-                docs.append(d)
-    return docs
 
 
 def test_operator_rayservice_lifecycle(
@@ -151,7 +90,7 @@ def test_operator_rayservice_lifecycle(
         evs = core.list_namespaced_event(ns, field_selector=selector).items
         return {e.reason for e in evs}
 
-    docs = _examples(ns)
+    docs = examples(ns)
     k8s_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     pool = wait(lambda: get("modelpools", "llama-8b"), timeout=10, what="ModelPool")
 
