@@ -668,3 +668,17 @@ async def test_router_tokenizes_with_the_models_tokenizer(tmp_path: Any) -> None
         assert len(hashes[0]) >= 4 and hashes[0][:4] == hashes[1][:4]
     finally:
         await f.close()
+
+
+async def test_declared_model_without_engines_is_503_not_404() -> None:
+    """A model the pool declares but no engine serves yet is unavailable (503), not unknown (404)."""
+    r = RouterServer([], RouterConfig(models={MODEL}))
+    await r.start("127.0.0.1", 0, 0)
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        status, out, _ = await post(r.http_url + "/v1/completions", body)
+        assert status == 503 and MODEL in out["error"]["message"], out
+        status, out, _ = await post(r.http_url + "/v1/completions", {**body, "model": "nope"})
+        assert status == 404, out
+    finally:
+        await r.stop(0)

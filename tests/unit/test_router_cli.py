@@ -51,6 +51,7 @@ def test_defaults_without_a_file_are_the_crds() -> None:
     [
         (["-f", "/nonexistent/policy.yaml"], "/nonexistent/policy.yaml"),
         (["--tokenizer", "m=/nonexistent/tok"], "/nonexistent/tok"),
+        (["--policy", "fastest"], "unknown routing policy 'fastest'"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(args: list[str], message: str) -> None:
@@ -60,3 +61,18 @@ def test_bad_inputs_are_one_line_errors(args: list[str], message: str) -> None:
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_port_in_use_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "corral.router.server", "--http-port", str(port), "--grpc-port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"HTTP port {port}" in out.stderr and "in use" in out.stderr

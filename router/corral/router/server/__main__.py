@@ -14,6 +14,7 @@ from typing import Any
 from corral.api.models import ModelPool, RoutingPolicy
 from corral.api.validation import validate_paths
 
+from ..core import RouterCore
 from ..settings import RouterSettings, router_settings
 from ..tokenizer import load_tokenizer
 from .app import RouterServer, load_api_keys
@@ -72,6 +73,7 @@ def _config(ns: argparse.Namespace) -> RouterConfig:
         api_keys=load_api_keys(ns.api_keys) if ns.api_keys else None,
         stale_after_s=ns.stale_after,
     )
+    RouterCore(s)  # a bad strategy or param fails here, as one line, before anything listens
     uris = {m.name: m.tokenizer for m in s.models.values() if m.tokenizer} | dict(ns.tokenizer)
     cfg.tokenizers = {model: load_tokenizer(str(uri)) for model, uri in uris.items()}
     return cfg
@@ -111,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "engine's own, else the simulator's)",
     )
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--grpc-port", type=int, default=50050)
-    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=50050, help="gRPC port (default 50050; 0 = any free)")
+    ap.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free)")
     ap.add_argument("--api-keys", default=None, help="YAML/JSON file mapping API key -> tenant")
     ap.add_argument("--stale-after", type=float, default=1.0, help="seconds of engine silence before removal")
     ap.add_argument("--no-uvloop", action="store_true")
@@ -132,9 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         install_uvloop()
     engines = [a.strip() for a in ns.engines.split(",") if a.strip()]
 
-    async def run() -> None:
+    async def run() -> int:
         server = RouterServer(engines, cfg)
-        await server.start(ns.host, ns.grpc_port, ns.http_port)
+        try:
+            await server.start(ns.host, ns.grpc_port, ns.http_port)
+        except OSError as e:  # a port in use, an address not on this machine
+            await server.stop(0)
+            print(
+                f"corral router: cannot listen on {ns.host} (gRPC port {ns.grpc_port}, HTTP port "
+                f"{ns.http_port}): {e.strerror or e}; pick free ports with --grpc-port/--http-port (0 = any)",
+                file=sys.stderr,
+            )
+            return 2
+        if not engines:
+            print(
+                "corral router: no --engines given: every request gets 503 until engines are listed",
+                file=sys.stderr,
+            )
         print(
             f"corral router: grpc {server.grpc_address}  http {server.http_url}  policy {cfg.policy}",
             flush=True,
@@ -146,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await server.stop()
+        return 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class RouterConfig:
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)
     default_tokenizer: Tokenizer | None = None
     max_prompt_chars: int = 32 << 20  # hard cap on a text prompt, checked before tokenizing
+    models: set[str] = field(default_factory=set)  # the pool's declared models: 503 (not 404) without engines
 
     def settings(self) -> RouterSettings:
         """The routing part as :class:`RouterSettings` (what :class:`RouterCore` runs with)."""
@@ -106,6 +107,7 @@ class RouterConfig:
         self.index_mode, self.ttft_slo_s = s.index_mode, s.ttft_slo_s
         self.max_queue_per_replica, self.isolate_tenants = s.max_queue_per_replica, s.isolate_tenants
         self.adapters = {a.name: (a.base_model, a.source) for a in s.adapters.values()}
+        self.models = set(s.models)
 
     @classmethod
     def from_settings(cls, s: RouterSettings, **server: Any) -> RouterConfig:
@@ -239,8 +241,8 @@ class Router:
         """``model`` as named by a client -> (base model, adapter or None, adapter source)."""
         if not name:
             raise BadRequest("missing required field 'model'")
-        if self.fleet.candidates(name) or name in self.fleet.models():
-            return name, None, ""
+        if self.fleet.candidates(name) or name in self.fleet.models() or name in self.config.models:
+            return name, None, ""  # a declared model without engines yet: routing answers 503
         a = self.pool.adapter_catalog().get(name) or self.config.adapters.get(name)
         if a is not None:
             return a[0], name, a[1]
