@@ -148,7 +148,7 @@ async def test_oversized_prompt_is_refused_before_tokenizing() -> None:
     r = _router(tok, max_model_len=1000)  # at most 4 bytes a token: 4000 characters at most
     with pytest.raises(BadRequest, match="'prompt' is 4001 characters"):
         await prepare_request(r, "m", prompt="x" * 4001)
-    with pytest.raises(BadRequest, match="'prompt' is"):
+    with pytest.raises(BadRequest, match=r"field 'messages' \(all contents together\) is 5000 characters"):
         await prepare_request(r, "m", messages=[{"role": "user", "content": "x" * 5000}])
     assert tok.calls == []
     r.config.max_prompt_chars = 100  # the hard cap, when it is lower

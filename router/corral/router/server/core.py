@@ -482,7 +482,9 @@ def simple_chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def check_prompt_size(router: Router, base: str, tok: Tokenizer, chars: int) -> None:
+def check_prompt_size(
+    router: Router, base: str, tok: Tokenizer, chars: int, what: str = "field 'prompt'"
+) -> None:
     """Refuse a text prompt by its size, before it is tokenized: more characters than ``max_model_len``
     tokens of at most ``max_token_bytes`` bytes each can hold (characters <= UTF-8 bytes), or the cap."""
     cap = router.config.max_prompt_chars
@@ -491,12 +493,12 @@ def check_prompt_size(router: Router, base: str, tok: Tokenizer, chars: int) -> 
     if limit and limit * per < cap:
         if chars > limit * per:
             raise BadRequest(
-                f"field 'prompt' is {chars} characters: over what model '{base}' can hold "
+                f"{what} is {chars} characters: over what model '{base}' can hold "
                 f"({limit} tokens of at most {per} bytes each = {limit * per} characters); refused before "
                 f"tokenizing"
             )
     elif chars > cap:
-        raise BadRequest(f"field 'prompt' is {chars} characters, over this router's cap of {cap}")
+        raise BadRequest(f"{what} is {chars} characters, over this router's cap of {cap}")
 
 
 def _chat_text(tok: Tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[str, bool]:
@@ -527,13 +529,15 @@ def _prompt_text(
 def _check_input_size(
     router: Router, base: str, tok: Tokenizer, prompt: str | None, messages: Sequence[dict[str, Any]] | None
 ) -> int:
+    what = "field 'prompt'"
     if messages is not None:
         chars = sum(len(str(m.get("content") or "")) for m in messages)
+        what = "field 'messages' (all contents together)"
     elif prompt is not None:
         chars = len(prompt)
     else:
         raise BadRequest("missing required field 'prompt'")
-    check_prompt_size(router, base, tok, chars)
+    check_prompt_size(router, base, tok, chars, what)
     return chars
 
 
