@@ -31,7 +31,7 @@ from typing import Any
 
 from corral.bench import DEFAULT_OUT
 from corral.bench.fleet import GRID, WorkloadSpec, _cfg, _suite, build, capacity_estimate
-from corral.bench.provenance import provenance
+from corral.bench.provenance import describe, provenance
 from corral.serve.sim.fleet import DEFAULT_REPLICAS, goodput_search
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -102,8 +102,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
             cells.append(f"{g:.1f}{rel}" if g is not None else "-")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     m = doc["meta"]
-    dirty = " (dirty)" if m.get("dirty") else ""
-    lines += ["", f"{m['replicas']}, {m['wall_s']} s wall on {m['machine']}, git `{m['git']}`{dirty}."]
+    lines += ["", f"{m['replicas']}, {m['wall_s']} s wall on {m['machine']}, {describe(m)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.bench import DATA, DEFAULT_OUT, checkout_root
-from corral.bench.provenance import provenance
+from corral.bench.provenance import describe, provenance
 from corral.router.policies import policy_names
 from corral.serve.sim import workloads as W
 from corral.serve.sim.fleet import (
@@ -468,8 +468,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         f"`{m['command']}` on {m['fleet']} (sim engines, virtual time), event delay "
         f"{m['event_delay_s'] * 1000:.0f} ms, max_loras {m['max_loras']} / max_cpu_loras "
-        f"{m['max_cpu_loras']}; {m['wall_s']} s wall on {m['machine']} ({m['workers']} workers), git "
-        f"`{m['git']}`{' (dirty: uncommitted changes)' if m.get('dirty') else ''}.",
+        f"{m['max_cpu_loras']}; {m['wall_s']} s wall on {m['machine']} ({m['workers']} workers), "
+        f"{describe(m)}; command line `{' '.join(m.get('argv') or [])}`.",
         "",
         "Goodput: highest arrival rate with P90 TTFT <= SLO (completed req/s). TTFT/TPOT, hit rate, "
         f"adapter loads and imbalance are measured at the reference rate ({m['ref_fraction']} x the best "

@@ -37,13 +37,20 @@ def git_state(root: Path | None = None) -> tuple[str, bool | None]:
     return rev.strip(), (bool(status.strip()) if status is not None else None)
 
 
+def describe(meta: dict[str, Any]) -> str:
+    """``git `abc123` `` / ``git `abc123` (dirty)`` / ``no git checkout`` for a results file's header."""
+    if not meta.get("git"):
+        return "no git checkout (an installed package)"
+    return f"git `{meta['git']}`" + (" (dirty: uncommitted changes)" if meta.get("dirty") else "")
+
+
 def provenance() -> dict[str, Any]:
     """The ``meta`` block every results file carries."""
     rev, dirty = git_state()
     return {
         "git": rev,
         "dirty": dirty,
-        "argv": ["corral", "bench", *sys.argv[1:]] if Path(sys.argv[0]).name == "corral" else list(sys.argv),
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # e.g. corral bench fleet --quick ...
         "python": platform.python_version(),
         "machine": f"{platform.machine()} x{os.cpu_count()}",
     }

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from corral.api.profiles import BUILTIN_PROFILES
 from corral.bench import DEFAULT_OUT
-from corral.bench.provenance import provenance
+from corral.bench.provenance import describe, provenance
 from corral.router.core import RouterCore
 from corral.router.hashing import block_hashes, salt_for
 from corral.router.policies import policy_names
@@ -206,8 +206,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"`corral bench router{' --quick' if meta['quick'] else ''}`: Python {meta['python']}, "
         f"{meta['cpus']} CPUs, load average {', '.join(f'{x:.1f}' for x in meta['load_avg'] or [])} at the "
         f"end; median of {meta['runs']} run(s). Decision latency on pre-hashed prompts (corral policy); "
-        f"hashing = xxh3 chain over {meta['block_size']}-token blocks. git `{meta.get('git', '')}`"
-        f"{' (dirty)' if meta.get('dirty') else ''}.",
+        f"hashing = xxh3 chain over {meta['block_size']}-token blocks. {describe(meta)}.",
         "",
         "| replicas | prompt tokens | adapters | decision p50 (µs) | decision p99 (µs) | hash (µs) "
         "| precise index p50 / p99 (µs) |",

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.bench import DEFAULT_OUT
-from corral.bench.provenance import provenance
+from corral.bench.provenance import describe, provenance
 
 MODEL = "echo"
 
@@ -309,8 +309,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         "# Router overhead",
         "",
         f"Machine: {doc['machine']['cpus']} CPU(s), {doc['machine']['platform']}, Python "
-        f"{doc['machine']['python']}, loop {doc['machine']['loop']}, git `{doc['meta']['git']}`"
-        f"{' (dirty)' if doc['meta']['dirty'] else ''}. Engines: {doc['engines']} zero-cost "
+        f"{doc['machine']['python']}, loop {doc['machine']['loop']}, {describe(doc['meta'])}. "
+        f"Engines: {doc['engines']} zero-cost "
         f"echo replicas (gRPC endpoints, one process); router: one process, policy `{doc['policy']}`; "
         "load generator: closed loop in a third process. Tiny prompts (~48 tokens, 8 shared prefixes), "
         f"max_tokens 4. {doc['duration_s']} s per case after {doc['warmup_s']} s warm-up. All processes "

@@ -32,6 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     if args.check:
         out = args.out or crdgen.DEFAULT_OUT
+        if not out.is_dir():
+            print(
+                f"corral crds --check: {out}: no such directory (give the CRD folder with --out DIR)",
+                file=sys.stderr,
+            )
+            return 2
         diffs = crdgen.check(out)
         for d in diffs:
             sys.stdout.write(d)
