@@ -328,3 +328,17 @@ def test_corral_spreads_when_every_request_shares_block_zero(n: int) -> None:
         turn2 = request_from_block_ids(f"{i}b", "m", [*ids, 30_000 + i], 2048)
         assert p.choose(turn2, f, 0.0).cached_blocks == 3
     assert max(counts.values()) / 400 < 3 / n
+
+
+def test_corral_reason_says_near_tie_when_the_pick_is_not_the_minimum() -> None:
+    """A pick inside the near-tie window is explained as such, never as the minimum estimate."""
+    f = fleet(3, mode="precise")
+    warm = req("w", prompt(7, 600))
+    f.replicas["r001"].index.insert(warm.block_hashes)  # r001 holds the prefix; all are idle
+    p = make_policy("corral", ttft_slo_s=5.0, hotspot_c=None)
+    f.replicas["r001"].pending_prefill_tokens = 2000  # queued work: no longer the lowest estimate
+    d = p.choose(req("q", prompt(7, 600)), f, 0.0, explain=True)
+    costs = {c.replica_id: c.total_s for c in d.candidates or []}
+    assert d.replica_id == "r001"  # the cached replica wins the tie
+    assert costs["r001"] > min(costs.values())  # ... though it is not the lowest estimate
+    assert d.reason.startswith("near-tie:") and "min estimated TTFT" not in d.reason

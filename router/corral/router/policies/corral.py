@@ -221,7 +221,15 @@ class Corral(BasePolicy):
             )
             best_r, best = aff_r, aff
         else:
-            reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
+            lo = min(e.total_s for _, e in est.values())
+            if best.total_s > lo:
+                reason = (
+                    f"near-tie: {best.total_s:.3f}s is within the tie window of the lowest estimate "
+                    f"{lo:.3f}s, and has more cached blocks ({best.cached_blocks}) or comes first in ring "
+                    f"order ({scope})"
+                )
+            else:
+                reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
         chosen, chosen_e = best_r, best
 
         if p.hotspot_c is not None and chosen_e.queue_s > p.hotspot_floor_slo * slo:
