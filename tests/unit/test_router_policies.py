@@ -335,7 +335,7 @@ def test_corral_reason_says_near_tie_when_the_pick_is_not_the_minimum() -> None:
     f = fleet(3, mode="precise")
     warm = req("w", prompt(7, 600))
     f.replicas["r001"].index.insert(warm.block_hashes)  # r001 holds the prefix; all are idle
-    p = make_policy("corral", ttft_slo_s=5.0, hotspot_c=None)
+    p = make_policy("corral", ttft_slo_s=5.0, hotspot_c=None, switch_fraction=0.001)  # no ring stickiness
     f.replicas["r001"].pending_prefill_tokens = 2000  # queued work: no longer the lowest estimate
     d = p.choose(req("q", prompt(7, 600)), f, 0.0, explain=True)
     costs = {c.replica_id: c.total_s for c in d.candidates or []}
