@@ -331,3 +331,31 @@ def test_adapter_files_are_real_safetensors(tmp_path: Path) -> None:
 
     art = fetch_adapter("x", make_tiny_adapter(tmp_path / "x", rank=8).as_uri(), tmp_path / "c")
     assert art.rank == 8 and art.tensors == 4
+
+
+def test_corral_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM (systemd, Kubernetes, ``timeout``) stops ``corral serve`` like Ctrl-C: "stopping…", exit 0,
+    not Ray's stack dump."""
+    import signal
+    import subprocess
+    import sys
+
+    examples = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.api.cli", "serve", "-f", str(examples)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "serving; press" in log.read_text(errors="replace") or proc.poll() is not None,
+                   180, "corral serve to be up")  # fmt: skip
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-3000:]
+        text = log.read_text(errors="replace")
+        assert "stopping" in text and "SIGTERM received" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

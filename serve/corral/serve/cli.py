@@ -12,6 +12,7 @@ deployment that fails) is reported as one line, ``corral serve: ...``, with exit
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -207,18 +208,29 @@ def try_next(router: RouterAddress, model: str, console: Any) -> None:
         console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
 
 
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM (systemd, Kubernetes, ``timeout``) like Ctrl-C: the same clean stop of the local cluster.
+    Installed after Ray started, so it replaces the handler Ray's driver sets (which only dumps a stack)."""
+
+    def _term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+
+
 def serve_main(pairs: Pairs, options: LocalOptions) -> int:
     """``corral serve``: run until Ctrl-C."""
     from rich.console import Console
 
     console = Console()
     stack = start_stack(pairs, options, console)
+    stop_on_sigterm()
     try:
         routers = print_addresses(stack, console)
         if routers:
             models = [m["name"] for m in stack.plans[0].router.init_kwargs["models"]]
             try_next(routers[0], models[0] if models else "MODEL", console)
-        console.print("serving; press Ctrl-C to stop")
+        console.print("serving; press Ctrl-C (or send SIGTERM) to stop")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

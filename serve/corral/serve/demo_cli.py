@@ -11,7 +11,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .cli import Pairs, add_local_arguments, local_options, print_addresses, reported, start_stack, try_next
+from .cli import (
+    Pairs,
+    add_local_arguments,
+    local_options,
+    print_addresses,
+    reported,
+    start_stack,
+    stop_on_sigterm,
+    try_next,
+)
 
 if TYPE_CHECKING:
     from .local_stack import LocalOptions
@@ -67,6 +76,7 @@ def demo_main(
 
     console = Console()
     stack = start_stack(pairs, options, console)
+    stop_on_sigterm()
     try:
         routers = print_addresses(stack, console)
         plan = stack.plans[0]
