@@ -682,3 +682,14 @@ async def test_declared_model_without_engines_is_503_not_404() -> None:
         assert status == 404, out
     finally:
         await r.stop(0)
+
+
+async def test_unknown_role_unknown_path_and_method_are_json_errors(fleet: Fleet) -> None:
+    r = await fleet.add_router()
+    body = {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2}
+    status, out, _ = await post(r.http_url + "/v1/chat/completions", body)
+    assert status == 400 and "role" in out["error"]["message"], out
+    status, out, _ = await post(r.http_url + "/v1/nope", {})
+    assert status == 404 and out["error"]["code"] == 404 and out["error"]["param"] is None, out
+    async with aiohttp.ClientSession() as s, s.get(r.http_url + "/v1/completions") as resp:
+        assert resp.status == 405 and (await resp.json())["error"]["type"] == "invalid_request_error"

@@ -43,8 +43,14 @@ def test_sampling_fields() -> None:
 def test_error_bodies() -> None:
     e = NotFound("model 'x' not found; available: a")
     assert e.body() == {
-        "error": {"message": "model 'x' not found; available: a", "type": "not_found_error", "code": 404}
+        "error": {
+            "message": "model 'x' not found; available: a",
+            "type": "not_found_error",
+            "param": None,
+            "code": 404,
+        }
     }
+    assert BadRequest("field 'temperature' must be <= 2 (got 5)").body()["error"]["param"] == "temperature"
 
 
 def test_hist_buckets_cumulate() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import grpc
+
+_FIELD = re.compile(r"field '([^']+)'")
 
 
 class RouterError(Exception):
@@ -17,7 +20,20 @@ class RouterError(Exception):
         self.message = message
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.http_status}}
+        """OpenAI's error shape: message, type, param (the field at fault, if any), code."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.http_status,
+            }
+        }
+
+    @property
+    def param(self) -> str | None:
+        m = _FIELD.search(self.message)
+        return m.group(1) if m else None
 
 
 class BadRequest(RouterError):

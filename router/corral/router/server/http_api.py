@@ -69,10 +69,27 @@ def chat_prompt(messages: Any) -> str:
     return simple_chat_prompt([m.as_dict() for m in req.messages])
 
 
+@web.middleware
+async def _json_http_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own 404 / 405 / 413 as OpenAI-shaped JSON errors (the handlers produce theirs)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+        msg = f"{e.reason}: {request.method} {request.path}"
+        body = {"error": {"message": msg, "type": kind.get(e.status, "invalid_request_error"), "param": None,
+                          "code": e.status}}  # fmt: skip
+        return web.json_response(
+            body, status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"}
+        )
+
+
 class HttpApi:
     def __init__(self, router: Router) -> None:
         self.router = router
-        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_http_errors])
         self.app.router.add_post("/v1/completions", self._wrap(self.completions))
         self.app.router.add_post("/v1/chat/completions", self._wrap(self.chat))
         self.app.router.add_get("/v1/models", self._wrap(self.models))

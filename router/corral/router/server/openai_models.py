@@ -9,7 +9,7 @@ The gRPC front's ``SamplingParams`` go through :func:`check_sampling` (same limi
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from corral.v1 import engine_pb2 as epb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -143,8 +143,12 @@ class CompletionRequest(_GenerationRequest):
         raise ValueError("must be a string, a list of token ids, or a list of one string")
 
 
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+"""The roles of OpenAI's chat API (vLLM accepts the same)."""
+
+
 class ChatMessage(_Model):
-    role: str = Field(min_length=1, max_length=64)
+    role: ChatRole
     content: str | None = None
     name: str | None = None
 
