@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/corral validate manifests/examples/
-exec .venv/bin/corral demo -f manifests/examples/ "$@"
+rc=0
+.venv/bin/corral demo -f manifests/examples/ "$@" || rc=$?
+echo "(the commands above use 'corral' from .venv: run 'source .venv/bin/activate' first, or prefix .venv/bin/)"
+exit $rc
