@@ -394,3 +394,8 @@ def k8s_namespace(k8s_cluster: K8sCluster, request: pytest.FixtureRequest) -> It
         yield name
     finally:
         k8s_cluster.delete_namespace(name)
+
+
+# KubeRay's operator, once per session: registered here only. (A session fixture aliased in two test modules
+# is two fixtures to pytest: two KubeRay operators reconciled the same RayClusters and made duplicate pods.)
+from kuberay_testkit import kuberay  # noqa: E402,F401

@@ -15,7 +15,8 @@ KubeRay therefore never sees Serve applications and the RayService stays not Rea
 point (admission of the objects, RayCluster creation, pods and their placement, KubeRay's in-place vs
 new-cluster decisions) is real.
 
-Use it in a test module with ``import kuberay_testkit`` and ``kuberay = kuberay_testkit.kuberay``.
+The ``kuberay`` fixture is registered once, in conftest.py (never alias it in a test module: a session
+fixture defined in two modules runs twice, and two KubeRay operators fight over the same RayClusters).
 """
 
 from __future__ import annotations

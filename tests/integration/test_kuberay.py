@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from conftest import K8sCluster
 
 pytestmark = pytest.mark.integration
-kuberay = kuberay_testkit.kuberay  # the fixture
 
 PRODUCTS = {"h100": "NVIDIA-H100-80GB-HBM3", "a100": "NVIDIA-A100-SXM4-80GB"}
 NODE_CLASS = {"h100": "H100", "a100": "A100"}  # corral.dev/gpu-class label of the kwok nodes

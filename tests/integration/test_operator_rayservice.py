@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from conftest import K8sCluster
 
 pytestmark = pytest.mark.integration
-kuberay = kuberay_testkit.kuberay  # the fixture
 
 G, V = "corral.dev", "v1alpha1"
 
@@ -110,9 +109,7 @@ def test_operator_rayservice_lifecycle(
             if p.metadata.labels.get("ray.io/group") == group and p.metadata.deletion_timestamp is None
         ]
 
-    # KubeRay creates the worker pods on its own schedule; with the RayClusters of earlier tests still being
-    # torn down in the same control plane this took over 60 s once in a full CI run.
-    wait(lambda: len(pods("gpu-h100")) == 4 and len(pods("gpu-a100")) == 2, timeout=180, what="worker pods")
+    wait(lambda: len(pods("gpu-h100")) == 4 and len(pods("gpu-a100")) == 2, timeout=60, what="worker pods")
     for p in kuberay.pods_of(ns, rc["metadata"]["name"]):
         assert p.metadata.labels[t.POOL_LABEL] == "llama-8b", p.metadata.name
 
