@@ -133,10 +133,13 @@ def build(spec: WorkloadSpec) -> W.Workload:
 
 
 def _rel(path: Path) -> str:
+    """``path`` relative to the checkout (symlinks kept, so no machine-specific target leaks into results);
+    a path outside the checkout's parent folder is recorded by its name only."""
     try:
-        return os.path.relpath(path.resolve(), REPO)
+        rel = os.path.relpath(path.absolute(), REPO)
     except ValueError:
         return path.name
+    return path.name if rel.startswith(os.pardir + os.sep + os.pardir) else rel
 
 
 def capacity_estimate(w: W.Workload, cfg: FleetConfig) -> float:

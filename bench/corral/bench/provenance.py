@@ -37,6 +37,11 @@ def git_state(root: Path | None = None) -> tuple[str, bool | None]:
     return rev.strip(), (bool(status.strip()) if status is not None else None)
 
 
+def _portable(arg: str) -> str:
+    """An absolute path argument as its last component (no machine-specific path in a results file)."""
+    return Path(arg).name if os.path.isabs(arg) else arg
+
+
 def describe(meta: dict[str, Any]) -> str:
     """``git `abc123` `` / ``git `abc123` (dirty)`` / ``no git checkout`` for a results file's header."""
     if not meta.get("git"):
@@ -50,7 +55,7 @@ def provenance() -> dict[str, Any]:
     return {
         "git": rev,
         "dirty": dirty,
-        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # e.g. corral bench fleet --quick ...
+        "argv": [Path(sys.argv[0]).name, *map(_portable, sys.argv[1:])],  # e.g. corral bench fleet --quick
         "python": platform.python_version(),
         "machine": f"{platform.machine()} x{os.cpu_count()}",
     }
