@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,17 @@ class Operator:
                 return bool(r.status == 200)
 
         wait(live, timeout=60, what="corral operator liveness")
+
+    @contextlib.contextmanager
+    def running(self, wait: Any, tail_lines: int = 100) -> Iterator[Operator]:
+        """Started (ready when its liveness answers); on exit its log tail goes to stderr and it stops."""
+        try:
+            self.start(wait)
+            yield self
+        finally:
+            if self.log.exists():
+                sys.stderr.write(f"\n[corral operator] log tail ({self.log}):\n{self.tail(tail_lines)}\n")
+            self.stop()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

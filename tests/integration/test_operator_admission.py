@@ -61,13 +61,8 @@ def webhook_operator(k8s_cluster: K8sCluster, k8s_namespace: str) -> Iterator[Op
            "--webhook", "--webhook-port", str(free_port()),
            "--liveness", f"http://127.0.0.1:{port}/healthz"]  # fmt: skip
     op = Operator(cmd, {**os.environ, "KUBECONFIG": str(k8s_cluster.kubeconfig)}, log, port)
-    try:
-        op.start(k8s_cluster.wait_until)
+    with op.running(k8s_cluster.wait_until, 60):
         yield op
-    finally:
-        if log.exists():
-            sys.stderr.write(f"\n[corral operator] log tail ({log}):\n{op.tail(60)}\n")
-        op.stop()
 
 
 def _corral_validate(tmp: Path, docs: dict[str, dict[str, Any]]) -> list[str]:

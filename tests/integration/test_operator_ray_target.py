@@ -128,13 +128,10 @@ def ray_operator(k8s_cluster: K8sCluster, k8s_namespace: str, ray_head: RayHead)
     env = {**os.environ, "KUBECONFIG": str(k8s_cluster.kubeconfig)}
     op = Operator(cmd, env, log, port)
     try:
-        op.start(k8s_cluster.wait_until)
-        yield op
+        with op.running(k8s_cluster.wait_until, 120):
+            yield op
     finally:
-        if log.exists():
-            sys.stderr.write(f"\n[corral operator] log tail ({log}):\n{op.tail(120)}\n")
         sys.stderr.write(f"\n[ray head] log tail:\n{ray_head.tail()}\n")
-        op.stop()
 
 
 def test_operator_deploys_to_an_existing_ray_cluster(

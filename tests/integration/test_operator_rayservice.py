@@ -47,13 +47,8 @@ def corral_operator(k8s_cluster: K8sCluster, k8s_namespace: str, kuberay: KubeRa
     cmd += ["--liveness", f"http://127.0.0.1:{port}/healthz"]
     env = {**os.environ, "KUBECONFIG": str(k8s_cluster.kubeconfig)}
     op = Operator(cmd, env, log, port)
-    try:
-        op.start(k8s_cluster.wait_until)
+    with op.running(k8s_cluster.wait_until, 150):
         yield op
-    finally:
-        if log.exists():
-            sys.stderr.write(f"\n[corral operator] log tail ({log}):\n{op.tail(150)}\n")
-        op.stop()
 
 
 def test_operator_rayservice_lifecycle(
