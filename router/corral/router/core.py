@@ -27,15 +27,16 @@ from typing import Any
 
 from .events import EngineEvent
 from .policies import BUILTIN_POLICIES
-from .policies._common import waiting_load
+from .policies._common import PolicyParams, waiting_load
 from .policy import NoReplicaError, Policy, PolicyRegistry
 from .settings import RouterSettings
 from .state import FleetState, FleetView
 from .types import Decision, RoutingRequest
 
 DispatchHook = Callable[[str, RoutingRequest], None]
-SAMPLE_MAX_AGE_S = 5.0
-"""How long an engine's load sample counts for the queue bound (seconds since the router received it)."""
+SAMPLE_MAX_AGE_S: float = PolicyParams.model_fields["sample_max_age_s"].default
+"""How long an engine's load sample counts for the queue bound (seconds since the router received it): the
+same trust the policies give it."""
 
 
 class Saturated(NoReplicaError):
