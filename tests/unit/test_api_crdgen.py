@@ -114,16 +114,17 @@ def test_routingpolicy_details() -> None:
     assert (slo["minimum"], slo["exclusiveMinimum"]) == (0, True)
     assert spec["properties"]["blockSize"]["enum"] == [8, 16, 32, 64, 128]
     assert spec["properties"]["strategy"]["default"] == "corral"
-    match = spec["properties"]["modelSelection"]["properties"]["rules"]["items"]["properties"]["match"]
-    assert match == {
-        "description": match["description"], "type": "object", "x-kubernetes-preserve-unknown-fields": True
-    }  # fmt: skip
+    rule = spec["properties"]["modelSelection"]["properties"]["rules"]["items"]
+    when = rule["properties"]["when"]
+    assert when["x-kubernetes-validations"][0]["rule"].endswith("== 1")  # exactly one operator, each level
+    leaf = when["properties"]["all"]["items"]["properties"]["all"]["items"]
+    assert set(leaf["properties"]) == {"signal", "not"}  # the deepest levels: a signal or its negation
     assert spec["properties"]["adapterPaging"]["properties"]["pin"]["x-kubernetes-list-type"] == "set"
     hot = spec["properties"]["load"]["properties"]["hotspotFactor"]
     assert (hot["minimum"], hot["exclusiveMinimum"]) == (1, True)  # the corral policy needs c > 1
     assert spec["properties"]["load"]["properties"]["twoChoiceAbove"]["minimum"] == 1
     selection = spec["properties"]["modelSelection"]["x-kubernetes-validations"]
-    assert selection[0]["rule"] == "!has(self.rules) || size(self.rules) == 0"
+    assert selection[0]["rule"].startswith("!has(self.rules) || self.rules.all(r, ")
 
 
 def test_structural_rejects_unions() -> None:

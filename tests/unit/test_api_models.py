@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from corral.api import crdgen, modelpool, routingpolicy
+from corral.api import crdgen, modelpool, routingpolicy, selection
 from corral.api.models import STRATEGIES, AdapterCache, GpuClass, ModelPool, RoutingPolicy, RoutingPolicySpec
 from corral.api.profiles import (
     BUILTIN_PROFILES,
@@ -398,17 +398,30 @@ def test_pins_are_a_set() -> None:
     ]
 
 
-def test_model_selection_rules_not_supported_yet() -> None:
-    rules = [{"name": "a", "match": {"header": "x"}, "target": "sql"}]
-    assert errors(RoutingPolicy, rp(modelSelection={"rules": rules})) == [
-        f"spec.modelSelection.rules: {routingpolicy.RULES_UNSUPPORTED}"
+def test_model_selection_rules_are_checked_field_by_field() -> None:
+    sel = {
+        "signals": [{"name": "code", "keywords": ["def"]}],
+        "rules": [{"name": "a", "when": {"any": [{"signal": "code"}, {"not": {"signal": "nope"}}]},
+                   "target": "sql"}],
+        "default": "llama",
+    }  # fmt: skip
+    assert errors(RoutingPolicy, rp(modelSelection=sel)) == [
+        f"spec.modelSelection.rules[0].when.any[1].not.signal: {selection.RULE_KNOWN_SIGNALS.message} "
+        '(got "nope")'
     ]
-    assert RoutingPolicy.model_validate(rp(modelSelection={"rules": []})).spec.model_selection.rules == []
+    ok = {**sel, "rules": [{"name": "a", "when": {"signal": "code"}, "target": "sql"}]}
+    assert RoutingPolicy.model_validate(rp(modelSelection=ok)).spec.model_selection.rules[0].target == "sql"
+    assert errors(RoutingPolicy, rp(modelSelection={**ok, "default": None})) == [
+        f"spec.modelSelection.default: {selection.RULE_DEFAULT_WITH_RULES.message}"
+    ]
     cel_rules = crdgen.structural(
         RoutingPolicy.model_json_schema(by_alias=True)["$defs"]["ModelSelection"],
         RoutingPolicy.model_json_schema(by_alias=True)["$defs"],
     )["x-kubernetes-validations"]
-    assert cel_rules == [routingpolicy.RULE_NO_MODEL_SELECTION_RULES.to_schema()]
+    assert cel_rules == [
+        selection.RULE_KNOWN_SIGNALS.to_schema(),
+        selection.RULE_DEFAULT_WITH_RULES.to_schema(),
+    ]
 
 
 def _bounds(field: Any) -> dict[str, float]:

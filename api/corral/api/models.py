@@ -1,6 +1,7 @@
 """Public entry point to the CRD models (``corral.dev/v1alpha1``): import models from here.
 
-The definitions live in :mod:`corral.api.modelpool`, :mod:`corral.api.routingpolicy` and
+The definitions live in :mod:`corral.api.modelpool`, :mod:`corral.api.routingpolicy`,
+:mod:`corral.api.selection` and
 :mod:`corral.api.common`; this module re-exports them and owns :data:`KINDS`, the kind -> model table
 used by the CRD generator and ``corral validate``.
 """
@@ -25,7 +26,6 @@ from .routingpolicy import (
     AdapterPaging,
     LoadSpec,
     ModelSelection,
-    ModelSelectionRule,
     RouterStatus,
     RoutingPolicy,
     RoutingPolicySpec,
@@ -33,6 +33,7 @@ from .routingpolicy import (
     SecretKeyRef,
     Tenants,
 )
+from .selection import SelectionRule, Signal
 
 KINDS: dict[str, type[ModelPool] | type[RoutingPolicy]] = {
     "ModelPool": ModelPool,
@@ -61,7 +62,6 @@ __all__ = [
     "ModelPoolSpec",
     "ModelPoolStatus",
     "ModelSelection",
-    "ModelSelectionRule",
     "ModelSpec",
     "ObjectMeta",
     "ProfileOverrides",
@@ -70,5 +70,7 @@ __all__ = [
     "RoutingPolicySpec",
     "RoutingPolicyStatus",
     "SecretKeyRef",
+    "SelectionRule",
+    "Signal",
     "Tenants",
 ]

@@ -8,16 +8,15 @@ its spec, status and rules. Changes hot-reload into running routers (Serve ``use
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from .common import (
     AGE_COLUMN,
     NAME_MAX,
     NAME_PATTERN,
     READY_COLUMN,
-    CelRule,
     Condition,
     CorralModel,
     CrdInfo,
@@ -26,7 +25,6 @@ from .common import (
     K8sInt,
     ObjectMeta,
     PrinterColumn,
-    cel,
     conditions_field,
     list_map,
     list_set,
@@ -34,6 +32,9 @@ from .common import (
     raise_issues,
     set_duplicates,
 )
+from .selection import ModelSelection
+
+__all__ = ["ModelSelection"]  # re-exported: the selection schema lives in corral.api.selection
 
 Strategy = Literal[
     "corral",
@@ -58,16 +59,8 @@ PrefixIndex = Literal["precise", "approximate"]
 """Source of the router's prefix index: engine KV events, or the router's own dispatch record."""
 
 MAX_PINNED = 256
-MAX_RULES = 64
 
 AdapterName = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)]
-
-RULES_UNSUPPORTED = "model selection rules are not supported yet (leave spec.modelSelection.rules empty)"
-RULE_NO_MODEL_SELECTION_RULES = CelRule(
-    rule="!has(self.rules) || size(self.rules) == 0",
-    field_path=".rules",
-    message=RULES_UNSUPPORTED,
-)
 
 
 class LoadSpec(CorralModel):
@@ -124,37 +117,6 @@ class AdapterPaging(CorralModel):
     )
 
 
-class ModelSelectionRule(CorralModel):
-    """One model-selection rule (placeholder: designed later; any rule is rejected until implemented)."""
-
-    name: str = name_field("Rule name.")
-    match: dict[str, Any] = Field(
-        default_factory=dict, description="Conditions on the request (free-form for now)."
-    )
-    target: str = Field(
-        min_length=1, max_length=NAME_MAX, description="Model or adapter name that matching requests go to."
-    )
-
-
-class ModelSelection(CorralModel):
-    """Rules that choose a model or adapter for a request (not supported yet: must stay empty)."""
-
-    model_config = ConfigDict(json_schema_extra=cel(RULE_NO_MODEL_SELECTION_RULES))
-
-    rules: list[ModelSelectionRule] = Field(
-        default_factory=list,
-        max_length=MAX_RULES,
-        description="Reserved: rules, first match wins (unique names). Not supported yet: must be empty.",
-        json_schema_extra=list_map(),
-    )
-
-    @model_validator(mode="after")
-    def _rules(self) -> ModelSelection:
-        if self.rules:
-            raise_issues([(".rules", RULES_UNSUPPORTED)])
-        return self
-
-
 class SecretKeyRef(CorralModel):
     """A key in a Secret of the same namespace."""
 
@@ -201,7 +163,7 @@ class RoutingPolicySpec(CorralModel):
     )
     model_selection: ModelSelection = Field(
         default_factory=ModelSelection,
-        description="Model-selection rules.",
+        description="Model and adapter selection: signals, rules, bandits (requests naming its model).",
         json_schema_extra={"default": {}},
     )
     tenants: Tenants | None = Field(default=None, description="Tenant API keys; open access if unset.")

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from .common import API_VERSION, GROUP, NOT_FINITE, RULE_ERROR_TYPE
 from .models import KINDS, ModelPool, RoutingPolicy
+from .selection import pool_issues, selection_lint
 
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_DEPTH = 64
@@ -462,7 +463,10 @@ def cross_problems(objects: Sequence[tuple[ModelPool | RoutingPolicy, str]]) -> 
     * a RoutingPolicy's ``adapterPaging.pin`` entries must be adapters of its ModelPool (when the pool is
       among the objects);
     * at most one RoutingPolicy per ModelPool (the later one in ``objects`` is reported);
-    * a ModelPool's ``routingPolicyRef`` and the policies' ``poolRef`` must agree.
+    * a ModelPool's ``routingPolicyRef`` and the policies' ``poolRef`` must agree;
+    * ``modelSelection`` targets must be models or adapters of the pool (when given), and its rules must
+      all be reachable, without overlaps at equal priority (:func:`~corral.api.selection.selection_lint`,
+      checked even without the pool: static analysis the apiserver cannot do).
 
     Objects match by name within a namespace (an unset namespace matches only unset ones). The apiserver
     checks one object at a time; these need the others (offline here, online in
@@ -497,6 +501,8 @@ def cross_problems(objects: Sequence[tuple[ModelPool | RoutingPolicy, str]]) -> 
             problems.append(Problem(src, msg, label, "spec.poolRef"))
         else:
             first[key] = rp
+        for path, msg in selection_lint(rp.spec.model_selection):
+            problems.append(Problem(src, msg, label, f"spec.modelSelection{path}"))
         target = pools.get(key)
         if target is None:
             continue
@@ -508,6 +514,9 @@ def cross_problems(objects: Sequence[tuple[ModelPool | RoutingPolicy, str]]) -> 
             )
             problems.append(Problem(src, msg, label, "spec.poolRef"))
         adapters = {a.name for a in target.spec.adapters}
+        served = adapters | {m.name for m in target.spec.models}
+        for path, msg in pool_issues(rp.spec.model_selection, target.metadata.name, served):
+            problems.append(Problem(src, msg, label, f"spec.modelSelection{path}"))
         for i, name in enumerate(rp.spec.adapter_paging.pin):
             if name not in adapters:
                 msg = f'must name an adapter of ModelPool "{target.metadata.name}" (got "{name}")'
