@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from corral.router.events import AdapterLoaded, EngineEvent
 from corral.router.wire import event_to_pb, sample_to_pb, snapshot_to_pb
+from corral.serve.adapter_sources import AdapterSourceError
 from corral.v1 import engine_pb2 as epb
 from corral.v1 import engine_pb2_grpc as epb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -101,6 +102,9 @@ class _EngineServicer(epb_grpc.EngineServicer):
         except AdapterNotFoundError as e:
             finished = True
             await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter {e.args[0]!r} not found")
+        except AdapterSourceError as e:  # its weights are missing or corrupt: not the request's fault
+            finished = True
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{e} (replica {eng.info.replica_id})")
         except ValueError as e:
             finished = True
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -4,17 +4,23 @@
 ``time_scale``): it streams the sim's synthetic tokens, forwards its KV/adapter events to the endpoint
 (the endpoint sends its own wall-clock load samples, so the sim's engine-clock samples are dropped), and
 keeps an adapter catalog (name -> source URI) so that an adapter nobody registered is refused with
-NOT_FOUND, like vLLM, while a request that carries ``adapter_source`` registers it on first use.
+NOT_FOUND, like vLLM, while a request that carries ``adapter_source`` registers it on first use. With
+``adapter_cache_dir`` set, a ``file://`` source is fetched and validated on first use like the vLLM engine
+does (:func:`corral.serve.adapter_sources.fetch_adapter`): a missing or corrupt file raises
+:class:`~corral.serve.adapter_sources.AdapterSourceError` naming the adapter, and it is not registered.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 from corral.api.profiles import GpuProfile
 from corral.router.events import EngineEvent, LoadSample
 from corral.router.hashing import block_hashes, salt_for
+from corral.serve.adapter_sources import AdapterSourceError, fetch_adapter, parse_source
 from corral.serve.sim import RealtimeSimEngine, RequestSpec, SimEngine
 
 from .engine import AdapterNotFoundError, EngineEventSource, EngineInfo, EngineRequest, TokenChunk
@@ -34,9 +40,11 @@ class SimEndpointEngine(EngineEventSource):
         gpu_class: str | None = None,
         max_model_len: int = 32768,
         adapters: dict[str, str] | None = None,
+        adapter_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.rt = rt
+        self.adapter_cache_dir = adapter_cache_dir
         sim = rt.engine
         self.sim = sim
         sim.on_event = self._on_sim_event
@@ -67,10 +75,22 @@ class SimEndpointEngine(EngineEventSource):
         max_cpu_loras: int | None = None,
         gpu_class: str | None = None,
         max_model_len: int = 32768,
+        adapter_cache_dir: str | Path | None = None,
         **sim_kw: Any,
     ) -> SimEndpointEngine:
         sim = SimEngine(profile, replica_id, block_size, max_loras, max_cpu_loras, **sim_kw)
-        return cls(RealtimeSimEngine(sim, time_scale), model, gpu_class, max_model_len)
+        rt = RealtimeSimEngine(sim, time_scale)
+        return cls(rt, model, gpu_class, max_model_len, adapter_cache_dir=adapter_cache_dir)
+
+    async def _check_source(self, name: str, uri: str) -> None:
+        """With ``adapter_cache_dir``: fetch and validate a ``file://`` source (as the vLLM engine does)."""
+        if self.adapter_cache_dir is None or not uri or parse_source(uri).scheme != "file":
+            return
+        try:
+            await asyncio.to_thread(fetch_adapter, name, uri, self.adapter_cache_dir)
+        except AdapterSourceError as e:
+            msg = str(e)
+            raise AdapterSourceError(msg if repr(name) in msg else f"adapter {name!r}: {msg}") from None
 
     def _on_sim_event(self, ev: EngineEvent) -> None:
         if not isinstance(ev, LoadSample):
@@ -85,6 +105,7 @@ class SimEndpointEngine(EngineEventSource):
         if adapter is not None and adapter not in self.catalog:
             if not req.adapter_source:
                 raise AdapterNotFoundError(adapter)
+            await self._check_source(adapter, req.adapter_source)
             self.catalog[adapter] = req.adapter_source
         n_prompt = len(req.prompt_token_ids)
         if n_prompt < 1:
@@ -116,6 +137,8 @@ class SimEndpointEngine(EngineEventSource):
         return name in self.catalog
 
     async def load_adapter(self, name: str, source_uri: str, tier: str = "gpu") -> str:
+        if source_uri and source_uri != self.catalog.get(name):
+            await self._check_source(name, source_uri)
         if source_uri or name not in self.catalog:
             self.catalog[name] = source_uri
         return await self.rt.load_adapter(name, tier or "gpu")
