@@ -58,5 +58,7 @@ for _cmd in (
     Command("bench", "corral.serve.bench_cli", "Run the router and fleet benchmarks.", "serve"),
     Command("demo", "corral.serve.demo_cli", "Start a local demo fleet and send requests.", "serve"),
     Command("explain", "corral.router.explain_cli", "Explain a routing decision and its cost terms."),
+    Command("router", "corral.router.backends.cli", "Run a router in front of OpenAI servers (vLLM, SGLang).",
+            "router"),  # fmt: skip
 ):
     register(_cmd)

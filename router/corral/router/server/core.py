@@ -150,6 +150,7 @@ class Router:
         discovery: Discovery,
         config: RouterConfig | None = None,
         on_dispatch: DispatchHook | None = None,
+        pool_cls: Any = EnginePool,  # or corral.router.backends.pool.BackendPool (OpenAI HTTP backends)
         **pool_kw: Any,
     ) -> None:
         self.config = cfg = config or RouterConfig()
@@ -158,7 +159,7 @@ class Router:
         self.core = RouterCore(cfg.settings(), clock=self.now, on_dispatch=on_dispatch)
         self.fleet: FleetState = self.core.fleet
         self.metrics = RouterMetrics(self.fleet, cfg.policy)
-        self.pool = EnginePool(
+        self.pool = pool_cls(
             self.fleet,
             discovery,
             router_id=self.router_id,

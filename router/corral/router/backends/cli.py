@@ -1,0 +1,133 @@
+"""``corral router``: a standalone router in front of OpenAI-compatible servers (vLLM, SGLang, ...).
+
+::
+
+    corral router --backend http://10.0.0.5:8000 --backend A100-80GB=http://10.0.0.6:8000 --policy rp.yaml
+    corral router --service vllm --namespace llm --port http --policy rp.yaml     # EndpointSlices
+
+Routes exactly as the deployed router does from the same RoutingPolicy (and ModelPool) files: strategy,
+SLO, queue bound, block size, tenants, adapters and their sources (loaded on demand with
+``/v1/load_lora_adapter``), tokenizers. Backends publish no KV events this router reads, so the prefix index
+is the router's own dispatch history (``prefixIndex: approximate``); a policy asking for ``precise`` is run
+as approximate, and the router says so when it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import replace
+
+from ..engine_client import Discovery
+from ..server.__main__ import _config, _param, _settings, install_uvloop
+from .discovery import EndpointSliceDiscovery, StaticBackends
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "router",
+        help="Run a standalone router in front of OpenAI-compatible servers (vLLM, SGLang).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configure(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backends")
+    g.add_argument("--backend", action="append", default=[], metavar="[CLASS=]URL",
+                   help="an OpenAI-compatible server (repeat); CLASS = its GPU class for the cost model "
+                   "(default --gpu-class)")  # fmt: skip
+    g.add_argument("--service", default=None, metavar="NAME",
+                   help="discover backends from this Kubernetes Service's EndpointSlices")  # fmt: skip
+    g.add_argument("--namespace", default="default", help="the Service's namespace (default: default)")
+    g.add_argument("--port", default=None, help="the Service port's name or number (default: its first)")
+    g.add_argument("--gpu-class", default="H100", help="GPU class of backends without one (default: H100)")
+    g.add_argument("--scrape-interval", type=float, default=0.25,
+                   help="seconds between /metrics scrapes per backend (default 0.25)")  # fmt: skip
+    g.add_argument("--fail-threshold", type=int, default=2,
+                   help="consecutive failed probes that eject a backend (default 2)")  # fmt: skip
+    r = p.add_argument_group("routing")
+    r.add_argument("--policy", "-f", dest="routing_policy", action="append", default=[], metavar="FILE",
+                   help="RoutingPolicy (and its ModelPool) YAML file or folder, as `corral validate` reads "
+                   "it (default: the CRD defaults)")  # fmt: skip
+    r.add_argument("--strategy", dest="policy", default=None, help="override the policy's strategy")
+    r.add_argument("--policy-param", action="append", type=_param, default=[], metavar="KEY=VALUE")
+    r.add_argument("--tokenizer", action="append", type=_param, default=[], metavar="MODEL=PATH",
+                   help="tokenizer.json (or its folder) for a model: use the served model's, so prefix "
+                   "blocks and chat templates match (default: spec.models[].tokenizer, else 4 bytes a "
+                   "token)")  # fmt: skip
+    r.add_argument("--api-keys", default=None, help="tenants' API key file")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free)")
+    s.add_argument("--grpc-port", type=int, default=50050, help="gRPC port (default 50050; 0 = any free)")
+    s.add_argument("--no-uvloop", action="store_true")
+    s.add_argument("--log-level", default="INFO")
+    p.set_defaults(index_mode=None, stale_after=1.0)
+
+
+def discovery_of(ns: argparse.Namespace) -> Discovery:
+    if ns.service and ns.backend:
+        raise ValueError("give either --backend URL ... or --service NAME, not both")
+    if ns.service:
+        port: str | int | None = int(ns.port) if ns.port and ns.port.isdigit() else ns.port
+        return EndpointSliceDiscovery(ns.service, ns.namespace, port, gpu_class=ns.gpu_class)
+    if not ns.backend:
+        raise ValueError("no backends: give --backend URL (repeatable) or --service NAME")
+    return StaticBackends(ns.backend)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from ..server.app import RouterServer
+    from .pool import BackendPool
+
+    logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        disc = discovery_of(ns)
+        settings = _settings(ns.routing_policy)
+        cfg = _config(ns)
+    except (OSError, ValueError) as e:
+        print(f"corral router: {e}", file=sys.stderr)
+        return 2
+    if cfg.index_mode == "precise":
+        print("corral router: the RoutingPolicy's prefixIndex is 'precise' (engine KV events); OpenAI "
+              "backends send none this router reads, so the index is 'approximate' (its own dispatches)",
+              file=sys.stderr)  # fmt: skip
+        cfg.index_mode = "approximate"
+        settings = replace(settings, index_mode="approximate")
+    if not ns.no_uvloop:
+        install_uvloop()
+
+    async def main() -> int:
+        server = RouterServer(
+            disc, cfg, pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
+            scrape_interval_s=ns.scrape_interval, fail_threshold=ns.fail_threshold,
+            profiles=settings.profiles,
+        )  # fmt: skip
+        try:
+            await server.start(ns.host, ns.grpc_port, ns.http_port)
+        except OSError as e:
+            await server.stop(0)
+            print(f"corral router: cannot listen on {ns.host} (HTTP port {ns.http_port}, gRPC port "
+                  f"{ns.grpc_port}): {e.strerror or e}; pick free ports with --http-port/--grpc-port "
+                  "(0 = any)", file=sys.stderr)  # fmt: skip
+            return 2
+        print(f"corral router: http {server.http_url}  grpc {server.grpc_address}  policy {cfg.policy}  "
+              f"backends: {', '.join(await disc.endpoints()) or '(none yet)'}", flush=True)  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+        return 0
+
+    return asyncio.run(main())

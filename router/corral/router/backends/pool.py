@@ -1,0 +1,421 @@
+"""``BackendPool``: the router's fleet state kept in sync with OpenAI-compatible HTTP backends.
+
+The counterpart of :class:`~corral.router.engine_client.EnginePool` (same interface for
+:class:`~corral.router.server.core.Router`: ``by_replica[id].stub.Generate``, ``quarantine``,
+``adapter_catalog``, ``wait_for_replicas``, ``set_profiles``) for servers that publish no event stream, such
+as vLLM's and SGLang's OpenAI servers. Per backend URL (from a discovery source), one probe loop:
+
+- every ``scrape_interval_s``: ``GET /metrics`` -> a :class:`~corral.router.events.LoadSample` (running,
+  waiting, KV usage). It is stamped with the router's clock *when the scrape was sent*, so its age counts
+  the scrape's own round trip, and the policies trust it only for ``sample_max_age_s`` (RoutingPolicy
+  ``load``); between samples the router's own in-flight accounting (never less than the sample) decides;
+- every ``health_every`` scrapes, and always while the backend is out: ``GET /health`` and
+  ``GET /v1/models`` (base model, max length, loaded LoRA adapters = GPU-resident for the cost model);
+- ``fail_threshold`` consecutive failures (refused, timed out, non-2xx) eject the backend from routing
+  (its replica and prefix index are dropped); the first full success re-admits it with an empty index.
+
+Prefix index: these backends publish no KV events, so the index is the router's own dispatch history
+(RoutingPolicy ``prefixIndex: approximate``), LRU-bounded by the backend's KV capacity
+(``vllm:cache_config_info``: ``num_gpu_blocks`` x ``block_size``, else the GPU class's profile). vLLM's
+ZMQ KV-event publisher (the precise index) is not read here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ..engine_client import Discovery
+from ..events import AdapterLoaded, EngineEvent, LoadSample
+from ..hashing import DEFAULT_BLOCK_SIZE
+from ..state import FleetState
+from ..wire import EngineInfo
+from .openai_http import OpenAIStub
+from .scrape import ModelList, Scraped, parse_metrics, parse_models
+
+log = logging.getLogger(__name__)
+
+
+def _default_profile(name: str) -> Any:
+    from corral.api.profiles import resolve_profile
+
+    return resolve_profile(name)
+
+
+class ProbeFailed(Exception):
+    """A backend's probe failed (the message says which request and why)."""
+
+
+@dataclass(eq=False)
+class Backend:
+    """One OpenAI-compatible server as seen by this router."""
+
+    url: str
+    gpu_class: str
+    stub: OpenAIStub
+    replica_id: str
+    info: EngineInfo | None = None
+    connected: bool = False
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> tier ("gpu": loaded)
+    sources: dict[str, str] = field(default_factory=dict)  # name -> where it was loaded from
+    failures: int = 0
+    last_error: str = ""
+    has_metrics: bool = True
+    task: asyncio.Task[None] | None = None
+    quarantined_until: float = 0.0
+
+
+def split_spec(spec: str, default_class: str) -> tuple[str, str]:
+    """``[CLASS=]URL`` -> (GPU class, URL)."""
+    cls, sep, url = spec.partition("=")
+    if not sep or "://" in cls:
+        return default_class, spec.rstrip("/")
+    return cls, url.rstrip("/")
+
+
+def replica_id_of(url: str) -> str:
+    """A backend's replica id: its ``host:port``."""
+    u = urlsplit(url)
+    return u.netloc or url
+
+
+class BackendPool:
+    """Keeps a :class:`FleetState` in sync with OpenAI-compatible backends (see the module docstring)."""
+
+    def __init__(
+        self,
+        fleet: FleetState,
+        discovery: Discovery,
+        *,
+        router_id: str = "router",
+        stale_after_s: float = 1.0,  # unused here: a backend is judged by its probes (fail_threshold)
+        on_event: Callable[[str, EngineEvent], None] | None = None,
+        on_membership: Callable[[str, bool], None] | None = None,
+        gpu_class: str = "H100",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        scrape_interval_s: float = 0.25,
+        health_every: int = 4,
+        fail_threshold: int = 2,
+        probe_timeout_s: float = 1.0,
+        resolve_profile: Callable[[str], Any] = _default_profile,
+        profiles: Mapping[str, Any] | None = None,
+        max_connections: int = 0,
+    ) -> None:
+        self.fleet = fleet
+        self.discovery = discovery
+        self.router_id = router_id
+        self.on_event = on_event
+        self.on_membership = on_membership
+        self.gpu_class = gpu_class
+        self.block_size = block_size
+        self.scrape_interval_s = scrape_interval_s
+        self.health_every = max(1, health_every)
+        self.fail_threshold = max(1, fail_threshold)
+        self.probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
+        self.resolve_profile = resolve_profile
+        self.profiles: dict[str, Any] = dict(profiles or {})
+        self.max_connections = max_connections
+        self.conns: dict[str, Backend] = {}  # discovery spec -> backend
+        self.by_replica: dict[str, Backend] = {}  # replica id -> backend (admitted ones)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            conn = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=conn)
+        return self._session
+
+    async def start(self) -> None:
+        self.session()
+        await self.refresh()
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name="corral-backend-discovery"))
+
+    async def stop(self) -> None:
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for b in list(self.conns.values()):
+            await self._drop(b)
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            await self.discovery.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def refresh(self) -> None:
+        """Poll discovery once: start probing new backends, drop vanished ones."""
+        try:
+            specs = set(await self.discovery.endpoints())
+        except Exception as e:  # a flaky discovery source must not kill routing
+            log.warning("backend discovery failed: %s", e)
+            return
+        for s in specs - self.conns.keys():
+            self._add(s)
+        for s in self.conns.keys() - specs:
+            await self._drop(self.conns[s])
+
+    def _add(self, spec: str) -> None:
+        cls, url = split_spec(spec, self.gpu_class)
+        rid = replica_id_of(url)
+        b = Backend(url=url, gpu_class=cls, stub=None, replica_id=rid)  # type: ignore[arg-type]
+        b.stub = OpenAIStub(url, self.session, lambda name: name in b.adapters,
+                            lambda name, src: self._adapter_loaded(b, name, src))  # fmt: skip
+        self.conns[spec] = b
+        b.task = asyncio.create_task(self._run(b), name=f"corral-backend-{rid}")
+
+    async def _drop(self, b: Backend) -> None:
+        for spec, x in list(self.conns.items()):
+            if x is b:
+                del self.conns[spec]
+        if b.task is not None:
+            b.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await b.task
+        self._eject(b, "dropped by discovery")
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.discovery.poll_interval_s)
+            await self.refresh()
+
+    # ---- probes -----------------------------------------------------------------------------------------
+    async def _get(self, b: Backend, path: str) -> aiohttp.ClientResponse:
+        try:
+            r = await self.session().get(f"{b.url}{path}", timeout=self.probe_timeout)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ProbeFailed(f"GET {path}: {type(e).__name__}: {e}") from None
+        return r
+
+    async def _json(self, b: Backend, path: str) -> Any:
+        r = await self._get(b, path)
+        async with r:
+            if r.status != 200:
+                raise ProbeFailed(f"GET {path}: HTTP {r.status}")
+            try:
+                return await r.json(content_type=None)
+            except (ValueError, aiohttp.ClientError, TimeoutError) as e:
+                raise ProbeFailed(f"GET {path}: {e}") from None
+
+    async def _health(self, b: Backend) -> ModelList:
+        r = await self._get(b, "/health")
+        async with r:
+            if r.status != 200:
+                raise ProbeFailed(f"GET /health: HTTP {r.status}")
+        try:
+            return parse_models(await self._json(b, "/v1/models"))
+        except ValueError as e:
+            raise ProbeFailed(f"GET /v1/models: {e}") from None
+
+    async def _metrics(self, b: Backend) -> Scraped | None:
+        if not b.has_metrics:
+            return None
+        r = await self._get(b, "/metrics")
+        async with r:
+            if r.status == 404:
+                log.warning("backend %s has no /metrics: load comes from the router's own counts", b.url)
+                b.has_metrics = False
+                return None
+            if r.status != 200:
+                raise ProbeFailed(f"GET /metrics: HTTP {r.status}")
+            try:
+                text = await r.text()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise ProbeFailed(f"GET /metrics: {e}") from None
+        try:
+            return parse_metrics(text)
+        except ValueError as e:
+            raise ProbeFailed(f"GET /metrics: unparsable: {e}") from None
+
+    async def _run(self, b: Backend) -> None:
+        tick = 0
+        while not self._closed:
+            full = not b.connected or tick % self.health_every == 0
+            tick += 1
+            sent = self._now()
+            try:
+                models = await self._health(b) if full else None
+                scraped = await self._metrics(b)
+            except ProbeFailed as e:
+                self._failed(b, str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug must not stop probing
+                log.exception("probing backend %s", b.url)
+                self._failed(b, repr(e))
+            else:
+                if full:  # only a full probe (health + models) clears failures; a scrape alone does not
+                    b.failures = 0
+                if models is not None:
+                    self._apply_models(b, models, scraped)
+                if scraped is not None and b.connected:
+                    self.fleet.apply(
+                        LoadSample(b.replica_id, time.time(), scraped.running, scraped.waiting, 0, 0,
+                                   scraped.kv_usage),
+                        now=sent,
+                    )  # fmt: skip
+            await asyncio.sleep(self.scrape_interval_s)
+
+    def _now(self) -> float:
+        clock = self.fleet.clock
+        return clock() if clock is not None else time.monotonic()
+
+    def _failed(self, b: Backend, why: str) -> None:
+        b.failures += 1
+        b.last_error = why
+        if b.connected and b.failures >= self.fail_threshold:
+            log.warning("backend %s ejected after %d failed probes: %s", b.url, b.failures, why)
+            self._eject(b, why)
+        elif not b.connected and (b.failures in (1, 10) or b.failures % 100 == 0):
+            log.info("backend %s not admitted: %s", b.url, why)
+
+    def _apply_models(self, b: Backend, models: ModelList, scraped: Scraped | None) -> None:
+        if not b.connected:
+            self._admit(b, models, scraped)
+        elif b.info is not None and models.base != b.info.model:
+            self._eject(b, f"now serves model '{models.base}' instead of '{b.info.model}'")
+            self._admit(b, models, scraped)
+        r = self.fleet.replicas.get(b.replica_id)
+        if r is None:
+            return
+        for name, root in models.adapters.items():
+            if b.adapters.get(name) != "gpu":
+                b.adapters[name] = "gpu"
+                b.sources.setdefault(name, root)
+                self._emit(b, AdapterLoaded(b.replica_id, name, "gpu"))
+        for name in [n for n in b.adapters if n not in models.adapters]:
+            del b.adapters[name]  # unloaded by someone else
+        r.adapters_gpu = set(b.adapters)  # the backend's list is the truth, not our guesses
+        r.adapters_cpu.clear()
+
+    def _admit(self, b: Backend, models: ModelList, scraped: Scraped | None) -> None:
+        old = self.by_replica.get(b.replica_id)
+        if old is not None and old is not b:
+            self._eject(old, f"replica id now served by {b.url}")
+        profile = self.profiles.get(b.gpu_class) or self.resolve_profile(b.gpu_class)
+        cap = 0
+        if scraped is not None and scraped.num_gpu_blocks and scraped.block_size:
+            cap = max(1, scraped.num_gpu_blocks * scraped.block_size // self.block_size)
+        info = EngineInfo(
+            replica_id=b.replica_id, model=models.base, gpu_class=b.gpu_class, profile=profile.name,
+            block_size=self.block_size, kv_capacity_blocks=cap, max_model_len=models.max_model_len,
+            engine="openai", address=b.url,
+        )  # fmt: skip
+        self.fleet.add_replica(
+            b.replica_id,
+            model=models.base,
+            gpu_class=b.gpu_class,
+            profile=profile,
+            block_size=self.block_size,
+            kv_capacity_blocks=cap or None,
+            address=b.url,
+        )
+        b.info = info
+        b.connected = True
+        b.adapters.clear()
+        self.by_replica[b.replica_id] = b
+        log.info("backend %s (%s, %s) admitted as %s", b.url, models.base, b.gpu_class, b.replica_id)
+        if self.on_membership is not None:
+            self.on_membership(b.replica_id, True)
+        self._notify()
+
+    def _eject(self, b: Backend, why: str) -> None:
+        was = b.connected
+        b.connected = False
+        if not was or self.by_replica.get(b.replica_id) is not b:
+            return
+        del self.by_replica[b.replica_id]
+        self.fleet.remove_replica(b.replica_id)
+        log.info("backend %s (%s) left routing: %s", b.url, b.replica_id, why)
+        if self.on_membership is not None:
+            self.on_membership(b.replica_id, False)
+
+    def _notify(self) -> None:
+        async def go() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(go())
+
+    def _emit(self, b: Backend, ev: EngineEvent) -> None:
+        self.fleet.apply(ev)
+        if self.on_event is not None:
+            self.on_event(b.replica_id, ev)
+
+    def _adapter_loaded(self, b: Backend, name: str, source: str) -> None:
+        b.adapters[name] = "gpu"
+        b.sources[name] = source
+        if b.connected:
+            self._emit(b, AdapterLoaded(b.replica_id, name, "gpu"))
+
+    # ---- the EnginePool interface the router uses ------------------------------------------------------
+    def conn_for(self, replica_id: str) -> Backend | None:
+        return self.by_replica.get(replica_id)
+
+    def quarantine(self, replica_id: str, seconds: float) -> None:
+        """Take a backend out of routing for a while (a request to it failed); probes do not shorten it."""
+        b = self.by_replica.get(replica_id)
+        if b is None:
+            return
+        b.quarantined_until = time.monotonic() + seconds
+        self.fleet.set_healthy(replica_id, False)
+        asyncio.get_running_loop().call_later(seconds, self._unquarantine, b, replica_id)
+
+    def _unquarantine(self, b: Backend, replica_id: str) -> None:
+        if self.by_replica.get(replica_id) is b and b.connected:
+            self.fleet.set_healthy(replica_id, True)
+
+    def set_profiles(self, profiles: Mapping[str, Any]) -> None:
+        self.profiles = dict(profiles)
+        for b in self.by_replica.values():
+            r = self.fleet.replicas.get(b.replica_id)
+            p = self.profiles.get(b.gpu_class)
+            if r is not None and p is not None and p != r.profile:
+                r.profile = p
+                self.fleet.version += 1
+
+    async def wait_for_replicas(self, n: int, timeout: float = 10.0, model: str | None = None) -> None:
+        """Wait until at least ``n`` backends (of ``model``) are routable."""
+
+        def ready() -> bool:
+            if model is None:
+                return sum(r.healthy for r in self.fleet.replicas.values()) >= n
+            return len(self.fleet.candidates(model)) >= n
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(ready)
+
+    def adapter_catalog(self) -> dict[str, tuple[str, str]]:
+        """Adapters loaded on any admitted backend: name -> (base model, where it was loaded from)."""
+        out: dict[str, tuple[str, str]] = {}
+        for b in self.by_replica.values():
+            if b.info is None:
+                continue
+            for name in b.adapters:
+                src = b.sources.get(name, "")
+                if name not in out or (src and not out[name][1]):
+                    out[name] = (b.info.model, src)
+        return out
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every known backend: URL, replica id, admitted or not, consecutive failures, last error."""
+        return [
+            {"url": b.url, "replica": b.replica_id, "admitted": b.connected, "failures": b.failures,
+             "last_error": b.last_error, "gpu_class": b.gpu_class, "adapters": sorted(b.adapters)}
+            for b in self.conns.values()
+        ]  # fmt: skip
