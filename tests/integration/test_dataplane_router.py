@@ -236,8 +236,10 @@ async def test_errors_are_clear(fleet: Fleet, tmp_path: Any) -> None:
 
     # API keys from a file -> tenants; 401 with a clear message
     keys = tmp_path / "keys.yaml"
-    keys.write_text("sk-alpha: tenant-a\n")
     from corral.router.server import load_api_keys
+    from corral.router.server.auth import hash_key
+
+    keys.write_text(f"{hash_key('sk-alpha')}: tenant-a\n")  # the file holds digests, never keys
 
     r.router.set_api_keys(load_api_keys(keys))
     status, out, _ = await post(url, {"model": MODEL, "prompt": "x"})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corral.router.server.auth import hash_key
 from corral.serve.app import (
     APP_BUILDER_IMPORT_PATH,
     ServeOptions,
@@ -314,7 +315,7 @@ def test_tenants_without_an_api_keys_source_fail_the_plan(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"spec\.tenants .*no API keys source"):
         plan_pool(POOL, policy)
     keys = tmp_path / "keys.yaml"
-    keys.write_text("sk-a: tenant-a\n")
+    keys.write_text(f"{hash_key('sk-a')}: tenant-a\n")  # digests only
     plan = plan_pool(POOL, policy, ServeOptions(api_keys_file=str(keys)))
     assert plan.router.init_kwargs["api_keys_file"] == str(keys)
     assert plan.settings.isolate_tenants and plan.settings.tenant_secret == ("chat-keys", "api-keys")
@@ -386,7 +387,7 @@ async def test_deployed_router_runs_with_the_crs_settings(
     monkeypatch.setattr(deployments, "_node_ip", lambda: "10.1.2.3")
     monkeypatch.setattr(deployments, "_node_id", lambda: "node-x")
     keys = tmp_path / "keys.yaml"
-    keys.write_text("sk-a: tenant-a\n")
+    keys.write_text(f"{hash_key('sk-a')}: tenant-a\n")  # digests only
     pool = copy.deepcopy(POOL)
     pool["spec"]["gpuClasses"][1]["profileOverrides"] = {"b1Us": 99.5}
     policy = copy.deepcopy(POLICY)
@@ -450,7 +451,7 @@ def test_cli_tenants_need_api_keys_one_line_errors(tmp_path: Path) -> None:
     policy["spec"]["tenants"] = {"secretRef": {"name": "chat-keys"}}
     (tmp_path / "crs.yaml").write_text(yaml.safe_dump_all([POOL, policy]))
     keys = tmp_path / "keys.yaml"
-    keys.write_text("sk-a: tenant-a\n")
+    keys.write_text(f"{hash_key('sk-a')}: tenant-a\n")  # digests only
 
     def serve(*extra: str) -> subprocess.CompletedProcess[str]:
         cmd = [

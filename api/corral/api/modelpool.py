@@ -304,6 +304,16 @@ class Adapter(CorralModel):
         max_length=MAX_URI,
         description="Where the weights are: file://PATH, s3://BUCKET/KEY or hf://ORG/REPO[@REV].",
     )
+    tenant: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",
+        description=(
+            "Owner tenant of a private adapter: only that tenant's API keys (RoutingPolicy spec.tenants) can "
+            "use it or see it in /v1/models; for other tenants it does not exist. Unset: public."
+        ),
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> Adapter:

@@ -29,6 +29,7 @@ from corral.v1 import engine_pb2_grpc as epb_grpc
 from .events import AdapterLoaded, AdapterUnloaded, AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent
 from .state import FleetState
 from .wire import EngineInfo, event_from_pb
+from .tls import ClientTls, secure_channel
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ class EnginePool:
         on_event: Callable[[str, EngineEvent], None] | None = None,
         on_membership: Callable[[str, bool], None] | None = None,
     ) -> None:
+        engine_tls: ClientTls | None = None,  # TLS (mTLS with a client cert) to the engines; None: plaintext
         self.fleet = fleet
+        self.engine_tls = engine_tls
         self.discovery = discovery
         self.router_id = router_id
         self.stale_after_s = stale_after_s
@@ -170,7 +173,7 @@ class EnginePool:
             await self._drop(self.conns[a])
 
     def _connect(self, address: str) -> None:
-        ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        ch = secure_channel(address, self.engine_tls, CHANNEL_OPTIONS)
         conn = EngineConn(address=address, channel=ch, stub=epb_grpc.EngineStub(ch))
         self.conns[address] = conn
         conn.task = asyncio.create_task(self._run(conn), name=f"corral-events-{address}")

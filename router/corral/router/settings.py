@@ -52,6 +52,7 @@ class AdapterSettings:
     source: str
     rank: int
 
+    tenant: str | None = None  # owner of a private adapter (ModelPool spec.adapters[].tenant)
 
 @dataclass(frozen=True, slots=True)
 class PagingSettings:
@@ -131,7 +132,7 @@ def router_settings(
         for m in ps.models:
             models[m.name] = ModelSettings(m.name, m.base_model, m.max_model_len, m.tokenizer)
         for a in ps.adapters:
-            adapters[a.name] = AdapterSettings(a.name, a.base_model, a.source, a.rank)
+            adapters[a.name] = AdapterSettings(a.name, a.base_model, a.source, a.rank, a.tenant)
         for c in ps.gpu_classes:
             profiles[c.name] = c.gpu_profile()
         gpu_slots, cpu_slots = ps.adapter_cache.gpu_slots, ps.adapter_cache.effective_cpu_slots

@@ -342,7 +342,7 @@ class RouterDeployment:
         self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
         self.advertise_host = advertise_host
         self.api_keys_file = api_keys_file
-        self.api_keys: dict[str, str] | None = None
+        self.api_keys: Any = None  # corral.router.server.auth.KeyStore: reloads the file when it changes
         if api_keys_file:
             from corral.router.server import load_api_keys
 

@@ -60,5 +60,6 @@ for _cmd in (
     Command("explain", "corral.router.explain_cli", "Explain a routing decision and its cost terms."),
     Command("router", "corral.router.backends.cli", "Run a router in front of OpenAI servers (vLLM, SGLang).",
             "router"),  # fmt: skip
+    Command("keys", "corral.router.keys_cli", "Make and check tenant API key files (stored as digests)."),
 ):
     register(_cmd)

@@ -11,30 +11,24 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..core import DispatchHook
 from ..engine_client import Discovery, StaticDiscovery
 from ..settings import RouterSettings
+from ..tls import ServerTls
+from .auth import KeyStore
 from .core import Router, RouterConfig
 from .grpc_api import GrpcApi
 from .http_api import HttpApi
 
 
-def load_api_keys(path: str | Path) -> dict[str, str]:
-    """API keys file: a YAML or JSON map ``key -> tenant`` (or ``{"keys": {...}}``)."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    if isinstance(data, dict) and isinstance(data.get("keys"), dict):
-        data = data["keys"]
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise ValueError(f"{path}: expected a map of API key -> tenant")
-    return {str(k): str(v) for k, v in data.items()}
+def load_api_keys(path: str | Path, poll_s: float = 1.0) -> KeyStore:
+    """The tenants' API key file (digests only; format in :mod:`.auth`), watched and reloaded when it
+    changes. Raises :class:`~.auth.KeyFileError` (a ``ValueError`` naming the line) or ``OSError``."""
+    return KeyStore.from_file(path, poll_s)
 
 
 class RouterServer:
@@ -61,12 +55,22 @@ class RouterServer:
         return self.router.fleet
 
     async def start(
-        self, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0, *, http: bool = True
+        self,
+        host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        http_port: int = 0,
+        *,
+        http: bool = True,
+        tls: ServerTls | None = None,
     ) -> RouterServer:
+        """Serve gRPC and HTTP; with ``tls`` both fronts are TLS (mTLS when it names a client CA). The
+        certificates are checked before anything starts (a :class:`~corral.router.tls.TlsConfigError`)."""
+        creds = tls.grpc_credentials() if tls is not None else None
+        ctx = tls.ssl_context() if tls is not None else None
         await self.router.start()
-        self.grpc_address = await self.grpc.start(host, grpc_port)
+        self.grpc_address = await self.grpc.start(host, grpc_port, creds)
         if http:
-            self.http_url = await self.http.start(host, http_port)
+            self.http_url = await self.http.start(host, http_port, ctx)
         return self
 
     async def stop(self, grace: float | None = 0.5) -> None:
@@ -82,7 +86,7 @@ class RouterServer:
         """Apply the CRs' translation (:func:`corral.router.settings.router_settings`) live."""
         self.router.configure(settings)
 
-    def set_api_keys(self, keys: dict[str, str] | None) -> None:
+    def set_api_keys(self, keys: KeyStore | dict[str, str] | None) -> None:
         self.router.set_api_keys(keys)
 
     async def wait_for_replicas(self, n: int, timeout: float = 10.0, model: str | None = None) -> None:

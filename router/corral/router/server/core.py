@@ -36,7 +36,17 @@ from ..state import FleetState, IndexMode
 from ..tokenizer import SIM_TOKENIZER, ChatTemplateError, Tokenizer, TokenizerLoadError, load_tokenizer_cached
 from ..tokenizer import max_token_bytes as _max_token_bytes
 from ..types import Decision, RoutingRequest
-from .errors import BadRequest, EngineFailed, NotFound, Overloaded, RouterError, Unauthorized, Unavailable
+from .auth import KeyStore, Principal, check_model_access, visible
+from .errors import (
+    BadRequest,
+    EngineFailed,
+    Forbidden,
+    NotFound,
+    Overloaded,
+    RouterError,
+    Unauthorized,
+    Unavailable,
+)
 from .metrics import RouterMetrics
 from .openai_models import U32, check_sampling
 
@@ -73,7 +83,8 @@ class RouterConfig:
     index_mode: IndexMode = _DEFAULTS.index_mode
     max_queue_per_replica: int = _DEFAULTS.max_queue_per_replica
     ttft_slo_s: float = _DEFAULTS.ttft_slo_s
-    api_keys: dict[str, str] | None = None  # key -> tenant; None = no auth
+    api_keys: KeyStore | None = None  # tenants' API keys (server/auth.py); None = no auth
+    adapter_owners: dict[str, str] = field(default_factory=dict)  # private adapter -> its tenant
     isolate_tenants: bool = False  # salt prefix hashes with the tenant
     adapters: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (base model, source uri)
     max_attempts: int = 3
@@ -112,6 +123,7 @@ class RouterConfig:
     @classmethod
     def from_settings(cls, s: RouterSettings, **server: Any) -> RouterConfig:
         cfg = cls(**server)
+        self.adapter_owners = {a.name: a.tenant for a in s.adapters.values() if a.tenant}
         cfg.apply_settings(s)
         return cfg
 
@@ -199,8 +211,10 @@ class Router:
         self.metrics.policy_name = settings.strategy
         log.info("routing settings: %s %s", settings.strategy, dict(settings.policy_params))
 
-    def set_api_keys(self, keys: dict[str, str] | None) -> None:
-        self.config.api_keys = keys
+    def set_api_keys(self, keys: KeyStore | dict[str, str] | None) -> None:
+        """Tenants' API keys: a :class:`KeyStore` (a watched file), plain ``{key: tenant}`` (kept only as
+        digests), or None (no auth)."""
+        self.config.api_keys = KeyStore.from_keys(keys) if isinstance(keys, dict) else keys
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -221,10 +235,29 @@ class Router:
             return None
         if not key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        tenant = keys.get(key)
-        if tenant is None:
+        p = keys.lookup(key)
+        if p is None:
             raise Unauthorized("invalid API key")
-        return tenant
+        return p
+
+    def authorize_admin(self, key: str | None, what: str) -> None:
+        """Admin endpoints (Explain, /metrics) need a key with role admin when auth is on."""
+        p = self.principal(key)
+        if p is not None and not p.admin:
+            raise Forbidden(
+                f"{what} needs an API key with role 'admin' (tenant '{p.tenant}' has 'inference')"
+            )
+
+    def check_access(self, tenant: str | None, model: str, adapter: str | None) -> None:
+        check_model_access(self.config.api_keys, self.config.adapter_owners, tenant, model, adapter)
+
+    def visible_to(self, tenant: str | None, name: str) -> bool:
+        return visible(self.config.api_keys, self.config.adapter_owners, tenant, name)
+        p = self.principal(key)
+        return None if p is None else p.tenant
+
+    def principal(self, key: str | None) -> Principal | None:
+        """API key -> tenant and role (``None`` when auth is off). Raises :class:`Unauthorized`."""
 
     def catalog(self) -> dict[str, tuple[str, str]]:
         """Adapters this router can route to: name -> (base model, source uri)."""
@@ -238,8 +271,9 @@ class Router:
         models = set(self.fleet.models())
         return sorted(models | {a for a, (b, _) in self.catalog().items() if b in models})
 
-    def resolve_model(self, name: str) -> tuple[str, str | None, str]:
-        """``model`` as named by a client -> (base model, adapter or None, adapter source)."""
+    def resolve_model(self, name: str, tenant: str | None = None) -> tuple[str, str | None, str]:
+        """``model`` as named by a client -> (base model, adapter or None, adapter source), if ``tenant`` may
+        use it (:meth:`check_access`)."""
         if not name:
             raise BadRequest("missing required field 'model'")
         if self.fleet.candidates(name) or name in self.fleet.models() or name in self.config.models:
@@ -247,14 +281,18 @@ class Router:
         a = self.pool.adapter_catalog().get(name) or self.config.adapters.get(name)
         if a is not None:
             return a[0], name, a[1]
-        avail = ", ".join(self.available_models()) or "(none: no engine replica is connected)"
+        models = self.available_models()
+        avail = ", ".join(m for m in models if self.visible_to(tenant, m))
+        avail = avail or ("(none for this tenant)" if models else "(none: no engine replica is connected)")
         raise NotFound(f"model '{name}' not found; available: {avail}")
 
     def max_model_len(self, model: str) -> int:
         lens = [
+            self.check_access(tenant, name, None)
             c.info.max_model_len
             for r in self.fleet.candidates(model)
             if (c := self.pool.by_replica.get(r.replica_id)) is not None and c.info and c.info.max_model_len
+            self.check_access(tenant, name, name)
         ]
         return min(lens) if lens else 0
 
@@ -274,7 +312,7 @@ class Router:
         """Resolve, tokenize (with the model's tokenizer, on this thread) and hash one request. The fronts
         use :func:`prepare_request`, which loads tokenizers and tokenizes big prompts off the event loop.
         ``client_request_id`` is only a label: the request gets the router's own unique id."""
-        base, adapter, source = self.resolve_model(model)
+        base, adapter, source = self.resolve_model(model, tenant)
         tok = model_tokenizer(self, base)
         if token_ids:
             return _finish_prepare(self, model, base, adapter, source, tok, prompt or "", list(token_ids),
@@ -573,7 +611,7 @@ async def prepare_request(
 ) -> Prepared:
     """:meth:`Router.prepare` for the fronts: tokenizers are loaded and big prompts tokenized in a worker
     thread; an oversized prompt is refused by its size before any of that."""
-    base, adapter, source = router.resolve_model(model)
+    base, adapter, source = router.resolve_model(model, tenant)
     tok = await model_tokenizer_async(router, base)
     if token_ids:
         return _finish_prepare(router, model, base, adapter, source, tok, prompt or "", list(token_ids),

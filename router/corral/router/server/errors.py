@@ -48,6 +48,15 @@ class Unauthorized(RouterError):
     type = "authentication_error"
 
 
+class Forbidden(RouterError):
+    """A valid API key without the right: an admin endpoint with an inference key, or a model the tenant may
+    not use (the key file's ``tenants.<t>.models``)."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    type = "permission_error"
+
+
 class NotFound(RouterError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND

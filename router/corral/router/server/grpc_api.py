@@ -146,9 +146,10 @@ class RouterServicer(rpb_grpc.RouterServicer):
 
     async def ListModels(self, request: rpb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
         r = self.router
+        tenant: str | None = None
         try:
             if r.config.api_keys is not None:
-                r.authenticate(_api_key(context))
+                tenant = r.authenticate(_api_key(context))
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
         cards = [
@@ -159,15 +160,14 @@ class RouterServicer(rpb_grpc.RouterServicer):
                 gpu_classes=m["gpu_classes"],
                 max_model_len=m["max_model_len"] or 0,
             )
-            for m in list_models(r)
+            for m in list_models(r, tenant)
         ]
         return rpb.ListModelsResponse(models=cards)
 
     async def Explain(self, request: rpb.ExplainRequest, context: grpc.aio.ServicerContext) -> Any:
         r = self.router
         try:
-            if r.config.api_keys is not None:
-                r.authenticate(_api_key(context))
+            r.authorize_admin(_api_key(context), "Explain")  # an admin endpoint
             rec: ExplainRecord | None
             if request.request_id:
                 rec = r.explains.get(request.request_id)
@@ -211,7 +211,8 @@ class GrpcApi:
         self.health = health.aio.HealthServicer()
         self.address = ""
 
-    async def start(self, host: str, port: int) -> str:
+    async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> str:
+        """Listen on ``host:port``; TLS (mTLS) with ``credentials`` (:mod:`corral.router.tls`)."""
         server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         rpb_grpc.add_RouterServicer_to_server(RouterServicer(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -221,7 +222,8 @@ class GrpcApi:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        bound = server.add_insecure_port(f"{host}:{port}")
+        addr = f"{host}:{port}"
+        bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
         if bound == 0:
             raise OSError(f"cannot bind router gRPC on {host}:{port}")
         await server.start()

@@ -99,16 +99,17 @@ class HttpApi:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self, host: str, port: int) -> str:
+    async def start(self, host: str, port: int, ssl_context: Any = None) -> str:
+        """Listen on ``host:port`` (0: any free port); HTTPS with ``ssl_context`` (:mod:`..tls`)."""
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, backlog=1024)
+        site = web.TCPSite(self.runner, host, port, backlog=1024, ssl_context=ssl_context)
         await site.start()
         server: Any = site._server
         sockets = server.sockets if server is not None else []
         bound = sockets[0].getsockname()[1] if sockets else port
         shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        self.url = f"http://{shown}:{bound}"
+        self.url = f"{'https' if ssl_context is not None else 'http'}://{shown}:{bound}"
         return self.url
 
     async def stop(self) -> None:
@@ -285,9 +286,8 @@ class HttpApi:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         r = self.router
-        if r.config.api_keys is not None:
-            r.authenticate(api_key_of(request.headers))
-        return _json({"object": "list", "data": list_models(r)})
+        tenant = r.authenticate(api_key_of(request.headers)) if r.config.api_keys is not None else None
+        return _json({"object": "list", "data": list_models(r, tenant)})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         n = sum(1 for x in self.router.fleet.replicas.values() if x.healthy)
@@ -298,6 +298,10 @@ class HttpApi:
         return _json({"ready": n > 0, "replicas": n}, status=200 if n else 503)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
+        try:  # an admin endpoint: with API keys on, only role 'admin' keys read it
+            self.router.authorize_admin(api_key_of(request.headers), "/metrics")
+        except RouterError as e:
+            return _error(e)
         return web.Response(
             body=self.router.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
@@ -312,11 +316,14 @@ def _usage(pt: int, ct: int, cached: int) -> dict[str, Any]:
     }
 
 
-def list_models(r: Router) -> list[dict[str, Any]]:
-    """Model cards: every base model with healthy replicas, plus every adapter routable on them."""
+def list_models(r: Router, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Model cards: every base model with healthy replicas, plus every adapter routable on them, that
+    ``tenant`` may see (another tenant's private adapters are never listed)."""
     out = []
     fleet = r.fleet
     for m in fleet.models():
+        if not r.visible_to(tenant, m):
+            continue
         cands = fleet.candidates(m)
         out.append(
             {
@@ -333,7 +340,7 @@ def list_models(r: Router) -> list[dict[str, Any]]:
         )
     for name, (base, _src) in sorted(r.catalog().items()):
         cands = fleet.candidates(base)
-        if base not in fleet.models():
+        if base not in fleet.models() or not r.visible_to(tenant, name):
             continue
         out.append(
             {

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from corral.router.events import AdapterLoaded, EngineEvent
 from corral.router.wire import event_to_pb, sample_to_pb, snapshot_to_pb
+from corral.router.tls import ServerTls
 from corral.serve.adapter_sources import AdapterSourceError
 from corral.v1 import engine_pb2 as epb
 from corral.v1 import engine_pb2_grpc as epb_grpc
@@ -210,19 +211,23 @@ class EngineEndpoint:
         flush_period_s: float = 0.005,
     ) -> EngineEndpoint:
         """Serve ``engine`` on ``host:port`` (0 = any free port); ``advertise_host`` goes into
-        ``address`` when ``host`` is a wildcard (e.g. the node IP under Ray)."""
+        ``address`` when ``host`` is a wildcard (e.g. the node IP under Ray). With ``tls`` the endpoint
+        speaks TLS only (mTLS: routers must present a certificate signed by its client CA)."""
+        creds = tls.grpc_credentials() if tls is not None else None
         ep = cls(engine, sample_period_s=sample_period_s, flush_period_s=flush_period_s)
         server = grpc.aio.server(options=GRPC_OPTIONS)
         epb_grpc.add_EngineServicer_to_server(_EngineServicer(ep), server)
         ep._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(ep._health, server)
-        bound = server.add_insecure_port(f"{host}:{port}")
+        addr = f"{host}:{port}"
+        bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
         if bound == 0:
             raise OSError(f"cannot bind engine endpoint on {host}:{port}")
         await server.start()
         ep._server = server
         ep.port = bound
         adv = advertise_host or (host if host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1")
+        tls: ServerTls | None = None,
         ep.address = f"{adv}:{bound}"
         engine.info.address = ep.address
         engine.add_event_listener(ep._on_event)

@@ -1,0 +1,140 @@
+"""TLS for the router's fronts (HTTP, gRPC with optional mTLS) and for router <-> engine gRPC.
+
+Certificates come from PEM files, in practice a Kubernetes ``kubernetes.io/tls`` Secret mounted as a
+folder (``tls.crt``, ``tls.key``, optional ``ca.crt``; see :meth:`ServerTls.from_dir`). They are read when
+a server starts or a channel is made: a renewed certificate takes effect on the next router restart (a
+rolling restart of the deployment). Errors name the file and what is wrong with it; nothing here logs key
+material.
+
+::
+
+    tls = ServerTls("tls.crt", "tls.key", client_ca_file="ca.crt")   # client_ca_file: clients need a cert
+    await router_server.start("0.0.0.0", 50050, 8443, tls=tls)        # https:// and a TLS gRPC port
+    EnginePool(..., engine_tls=ClientTls(ca_file="ca.crt"))           # engines over TLS (mTLS with cert)
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+TLS_CERT, TLS_KEY, CA_CERT = "tls.crt", "tls.key", "ca.crt"  # a kubernetes.io/tls Secret's keys
+
+
+class TlsConfigError(ValueError):
+    """A certificate or key file that is missing or unreadable: the message names it."""
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TlsConfigError(f"{what} {path}: {e.strerror or e}") from None
+    if b"-----BEGIN " not in data:
+        raise TlsConfigError(f"{what} {path}: not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def _dir_files(folder: str | Path) -> tuple[str, str, str | None]:
+    d = Path(folder)
+    ca = d / CA_CERT
+    return str(d / TLS_CERT), str(d / TLS_KEY), str(ca) if ca.exists() else None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A server's certificate and key; with ``client_ca_file`` clients must present a certificate signed by
+    that CA (mutual TLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, mtls: bool = False) -> ServerTls:
+        """From a mounted ``kubernetes.io/tls`` Secret; ``mtls``: require client certificates signed by its
+        ``ca.crt``."""
+        cert, key, ca = _dir_files(folder)
+        if mtls and ca is None:
+            raise TlsConfigError(f"{folder}: mutual TLS needs the client CA in {CA_CERT}")
+        return cls(cert, key, ca if mtls else None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For the HTTP front (aiohttp)."""
+        _read(self.cert_file, "TLS certificate")
+        _read(self.key_file, "TLS key")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as e:
+            raise TlsConfigError(
+                f"TLS certificate {self.cert_file} / key {self.key_file}: {e.reason or e} (do they match?)"
+            ) from None
+        if self.client_ca_file is not None:
+            _read(self.client_ca_file, "client CA")
+            ctx.load_verify_locations(self.client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """For a gRPC server (the router's API, an engine endpoint)."""
+        self.ssl_context()  # the same checks, with the same messages, before gRPC's own opaque ones
+        cert, key = _read(self.cert_file, "TLS certificate"), _read(self.key_file, "TLS key")
+        assert cert is not None and key is not None
+        ca = _read(self.client_ca_file, "client CA")
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """A client's view: the CA that signed the servers (None: the system's roots), an optional client
+    certificate (mutual TLS) and an optional server name to check instead of the address's host (engines
+    are dialled by IP; their certificate may name a Service instead)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise TlsConfigError("a client certificate needs both its certificate and its key file")
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, server_name: str | None = None) -> ClientTls:
+        cert, key, ca = _dir_files(folder)
+        has_cert = Path(cert).exists()
+        return cls(ca, cert if has_cert else None, key if has_cert else None, server_name)
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file, "CA certificate"),
+            private_key=_read(self.key_file, "client TLS key"),
+            certificate_chain=_read(self.cert_file, "client TLS certificate"),
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For an HTTP client (aiohttp ``ssl=``)."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file and self.key_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+def secure_channel(address: str, tls: ClientTls | None, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    """A gRPC channel to ``address``: TLS when ``tls`` is set, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.grpc_credentials(), options=options + tls.channel_options())
