@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 import pytest
+from corral.api.admission import AdmissionSpec, TenantAdmission, TenantLimits
 from corral.api.modelpool import Adapter, AdapterCache, GpuClass, ModelPool, ModelPoolSpec, ModelSpec
 from corral.api.routingpolicy import (
     STRATEGIES,
@@ -59,6 +60,7 @@ POOL_FIELDS: dict[str, Any] = {
     "adapters[0].name": "sql-2",
     "adapters[0].rank": 32,
     "adapters[0].source": "file:///b/sql",
+    "adapters[0].tenant": "tenant-a",
     "adapterCache.gpuSlots": 2,
     "adapterCache.cpuSlots": 9,
 }
@@ -67,6 +69,8 @@ POOL_FIELDS_ELSEWHERE = {
     "adapters[0].baseModel": "must name a model: with one model it cannot change alone",
     "routingPolicyRef": "pairs the pool with its policy (corral.serve.manifests); the plan receives the pair",
 }
+ADMISSION_LIMITS = {"weight": 3, "requestsPerSecond": 2.0, "burstRequests": 4, "tokensPerSecond": 100.0,
+                    "burstTokens": 500, "maxConcurrency": 2}  # fmt: skip
 POLICY_FIELDS: dict[str, Any] = {
     "strategy": "least_loaded",
     "blockSize": 32,
@@ -81,6 +85,10 @@ POLICY_FIELDS: dict[str, Any] = {
     "tenants": {"secretRef": {"name": "keys"}},
     "tenants.secretRef.key": "other-key",
     "tenants.isolateCache": True,
+    "admission.maxWaiting": 5,
+    "admission.maxWaitMs": 250.0,
+    **{f"admission.{t}.{k}": v for t in ("defaultTenant", "tenants[0]") for k, v in ADMISSION_LIMITS.items()},
+    "admission.tenants[0].name": "other",
 }
 POLICY_FIELDS_ELSEWHERE = {
     "poolRef": "pairs the policy with its pool",
@@ -131,7 +139,10 @@ def test_the_field_tables_cover_every_api_field() -> None:
         | _fields(AdapterPaging, "adapterPaging.")
         | {"modelSelection.rules", "tenants.secretRef.key"}
         | _fields(Tenants, "tenants.") - {"tenants.secretRef"}
-    )
+        | _fields(AdmissionSpec, "admission.") - {"admission.defaultTenant", "admission.tenants"}
+        | _fields(TenantLimits, "admission.defaultTenant.")
+        | _fields(TenantAdmission, "admission.tenants[0].")
+    ) - {"admission"}
     assert policy_fields == set(POLICY_FIELDS) | set(POLICY_FIELDS_ELSEWHERE)
 
 
@@ -156,12 +167,29 @@ def test_each_policy_field_changes_the_router_settings(path: str) -> None:
     if path.startswith("tenants."):  # sub-fields of tenants: compare against tenants at its defaults
         base_policy["spec"]["tenants"] = {"secretRef": {"name": "keys"}}
         policy["spec"]["tenants"] = {"secretRef": {"name": "keys"}}
+    if path.startswith("admission."):  # a burst needs its rate; tenants[0] needs to exist
+        for p in (policy, base_policy):
+            _admission_base(p, path)
     _set(policy["spec"], path, POLICY_FIELDS[path])
     assert _fingerprint(POOL, policy) != _fingerprint(POOL, base_policy), path
 
 
+def _admission_base(policy: dict[str, Any], path: str) -> None:
+    adm = policy["spec"].setdefault("admission", {})
+    adm["tenants"] = [{"name": "a"}]
+    if path.startswith("admission.defaultTenant"):
+        obj = adm["defaultTenant"] = {}
+    else:
+        obj = adm["tenants"][0]
+    if path.endswith("burstRequests"):
+        obj["requestsPerSecond"] = 1.0
+    if path.endswith("burstTokens"):
+        obj["tokensPerSecond"] = 1.0
+
+
 def test_every_policy_field_lands_where_it_should() -> None:
     policy = copy.deepcopy(POLICY)
+    policy["spec"]["admission"] = {"tenants": [{"name": "a"}]}
     for path, value in POLICY_FIELDS.items():
         if path != "strategy":
             _set(policy["spec"], path, value)
@@ -172,6 +200,10 @@ def test_every_policy_field_lands_where_it_should() -> None:
     assert s.isolate_tenants and s.tenant_secret == ("keys", "other-key")
     p = s.paging
     assert (p.pin, p.prefetch_to_cpu, p.replication_demand_rps) == (("sql",), False, 2.0)
+    adm = s.admission
+    assert (adm.max_waiting, adm.max_wait_ms, adm.tenants[0].name) == (5, 250.0, "other")
+    for lim in (adm.default_tenant, adm.limits("other")):
+        assert lim.model_dump(by_alias=True, exclude={"name"}) == ADMISSION_LIMITS
 
 
 def test_pool_fields_reach_the_router_settings() -> None:

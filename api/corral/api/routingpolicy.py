@@ -12,6 +12,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from .admission import AdmissionSpec
 from .common import (
     AGE_COLUMN,
     NAME_MAX,
@@ -167,6 +168,7 @@ class RoutingPolicySpec(CorralModel):
         json_schema_extra={"default": {}},
     )
     tenants: Tenants | None = Field(default=None, description="Tenant API keys; open access if unset.")
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec, description="Admission control.", json_schema_extra={"default": {}})  # noqa: E501  # fmt: skip
 
 
 class RouterStatus(CorralModel):

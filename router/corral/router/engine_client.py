@@ -28,8 +28,8 @@ from corral.v1 import engine_pb2_grpc as epb_grpc
 
 from .events import AdapterLoaded, AdapterUnloaded, AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent
 from .state import FleetState
-from .wire import EngineInfo, event_from_pb
 from .tls import ClientTls, secure_channel
+from .wire import EngineInfo, event_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,10 @@ class EnginePool:
         profiles: Mapping[str, Any] | None = None,
         on_event: Callable[[str, EngineEvent], None] | None = None,
         on_membership: Callable[[str, bool], None] | None = None,
-    ) -> None:
         engine_tls: ClientTls | None = None,  # TLS (mTLS with a client cert) to the engines; None: plaintext
-        self.fleet = fleet
+    ) -> None:
         self.engine_tls = engine_tls
+        self.fleet = fleet
         self.discovery = discovery
         self.router_id = router_id
         self.stale_after_s = stale_after_s

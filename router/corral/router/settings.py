@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from corral.api.admission import AdmissionSpec
 from corral.api.modelpool import ModelPool
 from corral.api.profiles import GpuProfile
 from corral.api.routingpolicy import RoutingPolicy, RoutingPolicySpec
@@ -85,6 +86,7 @@ class RouterSettings:
     adapters: Mapping[str, AdapterSettings] = field(default_factory=dict)
     profiles: Mapping[str, GpuProfile] = field(default_factory=dict)  # GPU class name -> resolved profile
     paging: PagingSettings = field(default_factory=PagingSettings)
+    admission: AdmissionSpec = field(default_factory=lambda: _CRD.admission)  # corral.router.admission
 
 
 def policy_params(spec: RoutingPolicySpec) -> tuple[str, dict[str, Any]]:
@@ -157,4 +159,5 @@ def router_settings(
             gpu_slots=gpu_slots,
             cpu_slots=cpu_slots,
         ),
+        admission=spec.admission,
     )

@@ -23,9 +23,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from corral.api.admission import AdmissionSpec
 from corral.v1 import engine_pb2 as epb
 from opentelemetry import trace
 
+from ..admission import Admission, Rejected, TooLarge, free_slots
 from ..core import DispatchHook, RouterCore, Saturated
 from ..engine_client import Discovery, EnginePool
 from ..events import AdapterLoaded, EngineEvent
@@ -47,6 +49,7 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
+from .admission_metrics import AdmissionCollector
 from .metrics import RouterMetrics
 from .openai_models import U32, check_sampling
 
@@ -100,6 +103,7 @@ class RouterConfig:
     default_tokenizer: Tokenizer | None = None
     max_prompt_chars: int = 32 << 20  # hard cap on a text prompt, checked before tokenizing
     models: set[str] = field(default_factory=set)  # the pool's declared models: 503 (not 404) without engines
+    admission: AdmissionSpec = field(default_factory=lambda: _DEFAULTS.admission)  # spec.admission
 
     def settings(self) -> RouterSettings:
         """The routing part as :class:`RouterSettings` (what :class:`RouterCore` runs with)."""
@@ -110,6 +114,7 @@ class RouterConfig:
             ttft_slo_s=self.ttft_slo_s,
             max_queue_per_replica=self.max_queue_per_replica,
             isolate_tenants=self.isolate_tenants,
+            admission=self.admission,
         )
 
     def apply_settings(self, s: RouterSettings) -> None:
@@ -119,6 +124,7 @@ class RouterConfig:
         self.max_queue_per_replica, self.isolate_tenants = s.max_queue_per_replica, s.isolate_tenants
         self.adapters = {a.name: (a.base_model, a.source) for a in s.adapters.values()}
         self.models = set(s.models)
+        self.admission = s.admission
 
     @classmethod
     def from_settings(cls, s: RouterSettings, **server: Any) -> RouterConfig:
@@ -181,6 +187,8 @@ class Router:
             **pool_kw,
         )
         self.explains: OrderedDict[str, ExplainRecord] = OrderedDict()
+        self.admission = Admission(cfg.admission, lambda model: free_slots(self.core, model))
+        self.metrics.registry.register(AdmissionCollector(self.admission))
 
     async def start(self) -> None:
         await self.pool.start()
@@ -208,6 +216,7 @@ class Router:
         """Apply the CRs' translation live (policy, index mode, queue bound, tenants, adapters)."""
         self.core.configure(settings)  # raises ValueError before anything changes
         self.config.apply_settings(settings)
+        self.admission.configure(settings.admission)
         self.metrics.policy_name = settings.strategy
         log.info("routing settings: %s %s", settings.strategy, dict(settings.policy_params))
 
@@ -331,6 +340,15 @@ class Router:
         except NoReplicaError as e:
             raise Unavailable(str(e) or f"no healthy replica serves model '{rr.model}'") from None
 
+    async def _admit(self, rr: RoutingRequest) -> Any:
+        """Admission control (RoutingPolicy spec.admission): a ticket to release when the request ends."""
+        try:
+            return await self.admission.admit(rr.tenant, rr.model, rr.prompt_tokens + rr.max_tokens)
+        except Rejected as e:
+            raise Overloaded(str(e), e.retry_after_s) from None
+        except TooLarge as e:
+            raise BadRequest(str(e)) from None
+
     def explain_dry_run(self, p: Prepared) -> ExplainRecord:
         d = self.choose(p.rr, explain=True)
         return ExplainRecord(p.rr.request_id, self.policy_name, d, p.rr.prompt_tokens, len(p.rr.block_hashes),
@@ -361,7 +379,9 @@ class Router:
         first = False
         last_err: str = ""
         code = "200"
+        ticket = None
         try:
+            ticket = await self._admit(rr)
             for _attempt in range(self.config.max_attempts):
                 td = time.perf_counter()
                 d = self.choose(rr, excluded, explain)
@@ -384,6 +404,7 @@ class Router:
                         if not first:
                             first = True
                             core.first_token(rid, rr.request_id)
+                            self.admission.kick()  # a replica queue slot freed
                             m.ttft[api].observe(time.perf_counter() - t0)
                             m.prompt_blocks += len(rr.block_hashes)
                             m.prefix_hit_blocks += d.cached_blocks
@@ -437,6 +458,8 @@ class Router:
             span.set_attribute("error.message", f"{type(e).__name__}: {e}")
             raise
         finally:
+            if ticket is not None:
+                ticket.release()
             m.request_done(api, code, time.perf_counter() - t0)
             span.end()
 

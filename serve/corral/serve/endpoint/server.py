@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 from corral.router.events import AdapterLoaded, EngineEvent
-from corral.router.wire import event_to_pb, sample_to_pb, snapshot_to_pb
 from corral.router.tls import ServerTls
+from corral.router.wire import event_to_pb, sample_to_pb, snapshot_to_pb
 from corral.serve.adapter_sources import AdapterSourceError
 from corral.v1 import engine_pb2 as epb
 from corral.v1 import engine_pb2_grpc as epb_grpc
@@ -209,6 +209,7 @@ class EngineEndpoint:
         advertise_host: str | None = None,
         sample_period_s: float = 0.1,
         flush_period_s: float = 0.005,
+        tls: ServerTls | None = None,
     ) -> EngineEndpoint:
         """Serve ``engine`` on ``host:port`` (0 = any free port); ``advertise_host`` goes into
         ``address`` when ``host`` is a wildcard (e.g. the node IP under Ray). With ``tls`` the endpoint
@@ -227,7 +228,6 @@ class EngineEndpoint:
         ep._server = server
         ep.port = bound
         adv = advertise_host or (host if host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1")
-        tls: ServerTls | None = None,
         ep.address = f"{adv}:{bound}"
         engine.info.address = ep.address
         engine.add_event_listener(ep._on_event)
