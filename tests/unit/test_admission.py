@@ -142,7 +142,7 @@ async def test_a_waiter_gets_429_after_max_wait() -> None:
 
 
 async def test_estimated_wait_over_the_bound_is_rejected_at_once() -> None:
-    adm, fleet, clock = make({"maxWaitMs": 1000}, slots=1)
+    adm, fleet, _ = make({"maxWaitMs": 1000}, slots=1)
     for _ in range(8):  # 8 completions within the window: a drain rate of 4/s
         (await adm.admit("a", "m")).release()
     fleet.slots = 0
