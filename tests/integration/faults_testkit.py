@@ -8,9 +8,12 @@ The processes come from :mod:`corral.bench.procs` (the recovery benchmark uses t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,52 @@ from corral.v1 import router_pb2 as rpb
 from corral.v1 import router_pb2_grpc as rpb_grpc
 
 MODEL = "llama-8b"
+RECORD_ENV = "CORRAL_FAULTS_RECORD"
+
+
+def record(name: str, seconds: float, how: str) -> None:
+    """Add a measured figure to the JSON file named by ``$CORRAL_FAULTS_RECORD`` (no-op when unset):
+    ``{"meta": provenance, "figures": {name: {"seconds": s, "how": how}}}``; scripts/fault-figures.sh runs
+    the fault tests with it set and docs/reliability.md quotes the file."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    from corral.bench.provenance import provenance
+
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.exists() else {}
+    data["meta"] = provenance()
+    data.setdefault("figures", {})[name] = {"seconds": round(seconds, 3), "how": how}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _apiserver_pid(run_dir: Path) -> int:
+    """The kube-apiserver's pid from e2e/cluster/up.sh's pids file (lines ``PID NAME STARTTIME``)."""
+    for line in (run_dir / "pids").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] == "kube-apiserver":
+            return int(parts[0])
+    raise LookupError(f"no kube-apiserver in {run_dir / 'pids'}")
+
+
+@contextlib.contextmanager
+def apiserver_frozen(cluster: Any, seconds: float) -> Iterator[None]:
+    """Freeze the local control plane's kube-apiserver (SIGSTOP: connections stay open, nothing answers)
+    for ``seconds`` and thaw it (SIGCONT) on exit, whatever happens; then wait until it answers again.
+    Runs the body while frozen; the freeze lasts ``seconds`` in all (the body's time included)."""
+    pid = _apiserver_pid(cluster.run_dir)
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+        left = seconds - (time.monotonic() - t0)
+        if left > 0:
+            time.sleep(left)  # the fault itself lasts this long (not a wait for a condition)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cluster.wait_until(lambda: cluster.request("GET", "/readyz", timeout=5).status == 200,
+                       timeout=60, what="kube-apiserver ready after SIGCONT")  # fmt: skip
 
 
 async def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> float:

@@ -29,7 +29,16 @@ from corral.v1 import engine_pb2 as epb
 from corral.v1 import engine_pb2_grpc as epb_grpc
 from corral.v1 import router_pb2 as rpb
 from corral.v1 import router_pb2_grpc as rpb_grpc
-from faults_testkit import MODEL, Outcome, ProcFleet, grpc_stream, http_stream, wait_for, wait_for_async
+from faults_testkit import (
+    MODEL,
+    Outcome,
+    ProcFleet,
+    grpc_stream,
+    http_stream,
+    record,
+    wait_for,
+    wait_for_async,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -91,10 +100,12 @@ async def test_engine_process_killed_while_requests_queue_and_stream(procs: Proc
             return any(x.started for x in fl) and any(not x.started for x in fl)
 
         await wait_for(mixed, 60, "the victim busy with streaming and queued requests")
+        t_kill = time.monotonic()
         victim_proc.proc.kill()
-        await wait_for(lambda: victim not in r.fleet.replicas, 10, "the killed replica removed")
+        removed = await wait_for(lambda: victim not in r.fleet.replicas, 10, "the killed replica removed")
         done, pending = await asyncio.wait(tasks, timeout=90)
         assert not pending, f"{len(pending)} requests hang after the kill"
+        all_ended = time.monotonic() - t_kill
         outs: list[Outcome] = [t.result() for t in done]
 
         lost = [o for o in outs if not o.ok and o.tokens == 0]
@@ -110,6 +121,12 @@ async def test_engine_process_killed_while_requests_queue_and_stream(procs: Proc
         retried = [rec for rec in r.router.explains.values() if len(rec.attempts) > 1]
         assert retried and all(rec.attempts[0] == victim for rec in retried)
         assert broken, "the kill hit no streaming request"
+        print(
+            f"killed {victim}: removed after {removed:.3f}s, {len(retried)} re-routed, {len(broken)} broken "
+            f"mid-stream, every request ended {all_ended:.2f}s after the kill"
+        )
+        record("engine_kill_removed_s", removed, "SIGKILL of an engine process -> out of the router's fleet")
+        record("engine_kill_all_ended_s", all_ended, f"SIGKILL -> all {len(outs)} in-flight requests ended")
         # the dead replica gets nothing new; the others serve
         for i in range(6):
             o = await http_stream(
@@ -165,6 +182,12 @@ async def test_stalled_engine_is_ejected_and_readmitted(procs: ProcFleet) -> Non
             seen.add(o.replica)
         assert rid in seen
         print(f"stalled replica ejected after {ejected:.2f}s, re-admitted {back:.2f}s after SIGCONT")
+        record(
+            "engine_stall_ejected_s",
+            ejected,
+            f"SIGSTOP of an engine -> ejected (stale_after_s={STALE_S})",
+        )
+        record("engine_stall_readmitted_s", back, "SIGCONT -> routable again")
     finally:
         await r.stop(0)
 
@@ -280,6 +303,8 @@ async def test_router_killed_other_unaffected_restarted_rebuilds(procs: ProcFlee
     print(
         f"restarted router serving after {a2.proc.started_s:.2f}s, state rebuilt {rebuilt:.2f}s after spawn"
     )
+    record("router_restart_serving_s", a2.proc.started_s, "router process spawn -> listening")
+    record("router_restart_rebuilt_s", rebuilt, "router process spawn -> prefix index + adapters rebuilt")
 
 
 async def _ready(http_url: str) -> bool:

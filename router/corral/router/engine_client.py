@@ -204,6 +204,11 @@ class EnginePool:
                         "engine %s (%s) silent for %.2fs: removing", c.replica_id, c.address, now - c.last_msg
                     )
                     c.call.cancel()
+                    # its requests would wait on it too: end them (queued ones are retried elsewhere)
+                    aclose = getattr(c.stub, "aclose", None)
+                    if aclose is not None:
+                        self._tasks = [t for t in self._tasks if not t.done()]
+                        self._tasks.append(asyncio.create_task(aclose(), name=f"corral-eject-{c.address}"))
 
     # ---- the event subscription ------------------------------------------------------------------------
     async def _run(self, conn: EngineConn) -> None:
