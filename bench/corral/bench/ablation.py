@@ -8,10 +8,9 @@ defaults, see :func:`corral.serve.sim.fleet.fleet_settings`) with one change; th
 - ``shipped``: the defaults;
 - ``approximate index``: ``prefixIndex: approximate`` (the router's own dispatch record instead of the
   engines' KV events);
-- ``no hotspot guard``: ``hotspot_c=None``;
-- ``no SLO guard``: ``slo_guard=False``;
-- ``no near-tie window``: ``tie_tolerance_slo=0``, ``tie_tolerance_rel=0``;
-- ``no affinity stickiness``: ``affinity_gain=0``.
+- ``no hotspot bound``: ``hotspot_c=None``;
+- ``TTFT only``: ``charge_waiting=False`` (this request's TTFT alone, without the delay it adds to the
+  requests waiting on the replica).
 
 Same workloads, fleet and goodput search as ``corral bench fleet`` (same arrivals per workload). Writes
 ``DIR/ablation.json`` (with the git revision and dirty flag) and ``DIR/ablation.md``.
@@ -37,10 +36,8 @@ from corral.serve.sim.fleet import DEFAULT_REPLICAS, goodput_search
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "shipped": ("corral", {}),
     "approximate index": ("corral@approximate", {}),
-    "no hotspot guard": ("corral", {"hotspot_c": None}),
-    "no SLO guard": ("corral", {"slo_guard": False}),
-    "no near-tie window": ("corral", {"tie_tolerance_slo": 0.0, "tie_tolerance_rel": 0.0}),
-    "no affinity stickiness": ("corral", {"affinity_gain": 0.0}),
+    "no hotspot bound": ("corral", {"hotspot_c": None}),
+    "TTFT only": ("corral", {"charge_waiting": False}),
 }
 
 

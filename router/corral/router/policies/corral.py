@@ -1,48 +1,59 @@
-"""``corral``: the Corral cost model. One estimate in seconds per candidate, the minimum wins.
+"""``corral``: the Corral cost model. One number in seconds per candidate replica, the minimum wins.
 
-    estimated TTFT = queue_s    work already queued there: pending uncached prefill tokens x b1, in
-                                chunks of ``chunk_tokens`` per step, each step also paying b0 + b2 x the
-                                running decodes (router accounting, or the fresher LoadSample if larger)
-                   + prefill_s  this request's uncached tokens (prompt minus cached leading blocks) on that
-                                replica's GPU-class profile
-                   + adapter_s  0 if the adapter is GPU-resident, else the profile's CPU->GPU or
-                                disk->GPU load time for ``adapter_mb``, plus the expected wait for a LoRA
-                                slot when all ``max_gpu_adapters`` slots hold adapters with requests in
-                                flight (the soonest-draining adapter's remaining decode at the current step
-                                time, see ``adapter_slot_wait_s``)
+    cost(r) = ttft(r) + work(r) x behind(r)
 
-so an H100 and an L4 are compared in the same unit. Around the minimum:
+    ttft(r)   this request's predicted TTFT on r:
+              queue_s    prefill work already queued on r (pending uncached tokens x b1, in chunks of
+                         ``chunk_tokens`` per step, each step also paying b0 + b2 x the running decodes)
+            + prefill_s  its own uncached tokens (prompt minus the longest cached prefix) on r's GPU class
+            + adapter_s  0 if the adapter is GPU-resident, else the profile's CPU->GPU or disk->GPU load
+                         time for its size, plus the expected wait for a LoRA slot when every slot holds
+                         an adapter with requests in flight (``adapter_slot_wait_s``)
+    work(r)   the GPU seconds it adds on r before anything queued behind it can start: prefill_s +
+              adapter_s (a load stalls the whole batch, as in vLLM's worker)
+    behind(r) how many requests that delay lands on: the requests waiting on r for their first token now.
+              In steady state (Little's law) as many arrive at r during one wait as wait there now, so
+              this is the expected number of requests that will queue behind this one on r.
 
-(a) two-choice narrowing (DualMap-style). The *affinity set* is the two dual-ring candidates of the
-    adaptive prefix key (hot prefixes get longer keys, see ``HotPrefixKeyer``; the Mooncake conversation
-    trace shares block 0 in every request) plus, for adapter requests, the two ring candidates of the
-    adapter id (its stable "home" pair, so an adapter stays resident on few replicas). Up to
-    ``narrow_above`` replicas every candidate is evaluated too; above it, only when the affinity set's
-    best exceeds ``switch_fraction`` x SLO are the least-loaded replica (by queue seconds) and the
-    least-loaded replica holding the adapter on GPU added (O(1) prefix matches, each O(log blocks)).
-    While the affinity best is under ``switch_fraction`` x SLO, another replica wins only if it is at
-    least ``affinity_gain`` faster (a cached conversation elsewhere, an idle H100 vs a busy L4); otherwise
-    a hot shared prefix would pull every cold request onto the one replica that holds it.
-(b) near-ties: estimates within ``max(tie_tolerance_s, tie_tolerance_rel x best, tie_tolerance_slo x SLO)``
-    of the best go to the candidate with more cached blocks (a little latency for less fleet compute:
-    DualMap's cache-first rule inside the cost model), then to the ring candidates in ring order (the
-    adapter pair first), so an idle or uniform fleet maps keys by the rings and a join/leave moves only
-    ~1/N of the prefixes.
-(c) SLO guard (``slo_guard``): the near-tie window and the hotspot guard may trade latency for reuse or
-    balance only within the SLO. While the best estimate is within the SLO the tie window stops at the
-    SLO, and the hotspot guard does not move a request that meets the SLO to one that misses it. When
-    every estimate is over the SLO the cost model's pick stands: sending the request to the least-loaded
-    replica instead (earlier versions) spread cache misses, which added prefill work and fed back.
-(d) hotspot guard: the prefill seconds queued on the pick may exceed ``hotspot_floor_slo`` x SLO only up
-    to ``hotspot_c`` x the fleet mean of pending prefill seconds (this request included); otherwise the
-    best evaluated candidate under the cap is taken, else the least loaded. Seconds are each replica's own
-    GPU time, so faster GPUs take proportionally more work (bounded loads, weighted by speed), and cheap
-    decoding requests do not count: a conversation's next turn stays on the replica holding its cache.
+So the cost is the total TTFT, summed over this request and the requests it delays, that sending it to
+r is expected to cost, in seconds, with an H100 and an L4 compared in the same unit. What earlier
+versions did with hand-set windows and guards follows from it:
+
+- *cache first under load*: a cache miss costs its prefill once in ``ttft`` and again for every request
+  waiting behind it, so on a busy fleet a replica holding the prefix wins unless its queue is longer by
+  more than the miss costs everyone (the old near-tie window, now sized by the load, not by the SLO);
+- *balance when idle*: with nothing waiting, the cost is the TTFT alone (join the shortest queue in
+  seconds, GPU speed included);
+- *hotspots*: a hot replica's queue_s and behind(r) both grow with every request it takes, so the cost
+  of piling on rises quadratically and the next replica takes over;
+- *adapter affinity*: loading an adapter on a busy replica costs the load (and any slot wait) for
+  every waiting request, so adapters stay on the replicas that hold them unless those are overloaded.
+
+Exact ties (an idle fleet, a cold prompt) go to the candidate with more cached blocks, then to the
+request's dual-ring candidates in ring order (the adapter's pair first, then the adaptive prefix key's,
+see ``HotPrefixKeyer``), so an idle or uniform fleet maps keys by the rings and a join/leave moves only
+~1/N of the prefixes.
+
+Remaining parameters (units and reasons): ``narrow_above`` (replicas): above it only the ring
+candidates, the least-loaded replica and the least-loaded holder of the adapter are evaluated, which
+keeps a decision O(1) prefix matches on large pools (a compute bound, not a tuning knob; every replica is
+evaluated at or below it). Above it the replica that last took the request's prefix key is priced too
+(its *home*: where the next turn of a conversation finds its cache). ``hotspot_c`` (dimensionless, the
+RoutingPolicy's ``load.hotspotFactor``): an operator's hard bound on imbalance, not part of the cost: a
+request whose queue on the pick is over its SLO and over ``hotspot_c`` x the fleet mean of pending
+prefill seconds goes to the cheapest replica under that cap (its effect: ``corral bench ablation``).
+``ttft_slo_s`` / ``slo_classes`` only label
+decisions whose estimate is over the SLO and bound the hotspot cap from below. ``chunk_tokens`` and
+``adapter_mb`` are the engine's step budget and the default adapter size when a request does not carry
+one. The prefix-key parameters (``key_block_tokens`` 512 tokens, ``window`` 200 requests,
+``min_samples`` 20, ``expand_factor`` 2 and ``merge_factor`` 1 as multiples of 1/n, ``vnodes`` 160) are
+DualMap's published values and only decide ring order among exact ties.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import xxhash
 from pydantic import Field
@@ -61,9 +72,12 @@ from ._common import (
     fallback_key,
     queue_seconds,
     unit_blocks,
+    waiting_load,
 )
 
 _xxh = xxhash.xxh3_64_intdigest
+_MAX_HOMES = 100_000
+"""Prefix keys whose last pick is remembered on large pools (LRU; ~10 MB at most)."""
 
 
 class CorralParams(PolicyParams):
@@ -71,20 +85,12 @@ class CorralParams(PolicyParams):
     slo_classes: dict[str, float] = Field(default_factory=dict)
     """TTFT SLO in seconds per ``RoutingRequest.slo_class``; other classes use ``ttft_slo_s``."""
     narrow_above: int = Field(16, ge=1)
-    tie_tolerance_s: float = Field(0.002, ge=0.0)
-    tie_tolerance_rel: float = Field(0.02, ge=0.0)
-    tie_tolerance_slo: float = Field(0.2, ge=0.0)
-    """Estimates within max(abs, rel x best, slo x SLO) of the best count as tied: the candidate with more
-    cached blocks wins. With ``slo_guard`` the window stops at the SLO while the best is within it."""
-    switch_fraction: float = Field(0.5, gt=0.0)
-    affinity_gain: float = Field(0.3, ge=0.0, lt=1.0)
-    """Below ``switch_fraction`` x SLO, leave the ring candidates only for an estimate this much lower."""
-    slo_guard: bool = True
-    """Near-ties and the hotspot guard may trade latency for reuse/balance only within the SLO."""
+    """Replicas: above this only the ring candidates, the least loaded and the adapter holder are priced."""
     hotspot_c: float | None = Field(3.0, gt=1.0)
-    hotspot_floor_slo: float = Field(0.5, ge=0.0)
-    """Queued prefill seconds on the pick may exceed ``hotspot_floor_slo`` x SLO only up to ``hotspot_c`` x
-    the fleet mean pending prefill seconds (this request included); ``hotspot_c=None`` disables the guard."""
+    """Hard bound: queued prefill seconds on the pick over the SLO may be at most ``hotspot_c`` x the fleet
+    mean pending prefill seconds (this request included); ``None`` disables it."""
+    charge_waiting: bool = True
+    """Ablation switch: False prices this request's TTFT alone (``corral bench ablation``)."""
     chunk_tokens: int = Field(0, ge=0)
     """Prefill tokens per engine step; 0 = the replica profile's ``max_num_batched_tokens``."""
     adapter_mb: float = Field(85.0, gt=0.0)
@@ -97,15 +103,23 @@ class CorralParams(PolicyParams):
 
 
 class _Fleetwide:
-    """Per-model data that only changes with membership: rings and throughput weights."""
+    """Per-model data that only changes with membership: the rings and the replicas by id."""
 
-    __slots__ = ("by_id", "rings", "weight", "weight_sum")
+    __slots__ = ("by_id", "rings")
 
     def __init__(self, rings: DualRing, cands: list[ReplicaState]) -> None:
         self.rings = rings
         self.by_id = {r.replica_id: r for r in cands}
-        self.weight = {r.replica_id: 1.0 / max(r.profile.b1_us, 1e-9) for r in cands}
-        self.weight_sum = sum(self.weight.values())
+
+
+class _Priced:
+    """One candidate's cost terms."""
+
+    __slots__ = ("behind", "cost_s", "e", "r")
+
+    def __init__(self, r: ReplicaState, e: TtftEstimate, behind: int) -> None:
+        self.r, self.e, self.behind = r, e, behind
+        self.cost_s = e.total_s + (e.prefill_s + e.adapter_s) * behind
 
 
 class Corral(BasePolicy):
@@ -120,6 +134,7 @@ class Corral(BasePolicy):
         self.keyer = HotPrefixKeyer(p.window, p.min_samples, p.expand_factor, p.merge_factor)
         self._fw: dict[str, tuple[FleetState, int, _Fleetwide]] = {}
         self._rings = RingCache(lambda ids: DualRing(ids, p.vnodes))
+        self._home: OrderedDict[tuple[str, int], str] = OrderedDict()  # (model, prefix key) -> last pick
 
     def _fleetwide(self, model: str, fleet: FleetState) -> _Fleetwide:
         fleet = fleet.base  # a view hiding replicas shares the fleet's rings (lookups skip them)
@@ -145,7 +160,6 @@ class Corral(BasePolicy):
         skip = fleet.excluded
         k = self.keyer.key(req.block_hashes, unit_blocks(p.key_block_tokens, cands[0].block_size), n)
         key = k[1] if k is not None else fallback_key(req)
-        c1, c2 = fw.rings.pair(key, skip)
         rank: dict[str, int] = {}
         roles: dict[str, str] = {}
         if req.adapter is not None:
@@ -153,127 +167,98 @@ class Corral(BasePolicy):
             for rid, role in ((a1, "adapter-ring-1"), (a2, "adapter-ring-2")):
                 rank.setdefault(rid, len(rank))
                 roles.setdefault(rid, role)
+        c1, c2 = fw.rings.pair(key, skip)
         for rid, role in ((c1, "prefix-ring-1"), (c2, "prefix-ring-2")):
             rank.setdefault(rid, len(rank))
             roles.setdefault(rid, role)
 
-        est: dict[str, tuple[ReplicaState, TtftEstimate]] = {}
-        slo = self.slo_for(req)
-        tie_slo = p.tie_tolerance_slo * slo
+        priced: dict[str, _Priced] = {}
 
-        def evaluate(r: ReplicaState) -> None:
-            if r.replica_id not in est:
-                est[r.replica_id] = (
-                    r,
-                    estimate_ttft(
-                        r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb, slot_wait=True
-                    ),
+        def price(r: ReplicaState) -> _Priced:
+            got = priced.get(r.replica_id)
+            if got is None:
+                e = estimate_ttft(
+                    r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb, slot_wait=True
                 )
+                behind = waiting_load(r, now, age) if p.charge_waiting else 0
+                got = priced[r.replica_id] = _Priced(r, e, behind)
+            return got
 
-        def best_of(
-            pool: list[tuple[ReplicaState, TtftEstimate]] | None = None,
-        ) -> tuple[ReplicaState, TtftEstimate]:
-            items = list(est.values()) if pool is None else pool
-            lo = min(e.total_s for _, e in items)
-            tol = lo + max(p.tie_tolerance_s, p.tie_tolerance_rel * lo, tie_slo)
-            if p.slo_guard and lo <= slo:
-                tol = min(tol, max(slo, lo + p.tie_tolerance_s))
-            near = [t for t in items if t[1].total_s <= tol]
-            if len(near) == 1:
-                return near[0]
-            # Near-ties: more reuse (less fleet compute), then ring order (stable), then the estimate.
-            return min(near, key=lambda t: (-t[1].cached_blocks, rank.get(t[0].replica_id, n), t[1].total_s))
-
-        switch = p.switch_fraction * slo
-        by_id = fw.by_id
-        for rid in rank:  # the affinity set first
-            evaluate(by_id[rid])
-        aff_r, aff = best_of()
-        least: ReplicaState | None = None
         if n <= p.narrow_above:
             for r in cands:
-                evaluate(r)
+                price(r)
             scope = f"all {n}"
-        elif aff.total_s > switch:
+        else:
+            by_id = fw.by_id
+            for rid in rank:
+                price(by_id[rid])
+            home = self._home.get((req.model, key))
+            if home is not None and home in by_id and home not in skip:
+                roles.setdefault(home, "prefix-home")
+                price(by_id[home])
             least = self._least_loaded(cands, now)
             roles.setdefault(least.replica_id, "least-loaded")
-            evaluate(least)
+            price(least)
             if req.adapter is not None:
                 holders = [r for r in cands if req.adapter in r.adapters_gpu]
                 if holders:
                     h = self._least_loaded(holders, now)
                     roles.setdefault(h.replica_id, "adapter-resident")
-                    evaluate(h)
-            scope = f"affinity set + least loaded, {len(est)} of {n}"
-        else:
-            scope = f"affinity set, {len(est)} of {n}"
-        best_r, best = best_of()
-        if (
-            best_r is not aff_r
-            and aff.total_s <= switch
-            and best.total_s > (1 - p.affinity_gain) * aff.total_s
-        ):
-            # Stay with the ring candidates unless leaving them saves a real share of the TTFT: hot shared
-            # prefixes (Mooncake's block 0) otherwise pull every cold request onto one replica.
-            reason = (
-                f"affinity: {aff_r.replica_id} {aff.total_s:.3f}s within {p.affinity_gain:.0%} of "
-                f"{best_r.replica_id} {best.total_s:.3f}s ({scope})"
-            )
-            best_r, best = aff_r, aff
-        else:
-            lo = min(e.total_s for _, e in est.values())
-            if best.total_s > lo:
-                reason = (
-                    f"near-tie: {best.total_s:.3f}s is within the tie window of the lowest estimate "
-                    f"{lo:.3f}s, and has more cached blocks ({best.cached_blocks}) or comes first in ring "
-                    f"order ({scope})"
-                )
-            else:
-                reason = f"min estimated TTFT {best.total_s:.3f}s ({scope})"
-        chosen, chosen_e = best_r, best
+                    price(h)
+            scope = f"{len(priced)} of {n}"
 
-        if p.hotspot_c is not None and chosen_e.queue_s > p.hotspot_floor_slo * slo:
-            # Bound the prefill *seconds* queued ahead (GPU-speed weighted by construction): decoding
-            # requests are cheap and must not push a conversation's next turn off its cache.
-            fleet_s = chosen_e.prefill_s
+        def order(c: _Priced) -> tuple[float, int, int]:
+            return (c.cost_s, -c.e.cached_blocks, rank.get(c.r.replica_id, n))
+
+        best = min(priced.values(), key=order)
+        reason = (
+            f"min cost {best.cost_s:.3f}s = TTFT {best.e.total_s:.3f}s + work "
+            f"{best.e.prefill_s + best.e.adapter_s:.3f}s x {best.behind} waiting ({scope})"
+        )
+        chosen = best
+        slo = self.slo_for(req)
+        if p.hotspot_c is not None and chosen.e.queue_s > slo:
+            fleet_s = chosen.e.prefill_s
             for r in cands:
-                hit = est.get(r.replica_id)
-                fleet_s += hit[1].queue_s if hit is not None else queue_seconds(r, now, age, chunk)
-            cap_s = max(p.hotspot_floor_slo * slo, p.hotspot_c * fleet_s / n)
-            if chosen_e.queue_s > cap_s:
-                ordered = sorted(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n)))
-                alt = next((t for t in ordered if t[1].queue_s <= cap_s), None)
-                if alt is None:
-                    lr = self._least_loaded(cands, now)
-                    roles.setdefault(lr.replica_id, "least-loaded")
-                    evaluate(lr)
-                    alt = est[lr.replica_id]
-                if alt[0] is not chosen and not (p.slo_guard and alt[1].total_s > slo >= chosen_e.total_s):
+                got = priced.get(r.replica_id)
+                fleet_s += got.e.queue_s if got is not None else queue_seconds(r, now, age, chunk)
+            cap_s = max(slo, p.hotspot_c * fleet_s / n)
+            if chosen.e.queue_s > cap_s:
+                under = [c for c in priced.values() if c.e.queue_s <= cap_s]
+                alt = min(under, key=order) if under else price(self._least_loaded(cands, now))
+                roles.setdefault(alt.r.replica_id, "least-loaded")
+                if alt is not chosen:
                     reason = (
-                        f"hotspot guard: {chosen.replica_id} queue {chosen_e.queue_s:.3f}s > cap {cap_s:.3f}s"
-                        " "
-                        f"({p.hotspot_c:g} x fleet mean pending prefill) -> {alt[0].replica_id} "
-                        f"({alt[1].total_s:.3f}s); was: {reason}"
+                        f"hotspot bound: {chosen.r.replica_id} queue {chosen.e.queue_s:.3f}s > cap "
+                        f"{cap_s:.3f}s "
+                        f"({p.hotspot_c:g} x fleet mean pending prefill) -> {alt.r.replica_id}; was: {reason}"
                     )
-                    chosen, chosen_e = alt
-        if best.total_s > slo:
+                    chosen = alt
+        if chosen.e.total_s > slo:
             reason += f"; estimate over SLO {slo:.3f}s"
+        if n > p.narrow_above:
+            homes = self._home
+            homes[(req.model, key)] = chosen.r.replica_id
+            homes.move_to_end((req.model, key))
+            if len(homes) > _MAX_HOMES:
+                homes.popitem(last=False)
 
         trace: list[CandidateCost] | None = None
         if explain:
-            trace = []
-            for r, e in sorted(est.values(), key=lambda t: (t[1].total_s, rank.get(t[0].replica_id, n))):
-                trace.append(
-                    cost_of(
-                        r,
-                        e,
-                        role=roles.get(r.replica_id, "-"),
-                        outstanding=len(r.in_flight),
-                        uncached_tokens=e.uncached_tokens,
-                        chosen=r is chosen,
-                    )
+            trace = [
+                cost_of(
+                    c.r,
+                    c.e,
+                    role=roles.get(c.r.replica_id, "-"),
+                    cost_s=round(c.cost_s, 6),
+                    waiting=c.behind,
+                    outstanding=len(c.r.in_flight),
+                    uncached_tokens=c.e.uncached_tokens,
+                    chosen=c is chosen,
                 )
-        return self.decision(req, chosen, reason, cached_blocks=chosen_e.cached_blocks, candidates=trace)
+                for c in sorted(priced.values(), key=order)
+            ]
+        return self.decision(req, chosen.r, reason, cached_blocks=chosen.e.cached_blocks, candidates=trace)
 
     def _least_loaded(self, cands: list[ReplicaState], now: float) -> ReplicaState:
         age, chunk = self.params.sample_max_age_s, self.params.chunk_tokens

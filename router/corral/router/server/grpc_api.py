@@ -23,14 +23,16 @@ from grpc_reflection.v1alpha import reflection
 from ..wire import candidate_to_pb
 from .core import ExplainRecord, Prepared, Router, detokenize, prepare_request, run_to_completion
 from .errors import BadRequest, InternalError, NotFound, RouterError
+from .grpc_decode import StrictDecoding
 from .http_api import list_models
+from .limits import GRPC_MAX_MESSAGE_BYTES, MAX_NAME_CHARS, clip
 
 log = logging.getLogger(__name__)
 
 GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
 ]
@@ -58,6 +60,9 @@ class RouterServicer(rpb_grpc.RouterServicer):
     def _check(req: rpb.CompletionRequest) -> None:
         if not req.model:
             raise BadRequest("missing required field 'model' (a model or adapter name)")
+        for name in ("model", "request_id"):
+            if len(getattr(req, name)) > MAX_NAME_CHARS:
+                raise BadRequest(f"invalid field '{name}': longer than {MAX_NAME_CHARS} characters")
         if not req.prompt and not req.prompt_token_ids:
             raise BadRequest("missing required field 'prompt' (or 'prompt_token_ids')")
 
@@ -211,9 +216,14 @@ class GrpcApi:
         self.health = health.aio.HealthServicer()
         self.address = ""
 
+    def _malformed(self, method: str) -> None:
+        """An undecodable request (refused INVALID_ARGUMENT by :class:`StrictDecoding`): a 400."""
+        if method.startswith("/corral.v1.Router/Generate"):
+            self.router.metrics.request_done("grpc", "400", 0.0)
+
     async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> str:
         """Listen on ``host:port``; TLS (mTLS) with ``credentials`` (:mod:`corral.router.tls`)."""
-        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=[StrictDecoding(self._malformed)])
         rpb_grpc.add_RouterServicer_to_server(RouterServicer(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
