@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 from corral.v1 import engine_pb2 as epb
-from corral.v1 import engine_pb2_grpc as epb_grpc
 
+from .engine_mux import MuxEngineStub
 from .events import AdapterLoaded, AdapterUnloaded, AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent
 from .state import FleetState
 from .tls import ClientTls, secure_channel
@@ -89,7 +89,7 @@ class EngineConn:
 
     address: str
     channel: grpc.aio.Channel
-    stub: epb_grpc.EngineStub
+    stub: MuxEngineStub
     info: EngineInfo | None = None
     replica_id: str | None = None
     last_msg: float = 0.0
@@ -174,7 +174,7 @@ class EnginePool:
 
     def _connect(self, address: str) -> None:
         ch = secure_channel(address, self.engine_tls, CHANNEL_OPTIONS)
-        conn = EngineConn(address=address, channel=ch, stub=epb_grpc.EngineStub(ch))
+        conn = EngineConn(address=address, channel=ch, stub=MuxEngineStub(ch))  # requests: one call, muxed
         self.conns[address] = conn
         conn.task = asyncio.create_task(self._run(conn), name=f"corral-events-{address}")
 
@@ -185,6 +185,8 @@ class EnginePool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await conn.task
         self._remove_replica(conn, "dropped by discovery")
+        with contextlib.suppress(Exception):
+            await conn.stub.aclose()
         with contextlib.suppress(Exception):
             await conn.channel.close()
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from corral.v1 import engine_pb2_grpc as epb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .engine import AdapterNotFoundError, Engine, EngineRequest
+from .mux import StreamAbort, serve_mux
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,23 @@ class _EngineServicer(epb_grpc.EngineServicer):
         self.engine = ep.engine
 
     async def Generate(self, request: epb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with contextlib.aclosing(self.chunks(request)) as chunks:
+                async for c in chunks:
+                    await context.write(c)
+        except StreamAbort as e:
+            await context.abort(e.code, e.details)
+
+    async def GenerateMux(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        await serve_mux(self.chunks, request_iterator, context)
+
+    async def chunks(self, request: epb.GenerateRequest) -> AsyncGenerator[epb.GenerateChunk, None]:
+        """One request's chunks (what Generate streams; GenerateMux tags them with a stream id). Failures
+        raise :class:`StreamAbort` with the status; closed early (client gone), it aborts the request."""
         eng = self.engine
         adapter = request.adapter or None
         if adapter is not None and not request.adapter_source and not eng.has_adapter(adapter):
-            await context.abort(
+            raise StreamAbort(
                 grpc.StatusCode.NOT_FOUND, f"adapter {adapter!r} not found on {eng.info.replica_id}"
             )
         # No sampling message: OpenAI's defaults (temperature 1.0), not greedy.
@@ -87,28 +102,28 @@ class _EngineServicer(epb_grpc.EngineServicer):
             async for c in eng.generate(req):
                 if c.finish_reason:
                     finished = True
-                    await context.write(
-                        chunk_cls(
-                            token_ids=c.token_ids,
-                            text=c.text,
-                            finish_reason=c.finish_reason,
-                            prompt_tokens=c.prompt_tokens,
-                            completion_tokens=c.completion_tokens,
-                            cached_tokens=c.cached_tokens,
-                        )
+                    yield chunk_cls(
+                        token_ids=c.token_ids,
+                        text=c.text,
+                        finish_reason=c.finish_reason,
+                        prompt_tokens=c.prompt_tokens,
+                        completion_tokens=c.completion_tokens,
+                        cached_tokens=c.cached_tokens,
                     )
                 else:
-                    await context.write(chunk_cls(token_ids=c.token_ids, text=c.text))
+                    yield chunk_cls(token_ids=c.token_ids, text=c.text)
             finished = True
         except AdapterNotFoundError as e:
             finished = True
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter {e.args[0]!r} not found")
+            raise StreamAbort(grpc.StatusCode.NOT_FOUND, f"adapter {e.args[0]!r} not found") from None
         except AdapterSourceError as e:  # its weights are missing or corrupt: not the request's fault
             finished = True
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{e} (replica {eng.info.replica_id})")
+            raise StreamAbort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{e} (replica {eng.info.replica_id})"
+            ) from None
         except ValueError as e:
             finished = True
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:
             if not finished:  # client cancelled or the stream broke: free the engine's slot
                 eng.abort(request.request_id)
