@@ -46,3 +46,5 @@ bench-docs:
 	.venv/bin/corral bench router --out docs/benchmarks
 	.venv/bin/corral bench overhead --ray --out docs/benchmarks
 	.venv/bin/corral bench ablation --out docs/benchmarks
+	.venv/bin/corral bench recovery --out docs/benchmarks
+	.venv/bin/corral bench load --out docs/benchmarks
