@@ -1,0 +1,146 @@
+"""TLS end to end on 127.0.0.1 with throwaway certificates: sim engines serving gRPC over mutual TLS,
+a router dialling them with a client certificate, and the router's HTTPS and gRPC (mTLS) fronts. Plaintext
+or untrusted clients are refused; a missing certificate file is one clear error naming it."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from corral.router.server import RouterConfig, RouterServer
+from corral.router.tls import ClientTls, ServerTls, TlsConfigError
+from corral.serve.endpoint import EngineEndpoint
+from corral.v1 import router_pb2 as rpb
+from corral.v1 import router_pb2_grpc as rpb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tls_testkit import Certs, make_certs
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+sim = pytest.importorskip("corral.serve.endpoint.sim")
+MODEL = "llama-8b"
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    return make_certs(tmp_path / "certs")
+
+
+@pytest.fixture
+async def tls_fleet(certs: Certs) -> AsyncIterator[tuple[RouterServer, list[EngineEndpoint]]]:
+    server_tls = ServerTls(certs.server_cert, certs.server_key, client_ca_file=certs.ca)  # mTLS
+    eps = []
+    for i in range(2):
+        eng = sim.SimEndpointEngine.create("H100", f"h100-{i}", MODEL, time_scale=20.0, max_model_len=8192)
+        eps.append(await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05, tls=server_tls))
+    engine_tls = ClientTls(certs.ca, certs.client_cert, certs.client_key)
+    r = RouterServer([e.address for e in eps], RouterConfig(stale_after_s=1.0), engine_tls=engine_tls)
+    await r.start("127.0.0.1", 0, 0, tls=server_tls)
+    try:
+        await r.wait_for_replicas(2, timeout=20)  # the router reached both engines over mTLS
+        yield r, eps
+    finally:
+        await r.stop(0)
+        for e in eps:
+            await e.stop(None)
+            close = getattr(e.engine, "close", None)
+            if close is not None:
+                await close()
+
+
+def _client_ssl(certs: Certs, with_cert: bool = True) -> ssl.SSLContext:
+    t = ClientTls(certs.ca, certs.client_cert, certs.client_key) if with_cert else ClientTls(certs.ca)
+    return t.ssl_context()
+
+
+async def _post(url: str, body: Any, ssl_ctx: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.post(url, json=body, ssl=ssl_ctx) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_https_and_grpc_mtls_end_to_end(
+    tls_fleet: tuple[RouterServer, list[EngineEndpoint]], certs: Certs
+) -> None:
+    r, _eps = tls_fleet
+    assert r.http_url.startswith("https://")
+    status, out = await _post(
+        r.http_url + "/v1/completions",
+        {"model": MODEL, "prompt": "hello", "max_tokens": 3},
+        _client_ssl(certs),
+    )
+    assert status == 200 and out["choices"][0]["finish_reason"] == "length", out
+    creds = ClientTls(certs.ca, certs.client_cert, certs.client_key).grpc_credentials()
+    async with grpc.aio.secure_channel(r.grpc_address, creds) as ch:
+        resp = await rpb_grpc.RouterStub(ch).Generate(
+            rpb.CompletionRequest(model=MODEL, prompt="hi", max_tokens=2)
+        )
+    assert resp.finish_reason == "length" and resp.replica_id.startswith("h100-")
+
+
+async def test_plaintext_and_untrusted_clients_are_refused(
+    tls_fleet: tuple[RouterServer, list[EngineEndpoint]], certs: Certs
+) -> None:
+    r, eps = tls_fleet
+    req = rpb.CompletionRequest(model=MODEL, prompt="hi", max_tokens=2)
+    # gRPC: plaintext, no client certificate, a server the client does not trust
+    attempts = {
+        "plaintext": grpc.aio.insecure_channel(r.grpc_address),
+        "no client cert": grpc.aio.secure_channel(r.grpc_address, ClientTls(certs.ca).grpc_credentials()),
+        "untrusted server": grpc.aio.secure_channel(
+            r.grpc_address,
+            ClientTls(certs.other_ca, certs.client_cert, certs.client_key).grpc_credentials(),
+        ),
+    }
+    for what, ch in attempts.items():
+        async with ch:
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await rpb_grpc.RouterStub(ch).Generate(req, timeout=5)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, what
+    # HTTPS: plaintext HTTP to the TLS port, and a client without a certificate (mTLS)
+    with pytest.raises(aiohttp.ClientError):
+        await _post(r.http_url.replace("https://", "http://") + "/v1/completions", {"model": MODEL}, None)
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+        await _post(
+            r.http_url + "/v1/completions", {"model": MODEL, "prompt": "x"}, _client_ssl(certs, False)
+        )
+    # the engines speak only mutual TLS too: a plaintext health check never gets an answer
+    async with grpc.aio.insecure_channel(eps[0].address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
+
+
+async def test_router_without_engine_tls_never_admits_tls_engines(certs: Certs) -> None:
+    """A router that dials TLS engines in plaintext gets no replica (and says so in /ready)."""
+    eng = sim.SimEndpointEngine.create("H100", "h100-x", MODEL, time_scale=20.0)
+    ep = await EngineEndpoint.start(eng, "127.0.0.1", 0, tls=ServerTls(certs.server_cert, certs.server_key))
+    r = RouterServer([ep.address], RouterConfig(stale_after_s=0.5))
+    await r.start("127.0.0.1", 0, 0)
+    try:
+        with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+            await r.wait_for_replicas(1, timeout=2)
+        async with aiohttp.ClientSession() as s, s.get(r.http_url + "/ready") as resp:
+            assert resp.status == 503
+    finally:
+        await r.stop(0)
+        await ep.stop(None)
+
+
+def test_missing_or_bad_certificate_files_are_named(tmp_path: Path, certs: Certs) -> None:
+    with pytest.raises(TlsConfigError, match=r"TLS certificate .*nope\.crt: No such file"):
+        ServerTls(str(tmp_path / "nope.crt"), certs.server_key).ssl_context()
+    junk = tmp_path / "junk.key"
+    junk.write_text("not a key\n")
+    with pytest.raises(TlsConfigError, match=r"TLS key .*junk\.key: not a PEM file"):
+        ServerTls(certs.server_cert, str(junk)).grpc_credentials()
+    with pytest.raises(TlsConfigError, match="do they match"):
+        ServerTls(certs.client_cert, certs.server_key).ssl_context()  # a key of another certificate
+    with pytest.raises(TlsConfigError, match="needs both"):
+        ClientTls(certs.ca, cert_file=certs.client_cert)
+    folder = Path(certs.ca).parent
+    assert ServerTls.from_dir(folder, mtls=True).client_ca_file == certs.ca
