@@ -48,3 +48,4 @@ bench-docs:
 	.venv/bin/corral bench ablation --out docs/benchmarks
 	.venv/bin/corral bench recovery --out docs/benchmarks
 	.venv/bin/corral bench load --out docs/benchmarks
+	.venv/bin/corral bench load --out docs/benchmarks
