@@ -48,4 +48,3 @@ bench-docs:
 	.venv/bin/corral bench ablation --out docs/benchmarks
 	.venv/bin/corral bench recovery --out docs/benchmarks
 	.venv/bin/corral bench load --out docs/benchmarks
-	.venv/bin/corral bench load --out docs/benchmarks

@@ -98,3 +98,19 @@ class Overloaded(RouterError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class PayloadTooLarge(RouterError):
+    """A request body over the HTTP front's limit (:data:`.limits.HTTP_MAX_BODY_BYTES`)."""
+
+    http_status = 413
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    type = "invalid_request_error"
+
+
+class RequestTimeout(RouterError):
+    """A request body that did not arrive within :data:`.limits.HTTP_BODY_TIMEOUT_S` (a slow client)."""
+
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    type = "invalid_request_error"

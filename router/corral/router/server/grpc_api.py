@@ -90,7 +90,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
             e = InternalError(f"internal error: {type(e).__name__}: {e}")
         if p is None or not p.dispatched:
             self.router.metrics.request_done("grpc", str(e.http_status), time.perf_counter() - t0)
-        await context.abort(e.grpc_code, e.message)
+        await context.abort(e.grpc_code, clip(e.message))
 
     async def Generate(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
         t0 = time.perf_counter()
@@ -156,7 +156,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
             if r.config.api_keys is not None:
                 tenant = r.authenticate(_api_key(context))
         except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            await context.abort(e.grpc_code, clip(e.message))
         cards = [
             rpb.ModelCard(
                 id=m["id"],
@@ -186,7 +186,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
             else:
                 raise BadRequest("set 'request_id' (a recent request) or 'request' (a dry run)")
         except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            await context.abort(e.grpc_code, clip(e.message))
         assert rec is not None
         return explain_to_pb(rec)
 

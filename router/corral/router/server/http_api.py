@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
 from . import limits
+from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
 from .errors import BadRequest, InternalError, PayloadTooLarge, RequestTimeout, RouterError
 from .openai_models import ChatCompletionRequest, CompletionRequest, parse
 

@@ -72,6 +72,15 @@ class _GenerationRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI fields the engines do not apply: type- and range-checked like OpenAI's API (a hostile value is a
+    # 400 naming the field), otherwise not used. ``logprobs`` is an int (completions) or a bool (chat).
+    logprobs: int | bool | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    presence_penalty: float | int | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | int | None = Field(default=None, ge=-2.0, le=2.0)
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    echo: bool | None = None
+    logit_bias: dict[str, float | int] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
