@@ -19,6 +19,7 @@ from corral.api.routingpolicy import (
     RoutingPolicySpec,
     Tenants,
 )
+from corral.api.selection import ModelSelection
 from corral.router.policies import make_policy
 from corral.router.settings import RouterSettings, policy_params, router_settings
 from corral.serve.app import ServeOptions, plan_pool
@@ -89,10 +90,13 @@ POLICY_FIELDS: dict[str, Any] = {
     "admission.maxWaitMs": 250.0,
     **{f"admission.{t}.{k}": v for t in ("defaultTenant", "tenants[0]") for k, v in ADMISSION_LIMITS.items()},
     "admission.tenants[0].name": "other",
+    "modelSelection.model": "pick",
+    "modelSelection.signals": [{"name": "code", "keywords": ["def"]}],
+    "modelSelection.rules": [{"name": "code", "when": {"signal": "code"}, "target": "sql"}],
+    "modelSelection.default": "llama",
 }
 POLICY_FIELDS_ELSEWHERE = {
     "poolRef": "pairs the policy with its pool",
-    "modelSelection.rules": "rejected at validation until model selection exists",
 }
 
 
@@ -137,7 +141,8 @@ def test_the_field_tables_cover_every_api_field() -> None:
         {f for f in _fields(RoutingPolicySpec, "") if f not in ("load", "adapterPaging", "modelSelection")}
         | _fields(LoadSpec, "load.")
         | _fields(AdapterPaging, "adapterPaging.")
-        | {"modelSelection.rules", "tenants.secretRef.key"}
+        | _fields(ModelSelection, "modelSelection.")
+        | {"tenants.secretRef.key"}
         | _fields(Tenants, "tenants.") - {"tenants.secretRef"}
         | _fields(AdmissionSpec, "admission.") - {"admission.defaultTenant", "admission.tenants"}
         | _fields(TenantLimits, "admission.defaultTenant.")
@@ -167,6 +172,10 @@ def test_each_policy_field_changes_the_router_settings(path: str) -> None:
     if path.startswith("tenants."):  # sub-fields of tenants: compare against tenants at its defaults
         base_policy["spec"]["tenants"] = {"secretRef": {"name": "keys"}}
         policy["spec"]["tenants"] = {"secretRef": {"name": "keys"}}
+    if path == "modelSelection.rules":  # rules need their signals and a default
+        sel = {k.split(".")[1]: v for k, v in POLICY_FIELDS.items() if k.startswith("modelSelection.")}
+        policy["spec"]["modelSelection"] = dict(sel)
+        base_policy["spec"]["modelSelection"] = {k: v for k, v in sel.items() if k != "rules"}
     if path.startswith("admission."):  # a burst needs its rate; tenants[0] needs to exist
         for p in (policy, base_policy):
             _admission_base(p, path)
@@ -200,6 +209,7 @@ def test_every_policy_field_lands_where_it_should() -> None:
     assert s.isolate_tenants and s.tenant_secret == ("keys", "other-key")
     p = s.paging
     assert (p.pin, p.prefetch_to_cpu, p.replication_demand_rps) == (("sql",), False, 2.0)
+    assert (s.selection.model, s.selection.rules[0].target, s.selection.default) == ("pick", "sql", "llama")
     adm = s.admission
     assert (adm.max_waiting, adm.max_wait_ms, adm.tenants[0].name) == (5, 250.0, "other")
     for lim in (adm.default_tenant, adm.limits("other")):

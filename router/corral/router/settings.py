@@ -7,8 +7,8 @@ tokenizers, and each GPU class's resolved performance profile. The deployed rout
 ``reconfigure``), the standalone router, the fleet benchmark and the operator all build their router from
 this one function, so a field means the same thing everywhere and the defaults are the CRD's.
 
-Every RoutingPolicy field is either mapped here or rejected at validation (``modelSelection.rules`` until
-model selection exists); :data:`POLICY_KNOBS` says which strategy takes which generic knob.
+Every RoutingPolicy field is mapped here (``modelSelection`` is carried whole: the router compiles it,
+:mod:`corral.router.selection`); :data:`POLICY_KNOBS` says which strategy takes which generic knob.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from corral.api.admission import AdmissionSpec
 from corral.api.modelpool import ModelPool
 from corral.api.profiles import GpuProfile
 from corral.api.routingpolicy import RoutingPolicy, RoutingPolicySpec
+from corral.api.selection import ModelSelection
 
 IndexMode = Literal["precise", "approximate"]
 
@@ -52,8 +53,8 @@ class AdapterSettings:
     base_model: str
     source: str
     rank: int
-
     tenant: str | None = None  # owner of a private adapter (ModelPool spec.adapters[].tenant)
+
 
 @dataclass(frozen=True, slots=True)
 class PagingSettings:
@@ -86,6 +87,7 @@ class RouterSettings:
     adapters: Mapping[str, AdapterSettings] = field(default_factory=dict)
     profiles: Mapping[str, GpuProfile] = field(default_factory=dict)  # GPU class name -> resolved profile
     paging: PagingSettings = field(default_factory=PagingSettings)
+    selection: ModelSelection = field(default_factory=lambda: _CRD.model_selection)  # spec.modelSelection
     admission: AdmissionSpec = field(default_factory=lambda: _CRD.admission)  # corral.router.admission
 
 
@@ -160,4 +162,5 @@ def router_settings(
             cpu_slots=cpu_slots,
         ),
         admission=spec.admission,
+        selection=spec.model_selection,
     )

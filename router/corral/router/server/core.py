@@ -17,13 +17,14 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 from corral.api.admission import AdmissionSpec
+from corral.api.selection import ModelSelection
 from corral.v1 import engine_pb2 as epb
 from opentelemetry import trace
 
@@ -33,6 +34,7 @@ from ..engine_client import Discovery, EnginePool
 from ..events import AdapterLoaded, EngineEvent
 from ..policy import NoReplicaError, Policy
 from ..request import build_request
+from ..selection import Selection
 from ..settings import RouterSettings, default_params
 from ..state import FleetState, IndexMode
 from ..tokenizer import SIM_TOKENIZER, ChatTemplateError, Tokenizer, TokenizerLoadError, load_tokenizer_cached
@@ -51,6 +53,7 @@ from .errors import (
     Unavailable,
 )
 from .metrics import RouterMetrics
+from .selection_api import RouterSelection, span_attributes
 from .openai_models import U32, check_sampling
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,8 @@ class RouterConfig:
     explain_history: int = 2048
     explain_all: bool = True  # compute candidate cost terms for every decision (else: when traced)
     router_id: str = ""
+    selection: ModelSelection | None = None  # spec.modelSelection (selection_api.RouterSelection)
+    selection_state_dir: str | None = None  # bandit state folder (shared by active-active routers)
     # Tokenizers by base model (ModelSpec.tokenizer); a model not here uses the tokenizer its engines report
     # at registration (EngineInfo.tokenizer), else default_tokenizer (None: the sim's, SIM_TOKENIZER).
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)
@@ -115,6 +120,7 @@ class RouterConfig:
             max_queue_per_replica=self.max_queue_per_replica,
             isolate_tenants=self.isolate_tenants,
             admission=self.admission,
+            selection=self.selection if self.selection is not None else _DEFAULTS.selection,
         )
 
     def apply_settings(self, s: RouterSettings) -> None:
@@ -126,6 +132,7 @@ class RouterConfig:
         self.adapter_owners = {a.name: a.tenant for a in s.adapters.values() if a.tenant}
         self.models = set(s.models)
         self.admission = s.admission
+        self.selection = s.selection
 
     @classmethod
     def from_settings(cls, s: RouterSettings, **server: Any) -> RouterConfig:
@@ -147,6 +154,7 @@ class Prepared:
     client_request_id: str | None = None  # the client's id: a label echoed back, never a key
     tokenizer: Tokenizer = SIM_TOKENIZER  # the model's, for detokenizing chunks without text
     dispatched: bool = False  # set when handed to Router.stream (which then counts the request)
+    selection: Selection | None = None  # how model selection chose `model` (spec.modelSelection)
 
 
 @dataclass(slots=True)
@@ -158,6 +166,7 @@ class ExplainRecord:
     prompt_blocks: int
     attempts: list[str] = field(default_factory=list)
     dry_run: bool = False
+    selection: Selection | None = None
 
 
 class Router:
@@ -187,6 +196,7 @@ class Router:
             **pool_kw,
         )
         self.explains: OrderedDict[str, ExplainRecord] = OrderedDict()
+        self.selection = RouterSelection(self)  # spec.modelSelection: selectors, bandits, feedback
         self.admission = Admission(cfg.admission, lambda model: free_slots(self.core, model))
         self.metrics.registry.register(AdmissionCollector(self.admission))
 
@@ -195,6 +205,7 @@ class Router:
 
     async def stop(self) -> None:
         await self.pool.stop()
+        self.selection.close()
 
     # ---- live configuration -----------------------------------------------------------------------------
     @property
@@ -321,6 +332,12 @@ class Router:
         """Resolve, tokenize (with the model's tokenizer, on this thread) and hash one request. The fronts
         use :func:`prepare_request`, which loads tokenizers and tokenizes big prompts off the event loop.
         ``client_request_id`` is only a label: the request gets the router's own unique id."""
+        if self.selection.selects(model):  # spec.modelSelection: choose the model, then prepare that
+            m, sampling, max_tokens, sel, info = self.selection.choose(model, prompt=prompt, messages=messages,
+                tenant=tenant, headers=None, sampling=sampling, max_tokens=max_tokens)  # fmt: skip
+            p = self.prepare(m, prompt, token_ids, max_tokens, tenant, client_request_id, sampling,
+                             messages=messages, ids_field=ids_field)  # fmt: skip
+            return self.selection.bind(p, sel, info, tenant)
         base, adapter, source = self.resolve_model(model, tenant)
         tok = model_tokenizer(self, base)
         if token_ids:
@@ -352,7 +369,7 @@ class Router:
     def explain_dry_run(self, p: Prepared) -> ExplainRecord:
         d = self.choose(p.rr, explain=True)
         return ExplainRecord(p.rr.request_id, self.policy_name, d, p.rr.prompt_tokens, len(p.rr.block_hashes),
-                             [d.replica_id], dry_run=True)  # fmt: skip
+                             [d.replica_id], dry_run=True, selection=p.selection)  # fmt: skip
 
     def _record(self, rec: ExplainRecord) -> None:
         ex = self.explains
@@ -373,6 +390,7 @@ class Router:
         span = tracer.start_span("corral.route")
         explain = self.config.explain_all or span.is_recording()
         rec = ExplainRecord(rr.request_id, self.policy_name, None, rr.prompt_tokens, len(rr.block_hashes))
+        rec.selection = p.selection
         self._record(rec)
         excluded: set[str] = set()
         req_pb: epb.GenerateRequest | None = None
@@ -469,6 +487,8 @@ class Router:
         span.set_attribute("corral.policy", rec.policy)
         span.set_attribute("corral.attempts", rec.attempts)
         span.set_attribute("corral.engine_time_s", elapsed)
+        if rec.selection is not None:
+            span.set_attributes(span_attributes(rec.selection))
         if d is not None:
             span.set_attribute("corral.replica", d.replica_id)
             span.set_attribute("corral.reason", d.reason)
@@ -631,9 +651,15 @@ async def prepare_request(
     client_request_id: str | None = None,
     sampling: epb.SamplingParams | None = None,
     ids_field: str = "prompt_token_ids",
+    headers: Mapping[str, str] | None = None,
 ) -> Prepared:
     """:meth:`Router.prepare` for the fronts: tokenizers are loaded and big prompts tokenized in a worker
-    thread; an oversized prompt is refused by its size before any of that."""
+    thread; an oversized prompt is refused by its size before any of that. A request naming the model
+    selection's model gets its model chosen first (``headers``: what header signals read)."""
+    if router.selection.selects(model):
+        return await router.selection.prepare(prepare_request, router, model, headers, prompt=prompt,
+            token_ids=token_ids, messages=messages, max_tokens=max_tokens, tenant=tenant,
+            client_request_id=client_request_id, sampling=sampling, ids_field=ids_field)  # fmt: skip
     base, adapter, source = router.resolve_model(model, tenant)
     tok = await model_tokenizer_async(router, base)
     if token_ids:

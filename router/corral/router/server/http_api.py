@@ -7,8 +7,6 @@ OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 malformed JSON / 
 bound (with ``Retry-After``), 503 no healthy replica, 500 for anything unexpected (logged, and counted as
 500 in ``corral_requests``). A stream that fails before its first token gets a plain HTTP error (it was
 retried first); one that fails after it gets a final ``data: {"error": ...}`` event and no ``[DONE]``.
-Hostile clients meet the limits of :mod:`.limits`: 413 body too large, 408 body too slow, headers too slow
-closes the connection; a client that disconnects cancels its request (counted 499).
 
 Request ids: every request gets the router's own unique id (the response's ``id`` and the
 ``x-corral-request-id`` header, what Explain looks up); a client's ``x-request-id`` header is only a label,
@@ -17,7 +15,6 @@ echoed back in ``x-request-id``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -27,10 +24,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import limits
 from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
-from .errors import BadRequest, InternalError, PayloadTooLarge, RequestTimeout, RouterError
+from .errors import BadRequest, InternalError, NotFound, RouterError
 from .openai_models import ChatCompletionRequest, CompletionRequest, parse
+from .selection_api import explain_to_dict, feedback_body
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +88,14 @@ async def _json_http_errors(request: web.Request, handler: Any) -> web.StreamRes
 
 
 class HttpApi:
-    def __init__(
-        self,
-        router: Router,
-        *,
-        header_timeout_s: float = limits.HTTP_HEADER_TIMEOUT_S,
-        body_timeout_s: float = limits.HTTP_BODY_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, router: Router) -> None:
         self.router = router
-        self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
-        self.app = web.Application(
-            client_max_size=limits.HTTP_MAX_BODY_BYTES, middlewares=[_json_http_errors]
-        )
+        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_http_errors])
         self.app.router.add_post("/v1/completions", self._wrap(self.completions))
         self.app.router.add_post("/v1/chat/completions", self._wrap(self.chat))
         self.app.router.add_get("/v1/models", self._wrap(self.models))
+        self.app.router.add_post("/v1/feedback", self._wrap(self.feedback))
+        self.app.router.add_get("/v1/explain/{request_id}", self._wrap(self.explain))
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/ready", self.ready)
         self.app.router.add_get("/metrics", self.metrics)
@@ -114,16 +104,7 @@ class HttpApi:
 
     async def start(self, host: str, port: int, ssl_context: Any = None) -> str:
         """Listen on ``host:port`` (0: any free port); HTTPS with ``ssl_context`` (:mod:`..tls`)."""
-        self.runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            handle_signals=False,
-            handler_cancellation=True,  # a client that disconnects cancels its request (slot freed)
-            keepalive_timeout=self.header_timeout_s,  # also bounds the time to send a request's headers
-            max_line_size=limits.HTTP_MAX_LINE_BYTES,
-            max_field_size=limits.HTTP_MAX_LINE_BYTES,
-            max_headers=limits.HTTP_MAX_HEADERS,
-        )
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, backlog=1024, ssl_context=ssl_context)
         await site.start()
@@ -152,9 +133,6 @@ class HttpApi:
             except RouterError as e:
                 self._count(request, str(e.http_status), t0)
                 return _error(e)
-            except asyncio.CancelledError:  # the client went away (handler cancellation)
-                self._count(request, "499", t0)
-                raise
             except Exception as e:  # a bug: never a bare aiohttp 500 page, never counted as a success
                 log.exception("internal error on %s %s", request.method, request.path)
                 self._count(request, "500", t0)
@@ -169,20 +147,7 @@ class HttpApi:
 
     # ---- helpers ----------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                raw = await request.read()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"request body not received within {self.body_timeout_s:g} s (the router's limit)"
-            ) from None
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"request body is over the router's limit of {limits.HTTP_MAX_BODY_BYTES} bytes"
-            ) from None
-        except web.RequestPayloadError as e:  # bad chunking / Content-Encoding
-            why = " ".join(str(e).split()).removeprefix("400, message: ")
-            raise BadRequest(f"unreadable request body: {why}") from None
+        raw = await request.read()
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -219,6 +184,7 @@ class HttpApi:
             client_request_id=request.headers.get("x-request-id") or None,
             sampling=req.sampling(),
             ids_field="prompt",
+            headers=request.headers,
         )
         request[_PREPARED] = p
         return p
@@ -313,8 +279,6 @@ class HttpApi:
             await resp.write(_DONE)
         except RouterError as e:
             await resp.write(b"data: " + orjson.dumps(e.body()) + b"\n\n")
-        except ConnectionResetError:  # the client went away mid-stream: stop (counted 499), nothing to send
-            return resp
         except Exception as e:  # a bug after the 200 went out: a final OpenAI-shaped error event
             log.exception("internal error while streaming %s", rqid)
             err = InternalError(f"internal error: {type(e).__name__}: {e}")
@@ -328,6 +292,24 @@ class HttpApi:
         r = self.router
         tenant = r.authenticate(api_key_of(request.headers)) if r.config.api_keys is not None else None
         return _json({"object": "list", "data": list_models(r, tenant)})
+
+    async def feedback(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/feedback`` {request_id, score}: reward the model selection's choice (issue 15)."""
+        tenant = self._tenant(request)
+        rid, score = feedback_body(await self._body(request))
+        return _json(self.router.selection.feedback(rid, score, tenant))
+
+    async def explain(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/explain/{request_id}``: a recent request's decision (replica, cost terms, selection)."""
+        r = self.router
+        if r.config.api_keys is not None:
+            self._tenant(request)
+        rid = request.match_info["request_id"]
+        rec = r.explains.get(rid)
+        if rec is None:
+            raise NotFound(f"no recent decision for request '{rid}' (this router keeps the last "
+                           f"{r.config.explain_history})")  # fmt: skip
+        return _json(explain_to_dict(rec))
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         n = sum(1 for x in self.router.fleet.replicas.values() if x.healthy)

@@ -1,0 +1,159 @@
+"""Model selection through real routers (issue 15): sim engines behind gRPC endpoints and Corral routers on
+127.0.0.1. A request naming the selection model gets its model chosen by the policy's rules (the response's
+``model`` says which), Explain shows the signals, the rule and the bandit's scores (HTTP and gRPC), feedback
+over HTTP and gRPC teaches the bandit (404 / NOT_FOUND for unknown ids), and the bandit's state survives a
+router restart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from corral.api.selection import ModelSelection
+from corral.router.server import RouterConfig, RouterServer
+from corral.serve.endpoint import EngineEndpoint
+from corral.v1 import router_pb2 as rpb
+from corral.v1 import router_pb2_grpc as rpb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+sim = pytest.importorskip("corral.serve.endpoint.sim")
+
+MODEL = "llama-8b"
+SELECTION = ModelSelection.model_validate({
+    "signals": [
+        {"name": "sql-task", "header": {"name": "x-corral-task", "values": ["sql"]}},
+        {"name": "learn", "header": {"name": "x-corral-task", "values": ["learn"]}},
+        {"name": "code", "keywords": ["def ", "import "]},
+    ],
+    "rules": [
+        {"name": "sql", "priority": 20, "when": {"signal": "sql-task"}, "target": "sql",
+         "sampling": {"temperature": 0.0, "maxTokens": 3}},
+        {"name": "learn", "priority": 10, "when": {"signal": "learn"},
+         "bandit": {"candidates": [MODEL, "sql"], "alpha": 0.5, "costWeight": 0.1}},
+        {"name": "code", "when": {"signal": "code"}, "target": "sql"},
+    ],
+    "default": MODEL,
+})  # fmt: skip
+
+
+async def start_router(addresses: list[str], state: Path, router_id: str = "r1") -> RouterServer:
+    cfg = RouterConfig(adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=SELECTION,
+                       selection_state_dir=str(state), router_id=router_id, stale_after_s=0.5)  # fmt: skip
+    r = RouterServer(addresses, cfg)
+    await r.start("127.0.0.1", 0, 0)
+    await r.wait_for_replicas(len(addresses), timeout=10)
+    return r
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[list[str]]:
+    eps: list[EngineEndpoint] = []
+    for i, prof in enumerate(["H100", "A100-80GB"]):
+        eng = sim.SimEndpointEngine.create(
+            prof, f"{prof.lower()}-{i}", MODEL, time_scale=20.0, max_model_len=8192
+        )
+        eps.append(await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05))
+    try:
+        yield [e.address for e in eps]
+    finally:
+        for e in eps:
+            await e.stop(None)
+
+
+async def call(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.request(method, url, json=body, headers=headers) as resp:
+        text = await resp.text()
+        return resp.status, json.loads(text)
+
+
+async def test_http_selection_explain_and_feedback(engines: list[str], tmp_path: Path) -> None:
+    r = await start_router(engines, tmp_path)
+    try:
+        url = r.http_url
+        st, out = await call("POST", url + "/v1/completions", {"model": "auto", "prompt": "top customers",
+                             "max_tokens": 8}, {"x-corral-task": "sql"})  # fmt: skip
+        assert st == 200, out
+        assert out["model"] == "sql" and out["usage"]["completion_tokens"] == 3  # the rule's maxTokens cap
+        st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
+        assert st == 200, ex
+        assert ex["selection"]["rule"] == "sql" and ex["selection"]["sampling"] == {"temperature": 0.0,
+                                                                                    "maxTokens": 3}  # fmt: skip
+        assert ex["selection"]["signals"] == {"sql-task": {"value": "sql", "matched": True}}
+        assert ex["replica_id"] in {c["replica_id"] for c in ex["candidates"]}
+        # chat: the keywords signal reads the messages; the default when nothing matches
+        st, out = await call("POST", url + "/v1/chat/completions",
+                             {"model": "auto", "messages": [{"role": "user", "content": "import os"}]})  # fmt: skip
+        assert (st, out["model"]) == (200, "sql")
+        st, out = await call("POST", url + "/v1/completions", {"model": "auto", "prompt": "hello there"})
+        assert (st, out["model"]) == (200, MODEL)
+        st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
+        assert ex["selection"]["rule"] == "(default)"
+        # a concrete model is not selected
+        st, out = await call("POST", url + "/v1/completions", {"model": MODEL, "prompt": "import os"})
+        assert (st, out["model"]) == (200, MODEL)
+        # the bandit rule, then feedback
+        st, out = await call("POST", url + "/v1/completions", {"model": "auto", "prompt": "q", "max_tokens": 2},
+                             {"x-corral-task": "learn"})  # fmt: skip
+        assert st == 200 and out["model"] in (MODEL, "sql")
+        st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
+        scores = ex["selection"]["bandit"]["scores"]
+        assert {s["arm"] for s in scores} == {MODEL, "sql"} and all(s["cost"] > 0 for s in scores)
+        st, fb = await call("POST", url + "/v1/feedback", {"request_id": out["id"], "score": 1.0})
+        assert (st, fb) == (
+            200,
+            {"request_id": out["id"], "model": out["model"], "rule": "learn", "learned": True},
+        )
+        st, fb = await call("POST", url + "/v1/feedback", {"request_id": out["id"], "score": 1.0})
+        assert st == 409 and "already given" in fb["error"]["message"]
+        st, fb = await call("POST", url + "/v1/feedback", {"request_id": "cmpl-nope", "score": 1.0})
+        assert st == 404 and "unknown request id 'cmpl-nope'" in fb["error"]["message"]
+        st, fb = await call("POST", url + "/v1/feedback", {"request_id": out["id"], "score": 7})
+        assert st == 400 and "'score'" in fb["error"]["message"]
+        st, fb = await call("POST", url + "/v1/feedback", {"score": 1})
+        assert st == 400 and "'request_id'" in fb["error"]["message"]
+    finally:
+        await r.stop(0)
+
+
+async def test_grpc_feedback_and_restart_persistence(engines: list[str], tmp_path: Path) -> None:
+    r = await start_router(engines, tmp_path)
+    learnt = 0
+    try:
+        stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(r.grpc_address))
+        for _ in range(3):
+            resp = await stub.Generate(rpb.CompletionRequest(model="auto", prompt="q", max_tokens=2),
+                                       metadata=(("x-corral-task", "learn"),))  # fmt: skip
+            assert resp.model in (MODEL, "sql")
+            ex = await stub.Explain(rpb.ExplainRequest(request_id=resp.request_id))
+            assert ex.selection.rule == "learn" and ex.selection.algorithm == "linucb"
+            assert {s.arm for s in ex.selection.scores} == {MODEL, "sql"}
+            assert ex.selection.matched["learn"] and ex.selection.signals["learn"] == "learn"
+            fb = await stub.Feedback(rpb.FeedbackRequest(request_id=resp.request_id, score=0.9))
+            assert fb.learned and fb.model == resp.model
+            learnt += 1
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Feedback(rpb.FeedbackRequest(request_id="cmpl-unknown", score=0.5))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown request id" in (
+            e.value.details() or ""
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Feedback(rpb.FeedbackRequest(request_id=resp.request_id, score=0.5))
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        await r.stop(0)
+    assert (tmp_path / "r1.json").exists()
+    again = await start_router(engines, tmp_path)  # a restart: same id, same state folder
+    try:
+        store = again.router.selection.store
+        n = sum(store.totals(f"learn\x1f{arm}", 3)[2] for arm in (MODEL, "sql"))  # bias, length, learn
+        assert n == learnt
+    finally:
+        await again.stop(0)
