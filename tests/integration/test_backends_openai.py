@@ -138,14 +138,16 @@ async def test_load_comes_from_scraped_metrics(fleet: Setup) -> None:
     fs = fleet.server.fleet
 
     def sampled_busy() -> bool:
-        return sum(r.last_sample.running for r in fs.replicas.values() if r.last_sample) == 4
+        samples = [r.last_sample for r in fs.replicas.values() if r.last_sample]
+        return sum(s.running + s.waiting for s in samples) == 4
 
-    await wait_until(sampled_busy, 10, "scraped vllm:num_requests_running to show the 4 requests")
+    await wait_until(sampled_busy, 10, "scraped running + waiting to show the 4 requests")
     now = fleet.server.router.now()
     for r in fs.replicas.values():
         assert 0 <= now - r.sample_received_at < 2.0  # stamped on the router's clock, fresh
     assert all(st == 200 for st, _, _ in await asyncio.gather(*tasks))
-    await wait_until(lambda: all(r.last_sample and r.last_sample.running == 0 for r in fs.replicas.values()),
+    await wait_until(lambda: all(r.last_sample and r.last_sample.running + r.last_sample.waiting == 0
+                                 for r in fs.replicas.values()),
                      10, "scraped load to go back to 0")  # fmt: skip
 
 

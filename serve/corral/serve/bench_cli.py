@@ -20,6 +20,7 @@ BENCHES = {
     "router": ("corral.bench.router_micro", "router micro-benchmark: decision latency per policy, hashing"),
     "overhead": ("corral.bench.router_overhead", "router overhead: direct vs through the router (gRPC/HTTP)"),
     "ablation": ("corral.bench.ablation", "corral policy ablation: goodput with one mechanism off at a time"),
+    "peers": ("corral.bench.peers", "Corral vs sglang-router, vllm-router on the same fake vLLM workers"),
     "recovery": ("corral.bench.recovery", "recovery: engine killed or stalled, router restarted (processes)"),
     "load": ("corral.bench.load", "overload: admission control at 2x capacity (rejected, lost, fairness)"),
 }

@@ -13,10 +13,12 @@ One :class:`FakeVllm` is an HTTP server that answers like a vLLM OpenAI server f
 - ``GET /fake/stats`` (JSON counters for benchmarks) and ``POST /fake/reset``.
 
 The prompt is tokenized with the simulator's tokenizer (4 bytes per token) and cut into chained block hashes
-salted by adapter; a bounded LRU of blocks is the prefix cache. At most ``max_running`` requests run at once
-(the rest wait, and count as ``waiting``); a request's prefill takes ``prefill_base_s + prefill_s_per_token``
-x its *uncached* tokens, then each output token ``decode_s_per_token``. Several workers can share one event
-loop (:func:`serve_many`); ``python -m corral.serve.fakevllm --workers N`` runs N of them in one process.
+salted by adapter; a bounded LRU of blocks is the prefix cache. At most ``max_running`` requests are admitted
+at once; prefills run one at a time in arrival order (the GPU's compute), each taking ``prefill_base_s +
+prefill_s_per_token`` x its *uncached* tokens (the cache is looked up when it starts), then output tokens come
+every ``decode_s_per_token`` (decodes overlap). Requests not yet in their prefill count as ``waiting``.
+Several workers can share one event loop (:func:`serve_many`); ``python -m corral.serve.fakevllm --workers N``
+runs N of them in one process.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class FakeVllmConfig:
     cache_blocks: int = 4096  # prefix-cache capacity (LRU)
     max_running: int = 8  # concurrency limit; the rest wait
     prefill_base_s: float = 0.002
-    prefill_s_per_token: float = 20e-6
+    prefill_s_per_token: float = 17.3e-6  # the H100 profile's b1 (Llama-3.1-8B)
     decode_s_per_token: float = 0.002
     max_model_len: int = 32768
     adapters: dict[str, str] = field(default_factory=dict)  # preloaded LoRA adapters: name -> path
@@ -69,6 +71,7 @@ class FakeVllm:
         self.waiting = 0
         self.running_blocks = 0
         self._slots = asyncio.Semaphore(cfg.max_running)
+        self._prefill = asyncio.Lock()
         self.counters: dict[str, int] = {}
         self.reset()
         self.app = web.Application(client_max_size=64 << 20)
@@ -133,22 +136,27 @@ class FakeVllm:
         cfg = self.cfg
         hashes = block_hashes(ids, cfg.block_size, salt_for(adapter))
         self.waiting += 1
+        started = False
         try:
             await self._slots.acquire()
-        finally:
+        except BaseException:
             self.waiting -= 1
-        self.running += 1
+            raise
         self.running_blocks += len(hashes) + 1
         try:
-            cached_blocks = self._lookup(hashes)
-            cached = cached_blocks * cfg.block_size
-            self._store(hashes[:cached_blocks])  # touched now; new blocks count once computed
-            c = self.counters
-            c["requests"] += 1
-            c["prompt_tokens"] += len(ids)
-            c["cached_tokens"] += cached
-            await asyncio.sleep(cfg.prefill_base_s + cfg.prefill_s_per_token * (len(ids) - cached))
-            self._store(hashes)
+            async with self._prefill:  # one prefill at a time (the GPU's compute), in arrival order
+                self.waiting -= 1
+                self.running += 1
+                started = True
+                cached_blocks = self._lookup(hashes)  # looked up when the prefill starts
+                cached = cached_blocks * cfg.block_size
+                self._store(hashes[:cached_blocks])  # touched now; new blocks count once computed
+                c = self.counters
+                c["requests"] += 1
+                c["prompt_tokens"] += len(ids)
+                c["cached_tokens"] += cached
+                await asyncio.sleep(cfg.prefill_base_s + cfg.prefill_s_per_token * (len(ids) - cached))
+                self._store(hashes)
             yield "first", cached
             for i in range(n):
                 if i:
@@ -156,7 +164,10 @@ class FakeVllm:
                 c["generated_tokens"] += 1
                 yield "tok", i
         finally:
-            self.running -= 1
+            if started:
+                self.running -= 1
+            else:
+                self.waiting -= 1
             self.running_blocks -= len(hashes) + 1
             self._slots.release()
 
