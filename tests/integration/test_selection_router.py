@@ -6,6 +6,7 @@ router restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -84,13 +85,13 @@ async def test_http_selection_explain_and_feedback(engines: list[str], tmp_path:
         assert out["model"] == "sql" and out["usage"]["completion_tokens"] == 3  # the rule's maxTokens cap
         st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
         assert st == 200, ex
-        assert ex["selection"]["rule"] == "sql" and ex["selection"]["sampling"] == {"temperature": 0.0,
-                                                                                    "maxTokens": 3}  # fmt: skip
+        assert ex["selection"]["rule"] == "sql"
+        assert ex["selection"]["sampling"] == {"temperature": 0.0, "maxTokens": 3}
         assert ex["selection"]["signals"] == {"sql-task": {"value": "sql", "matched": True}}
         assert ex["replica_id"] in {c["replica_id"] for c in ex["candidates"]}
         # chat: the keywords signal reads the messages; the default when nothing matches
-        st, out = await call("POST", url + "/v1/chat/completions",
-                             {"model": "auto", "messages": [{"role": "user", "content": "import os"}]})  # fmt: skip
+        chat = {"model": "auto", "messages": [{"role": "user", "content": "import os"}]}
+        st, out = await call("POST", url + "/v1/chat/completions", chat)
         assert (st, out["model"]) == (200, "sql")
         st, out = await call("POST", url + "/v1/completions", {"model": "auto", "prompt": "hello there"})
         assert (st, out["model"]) == (200, MODEL)
@@ -100,8 +101,8 @@ async def test_http_selection_explain_and_feedback(engines: list[str], tmp_path:
         st, out = await call("POST", url + "/v1/completions", {"model": MODEL, "prompt": "import os"})
         assert (st, out["model"]) == (200, MODEL)
         # the bandit rule, then feedback
-        st, out = await call("POST", url + "/v1/completions", {"model": "auto", "prompt": "q", "max_tokens": 2},
-                             {"x-corral-task": "learn"})  # fmt: skip
+        body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+        st, out = await call("POST", url + "/v1/completions", body, {"x-corral-task": "learn"})
         assert st == 200 and out["model"] in (MODEL, "sql")
         st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
         scores = ex["selection"]["bandit"]["scores"]
@@ -157,3 +158,47 @@ async def test_grpc_feedback_and_restart_persistence(engines: list[str], tmp_pat
         assert n == learnt
     finally:
         await again.stop(0)
+
+
+@pytest.fixture
+def spans() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    yield exporter
+    processor.shutdown()
+
+
+async def test_span_attributes_and_explain_cli(
+    engines: list[str], tmp_path: Path, spans: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from corral.api.cli import main
+
+    r = await start_router(engines, tmp_path)
+    try:
+        body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+        hdrs = {"x-corral-task": "learn", "authorization": "Bearer secret-key"}
+        st, out = await call("POST", r.http_url + "/v1/completions", body, hdrs)
+        assert st == 200, out
+        route = [s for s in spans.get_finished_spans() if s.attributes.get("corral.request_id") == out["id"]]
+        assert len(route) == 1
+        attrs = dict(route[0].attributes)
+        assert attrs["corral.select.model"] == out["model"] and attrs["corral.select.rule"] == "learn"
+        assert attrs["corral.select.signal.learn"] == "learn" and attrs["corral.select.matched.learn"] is True
+        assert {f"corral.select.bandit.{a}.score" for a in (MODEL, "sql")} <= set(attrs)
+        assert "secret-key" not in repr(attrs)  # credentials never reach header signals
+        rc = await asyncio.to_thread(main, ["explain", "--router", r.grpc_address, "--request-id", out["id"]])
+        text = capsys.readouterr().out
+        assert rc == 0, text
+        assert f"selection: {out['model']} (rule learn" in text and "bandit linucb" in text
+    finally:
+        await r.stop(0)

@@ -1,5 +1,6 @@
 """``corral explain``: ask a running router (gRPC ``Explain``) why a request went where it did, or dry-run
-a prompt, and print the decision with every candidate's cost terms (queue, prefill, adapter load)."""
+a prompt, and print the decision with every candidate's cost terms (queue, prefill, adapter load) and, when
+the policy's model selection chose the model, its signals, rule and bandit scores."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import sys
 
 from .explain import format_decision
+from .selection.audit import format_selection
 from .types import Decision
 
 
@@ -52,12 +54,19 @@ def run(args: argparse.Namespace) -> int:
             return 1
     d = decision_from_pb(resp)
     if args.json:
-        print(json.dumps({"request_id": resp.request_id, "dry_run": resp.dry_run, **_as_dict(d)}, indent=2))
+        out = {"request_id": resp.request_id, "dry_run": resp.dry_run, **_as_dict(d)}
+        if resp.HasField("selection"):  # model selection (spec.modelSelection)
+            from google.protobuf.json_format import MessageToDict
+
+            out["selection"] = MessageToDict(resp.selection, preserving_proto_field_name=True)
+        print(json.dumps(out, indent=2))
     else:
         kind = "dry run" if resp.dry_run else f"request {resp.request_id}"
         print(f"{kind}: {resp.prompt_tokens} prompt tokens, {resp.prompt_blocks} blocks")
         if resp.attempts:
             print("attempts: " + " -> ".join(resp.attempts))
+        if resp.HasField("selection"):
+            print(format_selection(resp.selection))
         print(format_decision(d))
     return 0
 
