@@ -394,13 +394,12 @@ class Admission:
         return len(done) / RATE_WINDOW_S
 
     def _ahead(self, t: _Tenant) -> float:
-        """Waiters granted before a new request of ``t`` under fair queueing (its own queue, and each
-        other backlogged tenant's share of as many rounds)."""
+        """Grants until a new request of ``t`` goes, under fair queueing: its own queue plus it, and for
+        each other tenant with waiters, its weight's worth of grants per grant of ``t`` (a backlogged
+        tenant is assumed to stay backlogged: the wait ``t`` is guaranteed, not the best case)."""
         mine = len(t.queue) + 1
         w = t.limits.weight
-        return mine + sum(
-            min(len(o.queue), mine * o.limits.weight / w) for o in self.tenants.values() if o is not t
-        )
+        return mine + sum(mine * o.limits.weight / w for o in self.tenants.values() if o is not t and o.queue)
 
     def _estimate(self, t: _Tenant) -> float | None:
         rate = self.drain_rate()
