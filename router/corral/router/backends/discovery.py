@@ -57,6 +57,7 @@ class EndpointSliceDiscovery(Discovery):
         self.scheme, self.gpu_class = scheme, gpu_class
         self.poll_interval_s = poll_interval_s
         self._client = api_client
+        self._own_client = api_client is None  # close only a client made here
 
     def _api(self) -> Any:
         from kubernetes import client, config
@@ -100,5 +101,6 @@ class EndpointSliceDiscovery(Discovery):
         return await asyncio.to_thread(self._list)
 
     async def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._own_client:
             await asyncio.to_thread(self._client.close)
+            self._client = None
