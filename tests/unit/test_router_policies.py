@@ -244,8 +244,8 @@ def test_corral_cache_first_follows_from_the_requests_waiting() -> None:
     assert d.replica_id == "r000" and d.cached_blocks == 1000
     assert d.candidates is not None
     for c in d.candidates:
-        work = c.prefill_s + c.adapter_s
-        assert c.extra["cost_s"] == pytest.approx(c.total_s + work * c.extra["waiting"], abs=1e-6)
+        charged = c.prefill_s * c.extra["waiting"] + c.adapter_s * c.extra["in_flight"]
+        assert c.extra["cost_s"] == pytest.approx(c.total_s + charged, abs=1e-6)
     assert "waiting" in d.reason
 
 
@@ -344,8 +344,9 @@ def test_corral_spreads_when_every_request_shares_block_zero(n: int) -> None:
 
 
 def test_corral_adapter_load_is_charged_to_the_requests_waiting() -> None:
-    """Loading an adapter stalls the batch: on a replica where requests wait, the load (and the prefill)
-    count once per waiting request, so the adapter's holder wins though its queue is longer."""
+    """Loading an adapter stalls the batch: on a replica with requests in flight the load counts once per
+    request there (and the prefill once per waiting one), so the adapter's holder wins though its queue
+    is longer."""
     f = fleet(3, mode="precise")
     f.apply(AdapterLoaded("r001", "x", "gpu"))
     f.on_dispatch("r001", req("w", prompt(50, 8000)))  # the holder has more queued prefill

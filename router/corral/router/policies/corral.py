@@ -1,6 +1,6 @@
 """``corral``: the Corral cost model. One number in seconds per candidate replica, the minimum wins.
 
-    cost(r) = ttft(r) + work(r) x behind(r)
+    cost(r) = ttft(r) + prefill_s(r) x behind(r) + adapter_s(r) x in_flight(r)
 
     ttft(r)   this request's predicted TTFT on r:
               queue_s    prefill work already queued on r (pending uncached tokens x b1, in chunks of
@@ -9,25 +9,25 @@
             + adapter_s  0 if the adapter is GPU-resident, else the profile's CPU->GPU or disk->GPU load
                          time for its size, plus the expected wait for a LoRA slot when every slot holds
                          an adapter with requests in flight (``adapter_slot_wait_s``)
-    work(r)   the GPU seconds it adds on r before anything queued behind it can start: prefill_s +
-              adapter_s (a load stalls the whole batch, as in vLLM's worker)
-    behind(r) how many requests that delay lands on: the requests waiting on r for their first token now.
+    behind(r) how many requests its prefill delays: the requests waiting on r for their first token now.
               In steady state (Little's law) as many arrive at r during one wait as wait there now, so
               this is the expected number of requests that will queue behind this one on r.
+    in_flight(r) how many requests an adapter load delays: every request on r (a load stalls the whole
+              batch, as in vLLM's worker), the engine's running + waiting when its sample is larger.
 
 So the cost is the total TTFT, summed over this request and the requests it delays, that sending it to
 r is expected to cost, in seconds, with an H100 and an L4 compared in the same unit. What earlier
 versions did with hand-set windows and guards follows from it:
 
 - *cache first under load*: a cache miss costs its prefill once in ``ttft`` and again for every request
-  waiting behind it, so on a busy fleet a replica holding the prefix wins unless its queue is longer by
+  that will wait behind it, so on a busy fleet a replica holding the prefix wins unless its queue is longer by
   more than the miss costs everyone (the old near-tie window, now sized by the load, not by the SLO);
 - *balance when idle*: with nothing waiting, the cost is the TTFT alone (join the shortest queue in
   seconds, GPU speed included);
 - *hotspots*: a hot replica's queue_s and behind(r) both grow with every request it takes, so the cost
   of piling on rises quadratically and the next replica takes over;
-- *adapter affinity*: loading an adapter on a busy replica costs the load (and any slot wait) for
-  every waiting request, so adapters stay on the replicas that hold them unless those are overloaded.
+- *adapter affinity*: loading an adapter on a busy replica costs the load (and any slot wait) once for
+  every request on it, so adapters stay on the replicas that hold them unless those are overloaded.
 
 Exact ties (an idle fleet, a cold prompt) go to the candidate with more cached blocks, then to the
 request's dual-ring candidates in ring order (the adapter's pair first, then the adaptive prefix key's,
@@ -71,6 +71,7 @@ from ._common import (
     estimate_ttft,
     fallback_key,
     queue_seconds,
+    request_load,
     unit_blocks,
     waiting_load,
 )
@@ -115,11 +116,11 @@ class _Fleetwide:
 class _Priced:
     """One candidate's cost terms."""
 
-    __slots__ = ("behind", "cost_s", "e", "r")
+    __slots__ = ("behind", "cost_s", "e", "r", "stalled")
 
-    def __init__(self, r: ReplicaState, e: TtftEstimate, behind: int) -> None:
-        self.r, self.e, self.behind = r, e, behind
-        self.cost_s = e.total_s + (e.prefill_s + e.adapter_s) * behind
+    def __init__(self, r: ReplicaState, e: TtftEstimate, behind: int, stalled: int) -> None:
+        self.r, self.e, self.behind, self.stalled = r, e, behind, stalled
+        self.cost_s = e.total_s + e.prefill_s * behind + e.adapter_s * stalled
 
 
 class Corral(BasePolicy):
@@ -180,8 +181,12 @@ class Corral(BasePolicy):
                 e = estimate_ttft(
                     r, req, now, max_age=age, chunk_tokens=chunk, adapter_mb=adapter_mb, slot_wait=True
                 )
-                behind = waiting_load(r, now, age) if p.charge_waiting else 0
-                got = priced[r.replica_id] = _Priced(r, e, behind)
+                if p.charge_waiting:
+                    behind = waiting_load(r, now, age)
+                    stalled = request_load(r, now, age) if e.adapter_s > 0 else 0
+                else:
+                    behind = stalled = 0
+                got = priced[r.replica_id] = _Priced(r, e, behind, stalled)
             return got
 
         if n <= p.narrow_above:
@@ -212,9 +217,12 @@ class Corral(BasePolicy):
 
         best = min(priced.values(), key=order)
         reason = (
-            f"min cost {best.cost_s:.3f}s = TTFT {best.e.total_s:.3f}s + work "
-            f"{best.e.prefill_s + best.e.adapter_s:.3f}s x {best.behind} waiting ({scope})"
+            f"min cost {best.cost_s:.3f}s = TTFT {best.e.total_s:.3f}s + prefill "
+            f"{best.e.prefill_s:.3f}s x {best.behind} waiting"
         )
+        if best.e.adapter_s > 0:
+            reason += f" + adapter {best.e.adapter_s:.3f}s x {best.stalled} in flight"
+        reason += f" ({scope})"
         chosen = best
         slo = self.slo_for(req)
         if p.hotspot_c is not None and chosen.e.queue_s > slo:
@@ -252,6 +260,7 @@ class Corral(BasePolicy):
                     role=roles.get(c.r.replica_id, "-"),
                     cost_s=round(c.cost_s, 6),
                     waiting=c.behind,
+                    in_flight=c.stalled,
                     outstanding=len(c.r.in_flight),
                     uncached_tokens=c.e.uncached_tokens,
                     chosen=c is chosen,
