@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-keys", default=None, help="YAML/JSON file mapping API key -> tenant")
     ap.add_argument("--stale-after", type=float, default=1.0, help="seconds of engine silence before removal")
     ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="router worker processes sharing the ports (SO_REUSEPORT), each rebuilding state from the "
+        "engines (default 1)",
+    )
+    ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for each worker
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -130,12 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"corral router: {e}", file=sys.stderr)
         return 2
+    if ns.workers < 1:
+        print(f"corral router: --workers must be >= 1 (got {ns.workers})", file=sys.stderr)
+        return 2
     if not ns.no_uvloop:
         install_uvloop()
+    if ns.workers > 1:
+        from .workers import run_workers
+
+        args = list(sys.argv[1:] if argv is None else argv)
+        return asyncio.run(run_workers(args, ns.workers, ns.host, ns.grpc_port, ns.http_port, cfg.policy))
     engines = [a.strip() for a in ns.engines.split(",") if a.strip()]
 
     async def run() -> int:
         server = RouterServer(engines, cfg)
+        server.grpc.reuse_port = server.http.reuse_port = ns.reuse_port
         try:
             await server.start(ns.host, ns.grpc_port, ns.http_port)
         except OSError as e:  # a port in use, an address not on this machine

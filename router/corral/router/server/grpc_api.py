@@ -219,6 +219,8 @@ def explain_to_pb(rec: ExplainRecord) -> rpb.ExplainResponse:
 
 
 class GrpcApi:
+    reuse_port = False  # SO_REUSEPORT: several router worker processes share the port (server/workers.py)
+
     def __init__(self, router: Router) -> None:
         self.router = router
         self.server: grpc.aio.Server | None = None
@@ -227,7 +229,10 @@ class GrpcApi:
 
     async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> str:
         """Listen on ``host:port``; TLS (mTLS) with ``credentials`` (:mod:`corral.router.tls`)."""
-        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        opts = [
+            (k, int(self.reuse_port)) if k == "grpc.so_reuseport" else (k, v) for k, v in GRPC_SERVER_OPTIONS
+        ]
+        server = grpc.aio.server(options=opts)
         rpb_grpc.add_RouterServicer_to_server(RouterServicer(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (

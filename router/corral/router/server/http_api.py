@@ -88,6 +88,8 @@ async def _json_http_errors(request: web.Request, handler: Any) -> web.StreamRes
 
 
 class HttpApi:
+    reuse_port = False  # SO_REUSEPORT: several router worker processes share the port (server/workers.py)
+
     def __init__(self, router: Router) -> None:
         self.router = router
         self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_http_errors])
@@ -106,7 +108,9 @@ class HttpApi:
         """Listen on ``host:port`` (0: any free port); HTTPS with ``ssl_context`` (:mod:`..tls`)."""
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, backlog=1024, ssl_context=ssl_context)
+        site = web.TCPSite(
+            self.runner, host, port, backlog=1024, ssl_context=ssl_context, reuse_port=self.reuse_port or None
+        )
         await site.start()
         server: Any = site._server
         sockets = server.sockets if server is not None else []

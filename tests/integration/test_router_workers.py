@@ -1,0 +1,129 @@
+"""``python -m corral.router.server --workers N``: N router processes on one port (SO_REUSEPORT), each
+rebuilding its state from the engines' event streams. Real processes on loopback: sim engine replicas and
+the router parent with its workers. Every worker serves, and a prompt prefix goes to the same replica
+(the one holding it) whichever worker takes the connection; SIGTERM stops every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from corral.bench.procs import start_engine, start_router
+from corral.v1 import router_pb2 as rpb
+from corral.v1 import router_pb2_grpc as rpb_grpc
+from waiting import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+MODEL = "llama-8b"
+WORKERS = 2
+
+
+def _worker_of(request_id: str) -> str:
+    """Request ids are ``cmpl-<8 hex of the process><counter>``: the process part names the worker."""
+    return request_id[5:13]
+
+
+def _prefix(i: int) -> str:
+    return f"system prompt {i}: " + " ".join(f"rule-{i}-{k}" for k in range(40)) + "\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _post(url: str, prompt: str) -> tuple[str, str, int]:
+    """One completion on a new connection (the kernel picks the worker per connection)."""
+    conn = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+        async with s.post(url + "/v1/completions", json=body) as r:
+            data: Any = await r.json()
+            assert r.status == 200, data
+            cached = data["usage"]["prompt_tokens_details"]["cached_tokens"]
+            return _worker_of(data["id"]), r.headers["x-corral-replica"], cached
+
+
+def test_workers_share_the_port_and_route_a_prefix_to_the_same_replica(tmp_path: Any) -> None:
+    engines = [start_engine(f"h100-{i}", MODEL, log_dir=tmp_path) for i in range(2)]
+    router = None
+    try:
+        router = start_router(
+            [e.address for e in engines], extra=["--workers", str(WORKERS)], log_dir=tmp_path
+        )
+        line = router.proc.match.string
+        assert f"workers {WORKERS}" in line, line
+        pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split(",")]
+        assert len(pids) == WORKERS and all(_alive(p) for p in pids)
+
+        url = router.http_url
+
+        async def ready() -> None:  # every worker has both engines (their event streams are up)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                for _ in range(8 * WORKERS):
+                    async with s.get(url + "/ready") as r:
+                        assert r.status == 200 and (await r.json())["replicas"] == 2
+
+        wait_until(lambda: asyncio.run(ready()) is None, 30, "every worker to see both engines")
+
+        async def drive() -> dict[int, list[tuple[str, str, int]]]:
+            seen: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+            for rnd in range(8):
+                for i in range(6):  # sequential: no load difference between replicas decides anything
+                    seen[i].append(await _post(url, _prefix(i) + f"question {rnd}?"))
+            return seen
+
+        seen = asyncio.run(drive())
+        workers = {w for rows in seen.values() for w, _, _ in rows}
+        assert len(workers) == WORKERS, f"connections reached only workers {workers}"
+        for i, rows in seen.items():
+            replicas = {rep for _, rep, _ in rows}
+            assert len(replicas) == 1, f"prefix {i} went to {replicas} via workers {[w for w, _, _ in rows]}"
+            # after the first request the prefix is cached on that replica: every later request hits it,
+            # through whichever worker took it (each learned the blocks from the engine's events)
+            assert all(cached > 0 for _, _, cached in rows[1:]), rows
+        by_worker = {w for rows in seen.values() for w, _, _ in rows[1:]}
+        assert len(by_worker) == WORKERS  # the hits above were served by every worker
+
+        async def grpc_call() -> str:
+            async with grpc.aio.insecure_channel(router.grpc_address) as ch:
+                resp = await rpb_grpc.RouterStub(ch).Generate(
+                    rpb.CompletionRequest(model=MODEL, prompt=_prefix(0) + "via gRPC", max_tokens=2)
+                )
+                return str(resp.replica_id)
+
+        assert asyncio.run(grpc_call()) == seen[0][0][1]  # the gRPC port is shared too
+
+        router.proc.popen.send_signal(signal.SIGTERM)
+        assert router.proc.popen.wait(30) == 0
+        wait_until(lambda: not any(_alive(p) for p in pids), 30, "every worker to exit")
+        router = None
+    finally:
+        if router is not None:
+            os.killpg(router.proc.pid, signal.SIGKILL)  # the parent and its workers (one session)
+            router.proc.popen.wait(10)
+        for e in engines:
+            e.proc.kill()
+
+
+def test_workers_must_be_positive() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "corral.router.server", "--workers", "0", "--engines", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "--workers must be >= 1" in r.stderr
