@@ -101,9 +101,13 @@ async def test_http_selection_explain_and_feedback(engines: list[str], tmp_path:
         st, out = await call("POST", url + "/v1/completions", {"model": MODEL, "prompt": "import os"})
         assert (st, out["model"]) == (200, MODEL)
         # the bandit rule, then feedback
+        forecast: list[tuple[str, float]] = []
+        r.router.selection.on_forecast = lambda arm, share: forecast.append((arm, share))  # the pager's hook
         body = {"model": "auto", "prompt": "q", "max_tokens": 2}
         st, out = await call("POST", url + "/v1/completions", body, {"x-corral-task": "learn"})
         assert st == 200 and out["model"] in (MODEL, "sql")
+        other = "sql" if out["model"] == MODEL else MODEL
+        assert [a for a, _ in forecast] == [other] and 0 < forecast[0][1] <= 1
         st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
         scores = ex["selection"]["bandit"]["scores"]
         assert {s["arm"] for s in scores} == {MODEL, "sql"} and all(s["cost"] > 0 for s in scores)

@@ -118,6 +118,8 @@ def test_bandit_converges_on_a_stationary_reward(algorithm: str) -> None:
         s.feedback(f"r{i}", None, float(np.clip(r, 0, 1)))
         picks.append(sel.model)
     assert picks[-100:].count("good") >= 90, picks[-100:]
+    sel = s.select(RequestInfo("q", count_tokens=lambda: 100))
+    assert sel.forecast is not None and sel.forecast["good"] > 0.9  # the pager's demand forecast
     assert picks[:20].count("bad") >= 1  # it explored
 
 

@@ -437,6 +437,7 @@ class RouterDeployment:
         server.router.pool.set_profiles(settings.profiles)
         self.pager = AdapterPager(fleet, GrpcAdapterControl(server.router.pool), [])
         self.pager.update(self._adapter_infos(settings), self._paging_config(settings))
+        server.router.selection.on_forecast = self._on_forecast  # a bandit's expected demand (issue 15)
         await server.start(host=self.host, grpc_port=self.grpc_port, http_port=self.http_port)
         self.server = server
         adv = advertised_host(self.host, self.advertise_host)
@@ -463,6 +464,12 @@ class RouterDeployment:
     def _on_dispatch(self, replica_id: str, req: Any) -> None:
         """Feed the pager's demand tracker from the router's dispatch accounting."""
         self.pager.on_dispatch(req.adapter)
+
+    def _on_forecast(self, arm: str, share: float) -> None:
+        """A model-selection bandit's expected share for an adapter it did not pick this time: demand the
+        pager can prefetch for (the picked one is counted at dispatch)."""
+        if arm in self.pager.adapters:
+            self.pager.demand.record(arm, self.pager.clock(), share)  # type: ignore[arg-type]
 
     async def _lease_loop(self) -> None:
         """Hold (or wait for) the pool's paging lease, and share this router's adapter demand: each

@@ -49,6 +49,7 @@ class Selection:
     sampling: SamplingOverrides | None = None
     bandit: list[ArmScore] | None = None
     algorithm: str = ""
+    forecast: dict[str, float] | None = None  # bandit rules: expected share of the rule's traffic per arm
     elapsed_us: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +64,7 @@ class Selection:
         if self.bandit is not None:
             out["bandit"] = {
                 "algorithm": self.algorithm,
+                "forecast": self.forecast,
                 "scores": [
                     {"arm": s.arm, "predicted": s.predicted, "bonus": s.bonus, "cost": s.cost,
                      "score": s.score, "n": s.n}
@@ -142,7 +144,8 @@ class Selector:
                 scores = self.store.scores(r.name, b.candidates, x, algorithm=b.algorithm, alpha=b.alpha,
                                            cost_weight=b.cost_weight, costs=costs)  # fmt: skip
                 best = max(scores, key=lambda s: s.score)
-                sel = Selection(best.arm, r.name, sampling=r.sampling, bandit=scores, algorithm=b.algorithm)
+                sel = Selection(best.arm, r.name, sampling=r.sampling, bandit=scores, algorithm=b.algorithm,
+                                forecast=self.store.demand(r.name, b.candidates, x))  # fmt: skip
                 sel.signals["__context__"] = ",".join(f"{v:.3g}" for v in x)
             break
         if sel is None:

@@ -13,7 +13,7 @@ model is resolved and :meth:`RouterSelection.bind` once the request has its id; 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
@@ -59,6 +59,9 @@ class RouterSelection:
         self.ledger = FeedbackLedger()
         self._spec: object = None
         self._selector: Selector | None = None
+        self.on_forecast: Callable[[str, float], None] | None = None
+        """Told (arm, expected share) for each candidate a bandit did not choose this time: the adapter
+        pager's demand forecast (the chosen one is counted when it is dispatched)."""
 
     @property
     def selector(self) -> Selector | None:
@@ -146,6 +149,10 @@ class RouterSelection:
             count_tokens = lambda: self._count(default, text)  # noqa: E731
         info = RequestInfo(text, _tenant_name(tenant), hdrs, count_tokens)
         sel = sel_.select(info, self.cost)
+        if sel.forecast and self.on_forecast is not None:
+            for arm, share in sel.forecast.items():
+                if arm != sel.model and share > 0.0:
+                    self.on_forecast(arm, share)
         o = sel.sampling
         if o is not None:
             sp = epb.SamplingParams()
