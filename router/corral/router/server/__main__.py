@@ -72,6 +72,7 @@ def _config(ns: argparse.Namespace) -> RouterConfig:
         s,
         api_keys=load_api_keys(ns.api_keys) if ns.api_keys else None,
         stale_after_s=ns.stale_after,
+        selection_state_dir=ns.selection_state,
     )
     RouterCore(s)  # a bad strategy or param fails here, as one line, before anything listens
     uris = {m.name: m.tokenizer for m in s.models.values() if m.tokenizer} | dict(ns.tokenizer)
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free)")
     ap.add_argument("--api-keys", default=None, help="YAML/JSON file mapping API key -> tenant")
     ap.add_argument("--stale-after", type=float, default=1.0, help="seconds of engine silence before removal")
+    ap.add_argument(
+        "--selection-state",
+        default=None,
+        metavar="DIR",
+        help="folder for the model-selection bandits' state (spec.modelSelection): kept across restarts "
+        "and shared by the routers (and --workers) that use the same folder; default: in memory only",
+    )
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument(
         "--workers",
