@@ -138,7 +138,10 @@ def fetch_adapter(name: str, uri: str, cache_dir: str | Path) -> AdapterArtifact
         h.update(w.name.encode() + b"\0" + data)
         size += len(data)
     for w in weights:
-        n, r = _validate_safetensors(w)
+        try:
+            n, r = _validate_safetensors(w)
+        except AdapterSourceError as e:
+            raise AdapterSourceError(f"adapter {name!r}: {e}") from None
         tensors += n
         rank = rank or r
     digest = h.hexdigest()[:16]
