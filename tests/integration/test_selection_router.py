@@ -43,8 +43,8 @@ SELECTION = ModelSelection.model_validate({
 })  # fmt: skip
 
 
-async def start_router(addresses: list[str], state: Path, router_id: str = "r1") -> RouterServer:
-    cfg = RouterConfig(adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=SELECTION,
+async def start_router(addresses: list[str], state: Path, router_id: str = "r1", **kw: Any) -> RouterServer:
+    cfg = RouterConfig(**kw,adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=SELECTION,
                        selection_state_dir=str(state), router_id=router_id, stale_after_s=0.5)  # fmt: skip
     r = RouterServer(addresses, cfg)
     await r.start("127.0.0.1", 0, 0)
@@ -206,3 +206,60 @@ async def test_span_attributes_and_explain_cli(
         assert f"selection: {out['model']} (rule learn" in text and "bandit linucb" in text
     finally:
         await r.stop(0)
+
+
+POLICY_B = """
+apiVersion: corral.dev/v1alpha1
+kind: RoutingPolicy
+metadata: {name: b}
+spec:
+  poolRef: p
+  modelSelection:
+    signals:
+      - {name: code, keywords: ["import "]}
+    rules:
+      - {name: code, when: {signal: code}, target: sql}
+    default: llama-8b
+"""
+
+
+async def test_decision_log_and_replay(
+    engines: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from corral.api.cli import main
+
+    log = tmp_path / "decisions.jsonl"
+    r = await start_router(engines, tmp_path, selection_log=str(log))
+    try:
+        url = r.http_url + "/v1/completions"
+        ids = []
+        for prompt, task in (("top customers", "sql"), ("import os", None), ("hello", None), ("q", "learn")):
+            hdrs = {"x-corral-task": task} if task else {}
+            st, out = await call("POST", url, {"model": "auto", "prompt": prompt, "max_tokens": 2}, hdrs)
+            assert st == 200, out
+            ids.append((out["id"], out["model"]))
+        st, _ = await call("POST", r.http_url + "/v1/feedback", {"request_id": ids[0][0], "score": 0.25})
+        assert st == 200
+    finally:
+        await r.stop(0)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["type"] for x in lines] == ["decision"] * 4 + ["feedback"]
+    assert lines[0]["headers"] == {"x-corral-task": "sql"} and lines[0]["text"] == "top customers"
+    policy = tmp_path / "b.yaml"
+    policy.write_text(POLICY_B)
+    rc = await asyncio.to_thread(main, ["replay", str(policy), "--log", str(log), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rep = json.loads(out)
+    # A: sql -> sql, code -> sql, default -> llama-8b, bandit -> either; B: sql task -> default llama-8b
+    assert rep["decisions"] == 4 and rep["rules_b"]["code"] == 1
+    assert rep["changes"].get("sql -> llama-8b", 0) >= 1
+    assert rep["feedback"]["scored"] == 1 and rep["feedback"]["mean_score_a"] == 0.25
+    assert rep["feedback"]["matched_b"] == 0  # B would not have sent the scored request where A did
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "decision"}\nnot json\n')
+    assert await asyncio.to_thread(main, ["replay", str(policy), "--log", str(bad)]) == 1
+    assert "bad.jsonl:2: not JSON" in capsys.readouterr().err  # the whole log is read before replaying
+    bad.write_text('{"type": "decision"}\n')
+    assert await asyncio.to_thread(main, ["replay", str(policy), "--log", str(bad)]) == 1
+    assert "bad.jsonl:1: bad decision record" in capsys.readouterr().err

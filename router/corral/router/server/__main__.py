@@ -73,6 +73,7 @@ def _config(ns: argparse.Namespace) -> RouterConfig:
         api_keys=load_api_keys(ns.api_keys) if ns.api_keys else None,
         stale_after_s=ns.stale_after,
         selection_state_dir=ns.selection_state,
+        selection_log=ns.selection_log,
     )
     RouterCore(s)  # a bad strategy or param fails here, as one line, before anything listens
     uris = {m.name: m.tokenizer for m in s.models.values() if m.tokenizer} | dict(ns.tokenizer)
@@ -124,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder for the model-selection bandits' state (spec.modelSelection): kept across restarts "
         "and shared by the routers (and --workers) that use the same folder; default: in memory only",
+    )
+    ap.add_argument(
+        "--selection-log",
+        default=None,
+        metavar="FILE",
+        help="append model-selection decisions and feedback to this JSONL file (records request text, "
+        "tenant and x-* headers) for `corral replay`; default: off",
     )
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument(

@@ -53,8 +53,8 @@ from .errors import (
     Unavailable,
 )
 from .metrics import RouterMetrics
-from .selection_api import RouterSelection, span_attributes
 from .openai_models import U32, check_sampling
+from .selection_api import RouterSelection, span_attributes
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("corral.router")
@@ -102,6 +102,7 @@ class RouterConfig:
     router_id: str = ""
     selection: ModelSelection | None = None  # spec.modelSelection (selection_api.RouterSelection)
     selection_state_dir: str | None = None  # bandit state folder (shared by active-active routers)
+    selection_log: str | None = None  # JSONL decision log of model selection (corral replay reads it)
     # Tokenizers by base model (ModelSpec.tokenizer); a model not here uses the tokenizer its engines report
     # at registration (EngineInfo.tokenizer), else default_tokenizer (None: the sim's, SIM_TOKENIZER).
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)
@@ -333,8 +334,9 @@ class Router:
         use :func:`prepare_request`, which loads tokenizers and tokenizes big prompts off the event loop.
         ``client_request_id`` is only a label: the request gets the router's own unique id."""
         if self.selection.selects(model):  # spec.modelSelection: choose the model, then prepare that
-            m, sampling, max_tokens, sel, info = self.selection.choose(model, prompt=prompt, messages=messages,
-                tenant=tenant, headers=None, sampling=sampling, max_tokens=max_tokens)  # fmt: skip
+            m, sampling, max_tokens, sel, info = self.selection.choose(
+                model, prompt=prompt, messages=messages, tenant=tenant, headers=None, sampling=sampling,
+                max_tokens=max_tokens)  # fmt: skip
             p = self.prepare(m, prompt, token_ids, max_tokens, tenant, client_request_id, sampling,
                              messages=messages, ids_field=ids_field)  # fmt: skip
             return self.selection.bind(p, sel, info, tenant)

@@ -22,6 +22,7 @@ from corral.v1 import engine_pb2 as epb
 
 from ..selection import FeedbackError, RequestInfo, Selection, Selector, compile_selection
 from ..selection.bandit import BanditStore, FeedbackLedger
+from ..selection.log import DecisionLog
 from .errors import BadRequest, NotFound, RouterError
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class RouterSelection:
         self.router = router
         self.store = BanditStore(router.config.selection_state_dir, router.router_id)
         self.ledger = FeedbackLedger()
+        log_path = router.config.selection_log
+        self.log = DecisionLog(log_path) if log_path else None
         self._spec: object = None
         self._selector: Selector | None = None
         self.on_forecast: Callable[[str, float], None] | None = None
@@ -74,6 +77,8 @@ class RouterSelection:
 
     def close(self) -> None:
         self.store.close()
+        if self.log is not None:
+            self.log.close()
 
     # ---- the request path -------------------------------------------------------------------------------
     def selects(self, model: str) -> bool:
@@ -178,6 +183,8 @@ class RouterSelection:
         if sel is not None and info is not None and sel_ is not None:
             p.selection = sel
             sel_.remember(p.rr.request_id, _tenant_name(tenant), sel, info)
+            if self.log is not None:
+                self.log.decision(p.rr.request_id, _tenant_name(tenant), info, sel)
         return p
 
     # ---- feedback ---------------------------------------------------------------------------------------
@@ -188,7 +195,10 @@ class RouterSelection:
                 raise FeedbackError(
                     404, f"unknown request id '{request_id}': this router's policy has no model selection"
                 )
-            return sel_.feedback(request_id, _tenant_name(tenant), score)
+            got = sel_.feedback(request_id, _tenant_name(tenant), score)
+            if self.log is not None:
+                self.log.feedback(request_id, float(score))  # type: ignore[arg-type]
+            return got
         except FeedbackError as e:
             if e.status == 404:
                 raise NotFound(e.message) from None
