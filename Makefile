@@ -43,6 +43,8 @@ lint:
 # The committed results: `corral bench X` alone writes to ./corral-bench/.
 bench-docs:
 	.venv/bin/corral bench fleet --out docs/benchmarks
+	.venv/bin/corral bench fleet --seeds 1,2 --policies corral,dualmap,precise_prefix --no-plots --out docs/benchmarks/seeds
+	.venv/bin/corral bench fleet --trace bench/corral/bench/data/synthetic_trace.jsonl.gz --out docs/benchmarks/heldout
 	.venv/bin/corral bench router --out docs/benchmarks
 	.venv/bin/corral bench overhead --ray --out docs/benchmarks
 	.venv/bin/corral bench ablation --out docs/benchmarks

@@ -35,11 +35,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from corral.bench import DATA, DEFAULT_OUT, checkout_root
+from corral.bench.bound import upper_bound
 from corral.bench.provenance import describe, provenance
 from corral.router.policies import policy_names
 from corral.serve.sim import workloads as W
@@ -84,6 +85,8 @@ class WorkloadSpec:
     n: int
     kwargs: tuple[tuple[str, Any], ...] = ()
     warmup: float = 0.1
+    seed: int = 0
+    """Generator seed (synthetic workloads: arrivals, contents; traces: the spreading of equal timestamps)."""
 
 
 def _suite(quick: bool) -> list[WorkloadSpec]:
@@ -110,22 +113,23 @@ def build(spec: WorkloadSpec) -> W.Workload:
     kw = dict(spec.kwargs)
     if spec.kind == "mooncake":
         path = Path(kw.pop("path") or default_trace())
-        w = W.load_mooncake(path, limit=spec.n, name=spec.name)
+        w = W.load_mooncake(path, limit=spec.n, name=spec.name, seed=spec.seed)
         w.meta["trace"] = _rel(path)
     elif spec.kind == "trace":
         path = Path(kw.pop("path"))
-        w = W.load_trace(path, limit=spec.n or None, name=spec.name)
+        seed_kw = {} if ".csv" in path.name else {"seed": spec.seed}
+        w = W.load_trace(path, limit=spec.n or None, name=spec.name, **seed_kw)
         w.meta["trace"] = _rel(path)
     elif spec.kind == "shared_prefix":
-        w = W.shared_prefix(spec.n, **kw)
+        w = W.shared_prefix(spec.n, seed=spec.seed, **kw)
     elif spec.kind == "multi_turn":
-        w = W.multi_turn(spec.n, **kw)
+        w = W.multi_turn(spec.n, seed=spec.seed, **kw)
     elif spec.kind == "zero_reuse":
-        w = W.zero_reuse(spec.n, **kw)
+        w = W.zero_reuse(spec.n, seed=spec.seed, **kw)
     elif spec.kind == "lora_zipf":
-        w = W.lora_zipf(n_requests=spec.n, name=spec.name, **kw)
+        w = W.lora_zipf(n_requests=spec.n, name=spec.name, seed=spec.seed, **kw)
     elif spec.kind == "bursty":
-        w = W.bursty(spec.n, **kw)
+        w = W.bursty(spec.n, seed=spec.seed, **kw)
     else:
         raise ValueError(f"unknown workload kind {spec.kind!r}")
     w.name = spec.name
@@ -257,6 +261,9 @@ class Options:
     requests: int | None = None
     workloads: list[str] = field(default_factory=list)
     plots: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Workload seeds: the goodput search runs once per seed (the first seed also gives the reference-rate
+    figures); each policy's goodput is the mean over seeds, reported with its spread."""
 
 
 def specs_for(opts: Options) -> list[WorkloadSpec]:
@@ -313,14 +320,22 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             "capacity_estimate_rps": cap,
             "rates": rates,
         }
+        info[spec.name]["ceiling"] = upper_bound(w, [prof for _, prof in replicas], spec.warmup)
         bisect = 2 if opts.quick else 3
-        tasks.extend(Task("search", spec, p, cfg_key, rates=rates, bisect=bisect) for p in names)
+        for seed in opts.seeds:
+            sp = replace(spec, seed=seed)
+            tasks.extend(Task("search", sp, p, cfg_key, rates=rates, bisect=bisect) for p in names)
     # Long searches first so the two workers finish together.
     tasks.sort(key=lambda t: -t.spec.n)
     searched = execute(tasks, opts.workers, "goodput search")
     results: dict[str, dict[str, dict[str, Any]]] = {s.name: {} for s in specs}
+    by_seed: dict[tuple[str, str], dict[int, float]] = {}
+    first_seed = opts.seeds[0]
     for t, out in searched:
-        results[t.spec.name][t.policy] = dict(out)
+        by_seed.setdefault((t.spec.name, t.policy), {})[t.spec.seed] = out["goodput_rps"]
+        if t.spec.seed == first_seed:
+            results[t.spec.name][t.policy] = dict(out)
+    specs = [replace(s, seed=first_seed) for s in specs]
 
     ref_tasks: list[Task] = []
     for spec in specs:
@@ -349,10 +364,18 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
     for spec in specs:
         i = info[spec.name]
         pols = {}
+        ceil = i["ceiling"]
         for p in names:
             r = results[spec.name][p]
+            seeds = by_seed[(spec.name, p)]
+            vals = [seeds[k] for k in sorted(seeds)]
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
             pols[p] = {
-                "goodput_rps": _num(r["goodput_rps"]),
+                "goodput_rps": _num(mean),
+                "goodput_std_rps": _num(sd),
+                "goodput_by_seed": {str(k): _num(seeds[k]) for k in sorted(seeds)},
+                "of_ceiling": _num(mean / ceil["goodput_rps"]) if ceil["goodput_rps"] > 0 else None,
                 "ttft_p50_s": _num(r["ttft_p50_s"]),
                 "ttft_p90_s": _num(r["ttft_p90_s"]),
                 "ttft_p99_s": _num(r["ttft_p99_s"]),
@@ -381,9 +404,12 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             "ref_rate_rps": _num(i["ref_rate_rps"]),
             "rate_grid_rps": list(i["rates"]),
             "capacity_estimate_rps": _num(i["capacity_estimate_rps"]),
+            "ceiling": {k: _num(v) for k, v in ceil.items()},
         }
     doc["meta"] = {
-        "command": "corral bench fleet" + (" --quick" if opts.quick else ""),
+        "command": "corral bench fleet"
+        + (" --quick" if opts.quick else "")
+        + (f" --seeds {','.join(str(x) for x in opts.seeds)}" if opts.seeds != [0] else ""),
         "quick": opts.quick,
         "replicas": opts.replicas,
         "fleet": describe_fleet(replicas),
@@ -391,6 +417,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
         "max_loras": opts.max_loras,
         "max_cpu_loras": opts.max_cpu_loras,
         "ref_fraction": REF_FRACTION,
+        "seeds": list(opts.seeds),
         "goodput_quantile": 90,
         "workers": opts.workers,
         "wall_s": round(time.perf_counter() - t_start, 1),
@@ -479,6 +506,12 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "load-only baseline's goodput, the same for every policy). `*` = the run at the reference rate "
         "was cut short (over half of the requests missed the SLO): its TTFT figures are lower bounds.",
         "",
+        f"Seeds {', '.join(str(x) for x in m.get('seeds', [0]))}: goodput is the mean over the seeds' "
+        "workloads (± the sample standard deviation when there are several); the other figures come from "
+        "the first seed. *Ceiling*: the fleet's caches pooled into one LRU cache (hit rate) and the goodput "
+        "of a fluid fleet with that hit rate and perfect balance under the same finite-run P90 criterion "
+        "(`corral.bench.bound`); *of ceiling* = goodput / ceiling goodput.",
+        "",
     ]
     g = goals(doc)
     if g:
@@ -495,15 +528,26 @@ def to_markdown(doc: dict[str, Any]) -> str:
             f"{s['prefix_reuse_upper_bound']:.1%}. SLO: P90 TTFT <= {w['slo_ttft_s']} s. Reference rate "
             f"{w['ref_rate_rps']:.2f} req/s.",
             "",
-            "| policy | goodput (req/s) | TTFT p50 (s) | p90 (s) | p99 (s) | TPOT p50 (ms) | prefix hit | "
-            "adapter loads /1k | imbalance |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| policy | goodput (req/s) | of ceiling | TTFT p50 (s) | p90 (s) | p99 (s) | TPOT p50 (ms) | "
+            "prefix hit | adapter loads /1k | imbalance |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        ceil = w.get("ceiling")
+        if ceil:
+            lines.append(
+                "| **ceiling** (pooled cache, fluid, perfect balance) | "
+                f"{_f(ceil['goodput_rps'], '{:.2f}')} | "
+                f"100% | - | - | - | - | {_f(ceil['prefix_hit_rate'], '{:.1%}')} | 0.0 | 1.00 |"
+            )
         ranked = sorted(w["policies"].items(), key=lambda kv: -(kv[1]["goodput_rps"] or 0))
         for p, r in ranked:
             star = "*" if r["saturated_at_ref"] else ""
+            gp = _f(r["goodput_rps"], "{:.2f}")
+            if len(r.get("goodput_by_seed") or {}) > 1:
+                gp += f" ± {_f(r['goodput_std_rps'], '{:.2f}')}"
             lines.append(
-                f"| {p} | {_f(r['goodput_rps'], '{:.2f}')} | {_f(r['ttft_p50_s'], '{:.3f}')}{star} | "
+                f"| {p} | {gp} | {_f(r.get('of_ceiling'), '{:.0%}')} | "
+                f"{_f(r['ttft_p50_s'], '{:.3f}')}{star} | "
                 f"{_f(r['ttft_p90_s'], '{:.3f}')}{star} | {_f(r['ttft_p99_s'], '{:.3f}')}{star} | "
                 f"{_f(None if r['tpot_p50_s'] is None else r['tpot_p50_s'] * 1000, '{:.1f}')} | "
                 f"{_f(r['prefix_hit_rate'], '{:.1%}')} | {_f(r['adapter_loads_per_1k'], '{:.1f}')} | "
@@ -555,6 +599,63 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.12, 1, 1))
     files.append(out / "fleet_ttft_vs_rate.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    # Goodput vs arrival rate (requests meeting the SLO per second) with the ceiling.
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (name, w) in zip(axes.flat, wls, strict=False):
+        for p, r in w["policies"].items():
+            gpts = sorted(
+                (c["rate_rps"], c["rate_rps"] * c["slo_attainment"])
+                for c in r["curve"]
+                if c.get("slo_attainment") is not None
+            )
+            if gpts:
+                gx, gy = zip(*gpts, strict=True)
+                lw = 2.4 if p.startswith("corral") else 1.2
+                ax.plot(gx, gy, marker="o", ms=3, lw=lw, label=p, color=color[p])
+        ceil = (w.get("ceiling") or {}).get("goodput_rps")
+        if ceil:
+            ax.axhline(ceil, color="k", ls="--", lw=0.8, label="ceiling")
+        ax.set_title(f"{name}: goodput vs rate (dashed: ceiling)", fontsize=9)
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_ylabel("req/s meeting the TTFT SLO")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(wls) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.12, 1, 1))
+    files.append(out / "fleet_goodput_vs_rate.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    # Distance from the ceiling: goodput / ceiling goodput per workload and policy (error bar: seed std).
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(wls) * len(pols) / 5), 4.0))
+    width = 0.8 / len(pols)
+    for k, p in enumerate(pols):
+        bx: list[float] = []
+        by: list[float] = []
+        be: list[float] = []
+        for i, (_, w) in enumerate(wls):
+            r = w["policies"].get(p)
+            c = (w.get("ceiling") or {}).get("goodput_rps")
+            if r is None or not c or r.get("of_ceiling") is None:
+                continue
+            bx.append(i + k * width)
+            by.append(100 * r["of_ceiling"])
+            be.append(100 * (r.get("goodput_std_rps") or 0.0) / c)
+        edge = "k" if p.startswith("corral") else None
+        ax.bar(bx, by, width, yerr=be, label=p, color=color[p], edgecolor=edge)
+    ax.axhline(100, color="k", ls="--", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(wls))])
+    ax.set_xticklabels([n for n, _ in wls], fontsize=8)
+    ax.set_ylabel("goodput, % of the ceiling")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    files.append(out / "fleet_of_ceiling.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
@@ -625,7 +726,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per workload (override)")
     ap.add_argument("--workloads", default="", help="comma-separated subset of the default suite")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--seeds", default="0", help="comma-separated workload seeds (default 0)")
     a = ap.parse_args(argv)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()] or [0]
+    except ValueError:
+        msg = f"corral bench fleet: --seeds: expected comma-separated integers, got {a.seeds!r}"
+        print(msg, file=sys.stderr)
+        return 2
     opts = Options(
         quick=a.quick,
         traces=list(a.trace),
@@ -639,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests=a.requests,
         workloads=[x.strip() for x in a.workloads.split(",") if x.strip()],
         plots=not a.no_plots,
+        seeds=seeds,
     )
     try:
         doc = run(opts, log=lambda s: print(s, file=sys.stderr))
