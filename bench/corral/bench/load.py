@@ -125,7 +125,8 @@ class Outcome:
         return sum(n for (t, k), n in self.kinds.items() if k == kind and tenant in (None, t))
 
 
-async def _request(session: Any, url: str, tenant: str, i: int, max_tokens: int, out: Outcome) -> None:
+async def _request(session: Any, url: str, tenant: str, i: int, max_tokens: int, out: Outcome) -> bool:
+    """One request; its outcome goes to ``out``. Returns whether it completed."""
     import aiohttp
 
     body = {"model": MODEL, "prompt": f"tenant {tenant} asks question {i}: " + "why " * 40,
@@ -141,6 +142,7 @@ async def _request(session: Any, url: str, tenant: str, i: int, max_tokens: int,
                 if choice.get("finish_reason") and doc["usage"]["completion_tokens"] >= 1:
                     out.latency.append(time.perf_counter() - t0)
                     out.add(tenant, "completed")
+                    return True
                 else:
                     out.add(tenant, "lost_incomplete", text)
             elif resp.status == 429:
@@ -154,6 +156,7 @@ async def _request(session: Any, url: str, tenant: str, i: int, max_tokens: int,
                 out.add(tenant, f"lost_http_{resp.status}", text)
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, KeyError, IndexError) as e:
         out.add(tenant, "lost_" + type(e).__name__, str(e))
+    return False
 
 
 async def _capacity(
@@ -174,9 +177,8 @@ async def _capacity(
             nonlocal done_in_window
             i = c
             while time.perf_counter() < t_end:
-                before = out.count("completed")
-                await _request(s, url, names[c % len(names)], i, max_tokens, out)
-                if out.count("completed") > before and time.perf_counter() >= t_measure:
+                ok = await _request(s, url, names[c % len(names)], i, max_tokens, out)
+                if ok and t_measure <= time.perf_counter() <= t_end:
                     done_in_window += 1
                 i += clients
 
@@ -196,7 +198,7 @@ async def _overload(url: str, rate: float, duration: float, max_tokens: int, see
 
     out = Outcome()
     sent: Counter[str] = Counter()
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[bool]] = []
     per_tenant = rate / len(TENANTS)
     t_start = time.perf_counter()
     async with aiohttp.ClientSession(
