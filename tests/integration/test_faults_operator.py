@@ -164,7 +164,7 @@ def test_apiserver_frozen_30s_operator_backs_off_and_converges(
     # a change in flight when the apiserver freezes (the operator's calls hang on open connections) ...
     k8s_cluster.kubectl(
         "-n", ns, "patch", "modelpool", "pool-0", "--type=json",
-        "-p", '[{"op": "replace", "path": "/spec/gpuClasses/0/replicas", "value": 3}]',
+        "-p", '[{"op": "replace", "path": "/spec/gpuClasses/0/replicas", "value": 5}]',
     )  # fmt: skip
     with apiserver_frozen(k8s_cluster, 30.0):
         operator.assert_alive()
@@ -173,9 +173,9 @@ def test_apiserver_frozen_30s_operator_backs_off_and_converges(
     # ... and one made right after it is back
     k8s_cluster.kubectl(
         "-n", ns, "patch", "modelpool", "pool-1", "--type=json",
-        "-p", '[{"op": "replace", "path": "/spec/gpuClasses/0/replicas", "value": 1}]',
+        "-p", '[{"op": "replace", "path": "/spec/gpuClasses/0/replicas", "value": 3}]',
     )  # fmt: skip
-    wait(lambda: view.converged({"pool-0": 3, "pool-1": 1}), timeout=180, what="both changes reconciled")
+    wait(lambda: view.converged({"pool-0": 5, "pool-1": 3}), timeout=180, what="both changes reconciled")
     converged_s = time.monotonic() - t0
     operator.assert_alive()
     print(f"apiserver frozen 30 s; operator converged {converged_s:.1f}s after it came back")
