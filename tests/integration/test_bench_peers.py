@@ -14,9 +14,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_bench_peers_corral_only_tiny(tmp_path: Path) -> None:
-    rc = peers.main(["--quick", "--peers", "corral", "--requests", "12", "--hop-requests", "30",
-                     "--workers", "2", "--concurrency", "4", "--prefix-tokens", "256", "--groups", "2",
-                     "--out", str(tmp_path)])  # fmt: skip
+    rc = peers.main(["--quick", "--peers", "corral", "--requests", "12", "--conversation-requests", "12",
+                     "--hop-requests", "30", "--workers", "2", "--concurrency", "4", "--prefix-tokens", "256",
+                     "--groups", "2", "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
     data = json.loads((tmp_path / "peers.json").read_text())
     assert data["meta"]["git"] is not None and "params" in data["meta"]

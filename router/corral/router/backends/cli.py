@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from ..engine_client import Discovery
 from ..server.__main__ import _config, _param, _settings, install_uvloop
+from ..server.__main__ import build_parser as server_parser
 from .discovery import EndpointSliceDiscovery, StaticBackends
 
 
@@ -92,7 +93,9 @@ def run(ns: argparse.Namespace) -> int:
     try:
         disc = discovery_of(ns)
         settings = _settings(ns.routing_policy)
-        cfg = _config(ns)
+        full = server_parser().parse_args([])  # every option of the engine router at its default ...
+        vars(full).update(vars(ns))  # ... with this command's values
+        cfg = _config(full)
     except (OSError, ValueError) as e:
         print(f"corral router: {e}", file=sys.stderr)
         return 2

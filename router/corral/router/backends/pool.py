@@ -5,10 +5,10 @@ The counterpart of :class:`~corral.router.engine_client.EnginePool` (same interf
 ``adapter_catalog``, ``wait_for_replicas``, ``set_profiles``) for servers that publish no event stream, such
 as vLLM's and SGLang's OpenAI servers. Per backend URL (from a discovery source), one probe loop:
 
-- every ``scrape_interval_s``: ``GET /metrics`` -> a :class:`~corral.router.events.LoadSample` (running,
-  waiting, KV usage). It is stamped with the router's clock *when the scrape was sent*, so its age counts
-  the scrape's own round trip, and the policies trust it only for ``sample_max_age_s`` (RoutingPolicy
-  ``load``); between samples the router's own in-flight accounting (never less than the sample) decides;
+- every ``scrape_interval_s``: ``GET /metrics`` -> the replica's load sample (running, waiting, KV usage),
+  stamped with the router's clock *when the scrape was sent* (its age counts the scrape's round trip). It is
+  a :class:`~.load.ScrapedLoad`: this router's own live counts plus the load it did not send, which fades
+  with the sample's age and is ignored after ``sample_max_age_s`` (see :mod:`.load`);
 - every ``health_every`` scrapes, and always while the backend is out: ``GET /health`` and
   ``GET /v1/models`` (base model, max length, loaded LoRA adapters = GPU-resident for the cost model);
 - ``fail_threshold`` consecutive failures (refused, timed out, non-2xx) eject the backend from routing
@@ -33,11 +33,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from ..core import SAMPLE_MAX_AGE_S
 from ..engine_client import Discovery
-from ..events import AdapterLoaded, EngineEvent, LoadSample
+from ..events import AdapterLoaded, EngineEvent
 from ..hashing import DEFAULT_BLOCK_SIZE
 from ..state import FleetState
 from ..wire import EngineInfo
+from .load import ScrapedLoad
 from .openai_http import OpenAIStub
 from .scrape import ModelList, Scraped, parse_metrics, parse_models
 
@@ -108,6 +110,7 @@ class BackendPool:
         resolve_profile: Callable[[str], Any] = _default_profile,
         profiles: Mapping[str, Any] | None = None,
         max_connections: int = 0,
+        sample_max_age_s: float = SAMPLE_MAX_AGE_S,
     ) -> None:
         self.fleet = fleet
         self.discovery = discovery
@@ -123,6 +126,7 @@ class BackendPool:
         self.resolve_profile = resolve_profile
         self.profiles: dict[str, Any] = dict(profiles or {})
         self.max_connections = max_connections
+        self.sample_max_age_s = sample_max_age_s
         self.conns: dict[str, Backend] = {}  # discovery spec -> backend
         self.by_replica: dict[str, Backend] = {}  # replica id -> backend (admitted ones)
         self._session: aiohttp.ClientSession | None = None
@@ -247,6 +251,8 @@ class BackendPool:
             full = not b.connected or tick % self.health_every == 0
             tick += 1
             sent = self._now()
+            r0 = self.fleet.replicas.get(b.replica_id)
+            own = len(r0.in_flight) if r0 is not None else 0
             try:
                 models = await self._health(b) if full else None
                 scraped = await self._metrics(b)
@@ -262,12 +268,14 @@ class BackendPool:
                     b.failures = 0
                 if models is not None:
                     self._apply_models(b, models, scraped)
-                if scraped is not None and b.connected:
-                    self.fleet.apply(
-                        LoadSample(b.replica_id, time.time(), scraped.running, scraped.waiting, 0, 0,
-                                   scraped.kv_usage),
-                        now=sent,
+                r = self.fleet.replicas.get(b.replica_id)
+                if scraped is not None and b.connected and r is not None:
+                    r.last_sample = ScrapedLoad(  # type: ignore[assignment]  # a live LoadSample
+                        r, running=scraped.running, waiting=scraped.waiting, kv_usage=scraped.kv_usage,
+                        own_at_scrape=own if r is r0 else 0, sent_at=sent, wall_time=time.time(),
+                        clock=self._now, max_age=self.sample_max_age_s,
                     )  # fmt: skip
+                    r.sample_received_at = sent
             await asyncio.sleep(self.scrape_interval_s)
 
     def _now(self) -> float:
