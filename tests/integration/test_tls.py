@@ -144,3 +144,62 @@ def test_missing_or_bad_certificate_files_are_named(tmp_path: Path, certs: Certs
         ClientTls(certs.ca, cert_file=certs.client_cert)
     folder = Path(certs.ca).parent
     assert ServerTls.from_dir(folder, mtls=True).client_ca_file == certs.ca
+
+
+async def test_serve_router_deployment_uses_the_tls_folders(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ServeOptions' router_tls_dir / router_client_auth / engine_tls_dir reach a RouterDeployment replica:
+    it dials a mutual-TLS engine by IP (checking the name corral-engine) and serves HTTPS with client
+    certificates (Ray itself is not needed for this: its registry is replaced by the engine's address)."""
+    from corral.router.engine_client import StaticDiscovery
+    from corral.serve import deployments
+    from corral.serve.app import ServeOptions, plan_pool
+    from corral.serve.deployments import RouterDeployment
+
+    folder = str(Path(certs.ca).parent)
+    eng = sim.SimEndpointEngine.create("H100", "h100-s", "tiny", time_scale=20.0, max_model_len=4096)
+    ep = await EngineEndpoint.start(
+        eng, "127.0.0.1", 0, sample_period_s=0.05, tls=ServerTls.from_dir(folder, True)
+    )
+
+    class _NoHeartbeat:
+        def __init__(self, *a: Any, **k: Any) -> None: ...
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+
+    async def _no_registry(*a: Any, **k: Any) -> None:
+        return None
+
+    monkeypatch.setattr(deployments, "RayRegistryDiscovery", lambda *a, **k: StaticDiscovery([ep.address]))
+    monkeypatch.setattr(deployments, "RegistryHeartbeat", _NoHeartbeat)
+    monkeypatch.setattr(deployments, "aget_registry", _no_registry)
+    pool = {
+        "apiVersion": "corral.dev/v1alpha1",
+        "kind": "ModelPool",
+        "metadata": {"name": "chat", "namespace": "default"},
+        "spec": {
+            "models": [{"name": "tiny", "baseModel": "tiny", "engine": "sim", "maxModelLen": 4096}],
+            "gpuClasses": [{"name": "h100", "minReplicas": 1, "maxReplicas": 1, "profile": "H100"}],
+        },
+    }
+    opts = ServeOptions(router_host="127.0.0.1", router_grpc_port=0, router_http_port=0,
+                        router_tls_dir=folder, router_client_auth=True, engine_tls_dir=folder)  # fmt: skip
+    plan = plan_pool(pool, None, opts)
+    assert all(e.init_kwargs["tls_dir"] == folder for e in plan.engines)
+    cls: Any = RouterDeployment.func_or_class
+    r = cls.__new__(cls)
+    await r.__init__(**plan.router.init_kwargs)
+    try:
+        await r.reconfigure(plan.router.user_config)
+        await r.server.wait_for_replicas(1, timeout=15)  # reached over mutual TLS
+        assert r.server.http_url.startswith("https://")
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        status, out = await _post(r.server.http_url + "/v1/completions", body, _client_ssl(certs))
+        assert status == 200, out
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
+            await _post(r.server.http_url + "/v1/completions", body, _client_ssl(certs, False))
+    finally:
+        await r.__del__()
+        await ep.stop(None)
+        await eng.close()

@@ -1,5 +1,6 @@
 """Throwaway certificates for TLS tests, made at test time with `cryptography` (never committed): a CA, a
-server certificate for 127.0.0.1 / localhost, and a client certificate, written as PEM files."""
+server certificate for 127.0.0.1 / localhost / corral-engine, and a client certificate, written as PEM
+files; the folder is laid out like a mounted kubernetes.io/tls Secret (ca.crt, tls.crt, tls.key)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def _leaf(
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
+            # the server certificate serves both ends of the engine link (one Secret, mutual TLS)
             x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                [ExtendedKeyUsageOID.SERVER_AUTH, _CLIENT_AUTH] if server else [_CLIENT_AUTH]
             ),
             critical=False,
         )
@@ -93,7 +95,11 @@ def _leaf(
     if server:
         b = b.add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    x509.DNSName("corral-engine"),  # ServeOptions.engine_tls_server_name's default
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )

@@ -16,6 +16,7 @@ material.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,17 @@ def secure_channel(address: str, tls: ClientTls | None, options: list[tuple[str,
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, tls.grpc_credentials(), options=options + tls.channel_options())
+
+
+def router_tls(cfg: Mapping[str, Any]) -> tuple[ServerTls | None, ClientTls | None]:
+    """(the fronts' TLS, the engine link's client TLS) from ``{"router_dir", "client_auth", "engine_dir",
+    "engine_server_name"}`` (the Serve router's ``tls`` argument, from ``ServeOptions``)."""
+    front = (
+        ServerTls.from_dir(cfg["router_dir"], bool(cfg.get("client_auth"))) if cfg.get("router_dir") else None
+    )
+    eng = (
+        ClientTls.from_dir(cfg["engine_dir"], cfg.get("engine_server_name"))
+        if cfg.get("engine_dir")
+        else None
+    )
+    return front, eng

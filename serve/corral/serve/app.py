@@ -110,6 +110,14 @@ class ServeOptions:
     # key -> tenant (the router's --api-keys format), readable on every node that runs a router. The
     # operator will point this at the policy's Secret mounted into the Ray pods.
     api_keys_file: str | None = None
+    # TLS (corral.router.tls): folders laid out like a mounted kubernetes.io/tls Secret (tls.crt, tls.key,
+    # ca.crt). router_tls_dir: the routers' HTTPS and gRPC fronts (router_client_auth: clients must show a
+    # certificate signed by its ca.crt). engine_tls_dir: the router <-> engine link, mutual TLS with the same
+    # folder on both sides (engines are dialled by IP: their certificate must name engine_tls_server_name).
+    router_tls_dir: str | None = None
+    router_client_auth: bool = False
+    engine_tls_dir: str | None = None
+    engine_tls_server_name: str = "corral-engine"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ServeOptions:
@@ -327,6 +335,7 @@ def plan_pool(
                 "sim_time_scale": opts.sim_time_scale,
                 "heartbeat_s": opts.heartbeat_s,
                 "advertise_host": opts.advertise_host,
+                "tls_dir": opts.engine_tls_dir,
             }
             engines.append(
                 EngineDeploymentPlan(
@@ -358,6 +367,12 @@ def plan_pool(
             "http_port": opts.router_http_port,
             "advertise_host": opts.advertise_host,
             "api_keys_file": opts.api_keys_file,
+            "tls": {
+                "router_dir": opts.router_tls_dir,
+                "client_auth": opts.router_client_auth,
+                "engine_dir": opts.engine_tls_dir,
+                "engine_server_name": opts.engine_tls_server_name,
+            },
             "models": [{"name": m.name, "maxModelLen": m.max_model_len} for m in spec.models],
         },
         # The policy spec (camelCase, every field explicit) is all a reconfigure needs; the adapter

@@ -164,7 +164,10 @@ class EngineDeployment:
         sim_time_scale: float = 1.0,
         heartbeat_s: float = 2.0,
         advertise_host: str | None = None,
+        tls_dir: str | None = None,  # ServeOptions.engine_tls_dir: serve mutual TLS only
     ) -> None:
+        from corral.router.tls import ServerTls
+
         from .endpoint import EngineEndpoint
 
         self.pool_id = pool_id
@@ -186,7 +189,8 @@ class EngineDeployment:
             profile_overrides=profile_overrides,
         )
         host = advertise_host or _node_ip()
-        self.endpoint = await EngineEndpoint.start(self.engine, host, 0)
+        tls = ServerTls.from_dir(tls_dir, mtls=True) if tls_dir else None
+        self.endpoint = await EngineEndpoint.start(self.engine, host, 0, tls=tls)
         self.address = self.endpoint.address
         info = self.engine.info
         self.record = {
@@ -332,6 +336,7 @@ class RouterDeployment:
         models: list[dict[str, Any]] | None = None,
         advertise_host: str | None = None,
         api_keys_file: str | None = None,
+        tls: dict[str, Any] | None = None,  # ServeOptions' router_tls_dir, client_auth, engine TLS
     ) -> None:
         from corral.api.modelpool import ModelPool
 
@@ -342,6 +347,7 @@ class RouterDeployment:
         self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
         self.advertise_host = advertise_host
         self.api_keys_file = api_keys_file
+        self.tls = dict(tls or {})
         self.api_keys: Any = None  # corral.router.server.auth.KeyStore: reloads the file when it changes
         if api_keys_file:
             from corral.router.server import load_api_keys
@@ -430,7 +436,10 @@ class RouterDeployment:
             tokenizers=tokenizers,
         )
         self.discovery = RayRegistryDiscovery(self.pool_id, self.namespace, poll_interval_s=0.5)
-        server = RouterServer(self.discovery, cfg, on_dispatch=self._on_dispatch)
+        from corral.router.tls import router_tls
+
+        front_tls, engine_tls = router_tls(self.tls)  # a bad certificate folder fails the replica, named
+        server = RouterServer(self.discovery, cfg, on_dispatch=self._on_dispatch, engine_tls=engine_tls)
         fleet = server.fleet
         if getattr(fleet, "clock", None) is None:
             fleet.clock = server.router.now  # samples are stamped with this router's clock on receipt
@@ -438,7 +447,7 @@ class RouterDeployment:
         self.pager = AdapterPager(fleet, GrpcAdapterControl(server.router.pool), [])
         self.pager.update(self._adapter_infos(settings), self._paging_config(settings))
         server.router.selection.on_forecast = self._on_forecast  # a bandit's expected demand (issue 15)
-        await server.start(host=self.host, grpc_port=self.grpc_port, http_port=self.http_port)
+        await server.start(host=self.host, grpc_port=self.grpc_port, http_port=self.http_port, tls=front_tls)
         self.server = server
         adv = advertised_host(self.host, self.advertise_host)
         self.grpc_address = _with_host(server.grpc_address, adv)
