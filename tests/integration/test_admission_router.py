@@ -168,3 +168,54 @@ async def test_a_request_over_the_token_bucket_is_400_and_limits_change_live(rou
     assert status == 400 and out["error"]["param"] == "max_tokens"
     assert "defaultTenant.burstTokens = 200" in out["error"]["message"]
     assert held(router)["gold"] == (0, 0)
+
+
+@pytest.fixture
+async def sim_router() -> AsyncIterator[tuple[RouterServer, EngineEndpoint]]:
+    """A router over one wall-clock sim replica (streams take a while: room to leave or fail mid-way)."""
+    sim = pytest.importorskip("corral.serve.endpoint.sim")
+    ep = await EngineEndpoint.start(sim.SimEndpointEngine.create("H100", "s0", MODEL), "127.0.0.1", 0)
+    r = RouterServer(
+        [ep.address], RouterConfig.from_settings(router_settings(RoutingPolicySpec.model_validate(POLICY)))
+    )
+    r.set_api_keys(dict(KEYS))
+    await r.start("127.0.0.1", 0, 0)
+    await r.wait_for_replicas(1, timeout=10)
+    try:
+        yield r, ep
+    finally:
+        await r.stop(0)
+        await ep.stop(None)
+
+
+async def _first_sse_event(r: RouterServer, s: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+    req = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 2000, "stream": True}
+    resp = await s.post(
+        r.http_url + "/v1/completions", json=req, headers={"Authorization": "Bearer key-gold"}
+    )
+    assert resp.status == 200
+    line = await resp.content.readline()
+    assert line.startswith(b"data: ")
+    return resp
+
+
+async def test_a_client_that_leaves_mid_stream_releases_its_slot(
+    sim_router: tuple[RouterServer, Any],
+) -> None:
+    r, _ = sim_router
+    async with aiohttp.ClientSession() as s:
+        resp = await _first_sse_event(r, s)
+        assert held(r)["gold"] == (0, 1)
+        resp.close()  # the client goes away mid-stream
+    await wait_until(lambda: held(r)["gold"] == (0, 0), timeout=30, what="slot released after disconnect")
+    await wait_until(lambda: not r.fleet.replicas["s0"].in_flight, timeout=30, what="engine request ended")
+
+
+async def test_an_engine_failure_mid_stream_releases_the_slot(sim_router: tuple[RouterServer, Any]) -> None:
+    r, ep = sim_router
+    async with aiohttp.ClientSession() as s:
+        resp = await _first_sse_event(r, s)
+        await ep.stop(None)  # the engine dies while streaming
+        body = await asyncio.wait_for(resp.content.read(), 30)
+    assert b'"error"' in body  # the stream ends with an error event, not a hang
+    await wait_until(lambda: held(r)["gold"] == (0, 0), timeout=30, what="slot released after engine failure")
