@@ -153,6 +153,7 @@ class _Mux:
         call = self.call
         while True:
             await self.wake.wait()
+            await asyncio.sleep(0)  # let the requests ready in this loop iteration join the write
             self.wake.clear()
             if not self.has_pending:
                 continue
