@@ -127,28 +127,38 @@ async def test_completions_chat_and_stream_with_usage_and_prefix_affinity(fleet:
     assert st == 200 and body["choices"][0]["message"]["content"] == " t t"
 
 
-async def test_load_comes_from_scraped_metrics(fleet: Setup) -> None:
-    for w in fleet.workers:
-        w.cfg.prefill_base_s = 0.5  # slow: requests stay running while the router scrapes
-    tasks = [
-        asyncio.create_task(fleet.post("/v1/completions", {"model": MODEL, "prompt": f"p{i} " * 40,
-                                                            "max_tokens": 1}))
-        for i in range(4)
-    ]  # fmt: skip
+async def test_load_the_router_did_not_send_comes_from_scraped_metrics(fleet: Setup) -> None:
+    """Clients going straight to one backend load it; the router sees that only through /metrics and
+    sends its own requests to the other one, then uses both again once that load is gone."""
+    a = fleet.workers[0]
+    a.cfg.prefill_base_s = 0.3  # slow prefills: the direct requests queue on a for a while
+    rid_a = a.url.split("//")[1]
     fs = fleet.server.fleet
+    direct = [
+        asyncio.create_task(fleet.http.post(a.url + "/v1/completions",
+                                            json={"model": MODEL, "prompt": f"d{i}", "max_tokens": 1}))
+        for i in range(6)
+    ]  # fmt: skip
 
-    def sampled_busy() -> bool:
-        samples = [r.last_sample for r in fs.replicas.values() if r.last_sample]
-        return sum(s.running + s.waiting for s in samples) == 4
+    def external_on_a() -> bool:
+        s = fs.replicas[rid_a].last_sample
+        return s is not None and s.running + s.waiting >= 5  # none of them sent by the router
 
-    await wait_until(sampled_busy, 10, "scraped running + waiting to show the 4 requests")
-    now = fleet.server.router.now()
-    for r in fs.replicas.values():
-        assert 0 <= now - r.sample_received_at < 2.0  # stamped on the router's clock, fresh
-    assert all(st == 200 for st, _, _ in await asyncio.gather(*tasks))
-    await wait_until(lambda: all(r.last_sample and r.last_sample.running + r.last_sample.waiting == 0
-                                 for r in fs.replicas.values()),
-                     10, "scraped load to go back to 0")  # fmt: skip
+    await wait_until(external_on_a, 10, "the router's sample of a to show the direct requests")
+    assert 0 <= fleet.server.router.now() - fs.replicas[rid_a].sample_received_at < 2.0  # router's clock
+    for i in range(4):  # cold prompts: only load decides
+        st, _, h = await fleet.post(
+            "/v1/completions", {"model": MODEL, "prompt": f"r{i} " * 30, "max_tokens": 1}
+        )
+        assert st == 200 and h["x-corral-replica"] != rid_a, "routed onto the backend busy with others' work"
+    for t in direct:
+        (await t).release()
+
+    def drained() -> bool:
+        s = fs.replicas[rid_a].last_sample
+        return s is not None and s.running + s.waiting == 0
+
+    await wait_until(drained, 10, "the scraped load of a to go back to 0")
 
 
 async def test_lora_loaded_on_demand_and_residency_from_v1_models() -> None:
