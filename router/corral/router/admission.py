@@ -33,6 +33,7 @@ from typing import Any
 
 from corral.api.admission import AdmissionSpec, TenantLimits
 
+from .core import SAMPLE_MAX_AGE_S
 from .policies._common import waiting_load
 
 ANONYMOUS = "anonymous"
@@ -136,8 +137,6 @@ def free_slots(core: Any, model: str) -> float:
     """Free replica queue slots of ``model`` in a :class:`~corral.router.core.RouterCore` (replicas under
     the queue bound, as ``route`` counts them); infinite when no replica serves it (routing then says
     why)."""
-    from .core import SAMPLE_MAX_AGE_S
-
     members = core.fleet.candidates(model)
     if not members:
         return math.inf
