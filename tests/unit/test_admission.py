@@ -211,6 +211,18 @@ async def test_weighted_fair_queueing_shares_capacity_by_weight() -> None:
     assert shares == {"a": 10, "b": 10, "c": 20}
 
 
+@settings(max_examples=30, deadline=None)
+@given(weights=st.lists(st.integers(1, 6), min_size=2, max_size=4), rounds=st.integers(1, 4))
+def test_any_weights_are_respected(weights: list[int], rounds: int) -> None:
+    """Backlogged tenants of any weights: over ``rounds`` x (sum of weights) grants, each tenant gets its
+    weight x ``rounds``, give or take one (ties)."""
+    named = {f"t{i}": w for i, w in enumerate(weights)}
+    grants = sum(weights) * rounds
+    shares = asyncio.run(_backlogged_shares(named, n_each=grants, grants=grants))
+    for name, w in named.items():
+        assert abs(shares[name] - w * rounds) <= 1, (shares, named)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     weights=st.lists(st.integers(1, 5), min_size=1, max_size=4),
