@@ -16,6 +16,7 @@ from corral.api.validation import validate_paths
 
 from ..core import RouterCore
 from ..settings import RouterSettings, router_settings
+from ..tls import ClientTls, ServerTls
 from ..tokenizer import load_tokenizer
 from .app import RouterServer, load_api_keys
 from .core import RouterConfig
@@ -81,6 +82,20 @@ def _config(ns: argparse.Namespace) -> RouterConfig:
     return cfg
 
 
+def _tls(ns: argparse.Namespace) -> tuple[ServerTls | None, ClientTls | None]:
+    """The fronts' and the engine link's TLS from the flags, their files checked now (one-line errors)."""
+    tls = engine_tls = None
+    if ns.tls_cert or ns.tls_key or ns.tls_client_ca:
+        if not (ns.tls_cert and ns.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together (--tls-client-ca needs both)")
+        tls = ServerTls(ns.tls_cert, ns.tls_key, ns.tls_client_ca)
+        tls.ssl_context()
+    if ns.engine_ca or ns.engine_cert or ns.engine_key or ns.engine_server_name:
+        engine_tls = ClientTls(ns.engine_ca, ns.engine_cert, ns.engine_key, ns.engine_server_name)
+        engine_tls.grpc_credentials()
+    return tls, engine_tls
+
+
 def install_uvloop() -> bool:
     try:
         import uvloop
@@ -117,7 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=50050, help="gRPC port (default 50050; 0 = any free)")
     ap.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free)")
-    ap.add_argument("--api-keys", default=None, help="YAML/JSON file mapping API key -> tenant")
+    ap.add_argument(
+        "--api-keys",
+        default=None,
+        help="tenants' API key file (SHA-256 digests; `corral keys add`), re-read when it changes",
+    )
+    tls = ap.add_argument_group(
+        "TLS (PEM files; a mounted kubernetes.io/tls Secret has tls.crt, tls.key, ca.crt)"
+    )
+    tls.add_argument("--tls-cert", default=None, help="serve HTTPS and gRPC over TLS with this certificate")
+    tls.add_argument("--tls-key", default=None, help="the private key of --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)"
+    )
+    tls.add_argument("--engine-ca", default=None, help="dial engines over TLS, trusting this CA")
+    tls.add_argument("--engine-cert", default=None, help="client certificate for engines that require mTLS")
+    tls.add_argument("--engine-key", default=None, help="the private key of --engine-cert")
+    tls.add_argument("--engine-server-name", default=None, help="name to check in engine certificates")
     ap.add_argument("--stale-after", type=float, default=1.0, help="seconds of engine silence before removal")
     ap.add_argument(
         "--selection-state",
@@ -151,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = _config(ns)
+        tls, engine_tls = _tls(ns)
     except (OSError, ValueError) as e:
         print(f"corral router: {e}", file=sys.stderr)
         return 2
@@ -167,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     engines = [a.strip() for a in ns.engines.split(",") if a.strip()]
 
     async def run() -> int:
-        server = RouterServer(engines, cfg)
+        server = RouterServer(engines, cfg, engine_tls=engine_tls)
         server.grpc.reuse_port = server.http.reuse_port = ns.reuse_port
         try:
-            await server.start(ns.host, ns.grpc_port, ns.http_port)
+            await server.start(ns.host, ns.grpc_port, ns.http_port, tls=tls)
         except OSError as e:  # a port in use, an address not on this machine
             await server.stop(0)
             print(
