@@ -403,23 +403,28 @@ READING = (
 
 PROFILE = """## Profile (where a request's router CPU goes)
 
-Flame graphs of the router process under the 16-client load (py-spy, `python -m
-corral.bench.router_profile`, 250 samples/s): `router_flame_grpc_before.svg` / `router_flame_http_before.svg`
-(one `Engine.Generate` gRPC call per request) and `router_flame_grpc.svg` / `router_flame_http.svg` (now).
+Flame graphs of the router process under the 16-client load (py-spy at 250 samples/s, `python -m
+corral.bench.router_profile --api grpc|http --out FILE`): `router_flame_http_before.svg` /
+`router_flame_grpc_before.svg` (revision e57898f: one `Engine.Generate` gRPC call per request) and
+`router_flame_http.svg` / `router_flame_grpc.svg` (now). Shares are of all samples of the router process;
+CPU per request from the same runs (busy 2-core machine, one run each, so +-15%).
 
-- Before: the router's own client call to the engine was the largest single cost: grpc.aio's
-  `UnaryStreamCall` set-up and `_send_unary_request` ~37% of the router's samples, reading its stream ~11%,
-  plus grpc's poller thread ~6%; the per-request policy decision ~3%, hashing ~1%, metrics and the explain
-  record well under 1% each.
-- The number of engines did not enter the per-request path; the event streams and load samples (10 per
-  second per engine) were < 1% of the samples.
+- Before, HTTP (511-628 us CPU/request): the router's own gRPC client call to the engine was most of it:
+  `UnaryStreamCall._send_unary_request` 39%, reading its stream 13%, grpc's poller thread 7%; aiohttp's
+  request handling and response writing ~20%; the policy decision ~4%, hashing ~1%, metrics and the explain
+  record < 1% each. The engines' event streams and load samples (10 per second per engine) were < 1%: the
+  per-engine growth the issue saw was not in the event path (2, 4, 8 engines: 607, 571, 575 us/request).
 - Fix: requests are multiplexed over one long-lived `Engine.GenerateMux` call per engine
-  (`corral.router.engine_mux`; engine side `corral.serve.endpoint.mux`, chunks of all streams batched per
-  write). Router CPU per request over HTTP went from ~500 to ~300 us on this machine (same run length, the
-  same busy 2 cores).
-- After: over gRPC the router's own grpc.aio server (C-core work run by the event loop, ~40% of the
-  samples, and its poller thread ~12%) and the write half of the multiplexed call (~20%) dominate; the
-  request path in Python (prepare, tokenize, hash, decide, account) is ~15-20%.
+  (`corral.router.engine_mux`, engine side `corral.serve.endpoint.mux`): opens and cancels written in the
+  same loop iteration share one message (about 4 per write here), chunks of all streams are batched per
+  write by the engine.
+- After, HTTP (283-308 us CPU/request): the multiplexed call's writes are ~17% and its reads ~4%; aiohttp
+  ~25%; the request path in Python (parse, tokenize, hash, decide, account) ~15%. Because the batching is
+  per engine, CPU per request now grows with the engine count again (2, 4, 8 engines: 283, 336, 499
+  us/request in one run each).
+- gRPC (before 780-903, after ~700-750 us CPU/request): the router's own grpc.aio server dominates (C-core
+  work run by the event loop ~40% of the samples, grpc's poller thread ~12%), so the multiplexed engine hop
+  helps it less; a unary grpc.aio call costs the server about as much as a whole HTTP request.
 """
 
 
