@@ -139,7 +139,11 @@ class Embedding(CorralModel):
         description="Example prompts of this label; the signal's value is the best cosine similarity.",
     )
     threshold: K8sFloat = Field(
-        default=0.35, gt=0, le=1, description="The signal is true at or above this similarity (0 < t <= 1)."
+        default=0.2,
+        gt=0,
+        le=1,
+        description="The signal is true at or above this cosine similarity (0 < t <= 1) of the router's "
+        "hashed character n-gram TF-IDF vectors (related prompts score about 0.2 to 0.5).",
     )
 
 

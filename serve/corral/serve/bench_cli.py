@@ -23,6 +23,7 @@ BENCHES = {
     "peers": ("corral.bench.peers", "Corral vs sglang-router, vllm-router on the same fake vLLM workers"),
     "recovery": ("corral.bench.recovery", "recovery: engine killed or stalled, router restarted (processes)"),
     "load": ("corral.bench.load", "overload: admission control at 2x capacity (rejected, lost, fairness)"),
+    "select": ("corral.bench.select", "model selection: rules and bandits vs random, largest; regret; cost"),
 }
 
 

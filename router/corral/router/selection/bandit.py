@@ -100,6 +100,7 @@ class BanditStore:
         self.own: dict[str, ArmStats] = {}
         self.peers: dict[str, tuple[float, dict[str, ArmStats]]] = {}  # file name -> (mtime, stats)
         self.rng = np.random.default_rng(seed)
+        self._solved: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]] = {}  # (A^-1, theta, n)
         self._dirty = False
         self._last_flush = self._last_sync = 0.0
         if self.dir is not None:
@@ -160,8 +161,10 @@ class BanditStore:
             stats = self._read(Path(entry.path))
             if stats is not None:
                 self.peers[name] = (mtime, stats)
+                self._solved.clear()
         for gone in set(self.peers) - seen:
             del self.peers[gone]
+            self._solved.clear()
 
     def close(self) -> None:
         self.flush()
@@ -188,9 +191,19 @@ class BanditStore:
         s.a += np.outer(v, v)
         s.b += reward * v
         s.n += 1
+        self._solved.pop((k, len(v)), None)
         self._dirty = True
         if time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
+
+    def solved(self, k: str, d: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(A^-1, theta = A^-1 b, n) of arm ``k``, cached until its statistics change."""
+        got = self._solved.get((k, d))
+        if got is None:
+            a, b, n = self.totals(k, d)
+            a_inv = np.linalg.inv(a)
+            got = self._solved[(k, d)] = (a_inv, a_inv @ b, n)
+        return got
 
     def scores(
         self,
@@ -208,9 +221,7 @@ class BanditStore:
         v = np.asarray(x, dtype=float)
         out: list[ArmScore] = []
         for arm in arms:
-            a, b, n = self.totals(key(rule, arm), len(v))
-            a_inv = np.linalg.inv(a)
-            theta = a_inv @ b
+            a_inv, theta, n = self.solved(key(rule, arm), len(v))
             if algorithm == "thompson":
                 cov = (alpha**2) * a_inv
                 theta = self.rng.multivariate_normal(theta, (cov + cov.T) / 2)
@@ -225,10 +236,7 @@ class BanditStore:
     def demand(self, rule: str, arms: Sequence[str], x: Sequence[float]) -> dict[str, float]:
         """Forecast share of a rule's traffic per arm: a softmax of the arms' mean predicted rewards."""
         v = np.asarray(x, dtype=float)
-        preds = []
-        for arm in arms:
-            a, b, _ = self.totals(key(rule, arm), len(v))
-            preds.append(float(np.linalg.solve(a, b) @ v))
+        preds = [float(self.solved(key(rule, arm), len(v))[1] @ v) for arm in arms]
         e = np.exp((np.asarray(preds) - max(preds)) * 10.0)
         return dict(zip(arms, (e / e.sum()).tolist(), strict=True))
 

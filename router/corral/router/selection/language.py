@@ -8,6 +8,7 @@ that are common stop words of en, de, fr, es, it, pt or nl. Unknown (``""``) whe
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 _STOP: dict[str, frozenset[str]] = {
     "en": frozenset(
@@ -178,6 +179,7 @@ _STOP: dict[str, frozenset[str]] = {
         ]
     ),
 }
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 _SCRIPTS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("ja", re.compile(r"[\u3040-\u30ff]")),
@@ -192,17 +194,20 @@ _SCRIPTS: tuple[tuple[str, re.Pattern[str]], ...] = (
 
 
 def detect(text: str) -> str:
-    """ISO 639-1 code of ``text``'s language, or ``""`` when unknown."""
-    sample = text[:4000]
-    for code, pattern in _SCRIPTS:
-        if len(pattern.findall(sample)) >= max(2, len(sample) // 20):
-            return code
-    words = [w.lower() for w in _WORD.findall(sample)]
+    """ISO 639-1 code of ``text``'s language, or ``""`` when unknown (reads at most 2,000 characters)."""
+    sample = text[:2000]
+    if not sample.isascii():
+        other = "".join(_NON_ASCII.findall(sample))  # scripts are told apart on the non-ASCII part only
+        if len(other) >= max(2, len(sample) // 20):
+            for code, pattern in _SCRIPTS:
+                if len(pattern.findall(other)) >= max(2, len(other) // 4):
+                    return code
+    words = Counter(w.lower() for w in _WORD.findall(sample))
     if not words:
         return ""
     best, score = "", 0
     for code, stop in _STOP.items():
-        s = sum(w in stop for w in words)
+        s = sum(words[w] for w in stop)
         if s > score:
             best, score = code, s
     return best
