@@ -84,6 +84,22 @@ class Peering(_Values):
     lifetime: int = _d("Seconds after its last keep-alive that a silent replica counts as dead.", 30, ge=1)
 
 
+class Tls(_Values):
+    routerSecret: str = _d(
+        "kubernetes.io/tls Secret (in each pool's namespace: tls.crt, tls.key, ca.crt) for the routers' "
+        "HTTPS and gRPC fronts (`--router-tls-secret`); empty: plaintext.",
+        "",
+    )
+    routerClientAuth: bool = _d(
+        "Routers require client certificates signed by the router Secret's ca.crt (mutual TLS).", False
+    )
+    engineSecret: str = _d(
+        "kubernetes.io/tls Secret (in each pool's namespace) for router <-> engine mutual TLS "
+        "(`--engine-tls-secret`); its certificate must name `corral-engine`. Empty: plaintext.",
+        "",
+    )
+
+
 def _resources() -> dict[str, Any]:
     return {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
@@ -116,6 +132,7 @@ class Operator(_Values):
         "e.g. `{router_grpc_port: 50051}`.",
         dict,
     )
+    tls: Tls = _d("TLS for the RayServices' routers and engines (certificates from Secrets).", Tls)
     verbose: bool = _d("Verbose operator logs (`-v`).", False)
     extraArgs: list[str] = _d("Extra arguments to `corral operator run`.", list)
     liveness: Probe = _d("Liveness / readiness probe (kopf's health endpoint).", Probe)

@@ -113,6 +113,13 @@ def _rayservice_arguments(p: argparse.ArgumentParser) -> None:
         "--serve-options", default=None, metavar="JSON",
         help='corral.serve.app.ServeOptions fields, e.g. \'{"router_grpc_port": 0}\'',
     )  # fmt: skip
+    tls = "kubernetes.io/tls Secret (in the pool's namespace)"
+    p.add_argument("--router-tls-secret", default=None, metavar="NAME",
+                   help=f"{tls} for the routers' HTTPS and gRPC")  # fmt: skip
+    p.add_argument("--router-client-auth", action="store_true",
+                   help="routers require client certificates signed by that Secret's ca.crt")  # fmt: skip
+    p.add_argument("--engine-tls-secret", default=None, metavar="NAME",
+                   help=f"{tls} for router <-> engine mutual TLS")  # fmt: skip
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -125,8 +132,10 @@ def _options(args: argparse.Namespace) -> Any:
     serve = json.loads(args.serve_options) if args.serve_options else {}
     ServeOptions.from_dict(serve)  # unknown fields are an error now, not at the first reconcile
     return RayServiceOptions(
-        image=args.image, worker_cpu=args.worker_cpu, worker_memory=args.worker_memory, serve=serve
-    )
+        image=args.image, worker_cpu=args.worker_cpu, worker_memory=args.worker_memory, serve=serve,
+        router_tls_secret=args.router_tls_secret, router_client_auth=args.router_client_auth,
+        engine_tls_secret=args.engine_tls_secret,
+    )  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -80,6 +80,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 API_KEYS_DIR = "/etc/corral/api-keys"  # where a RoutingPolicy's tenants Secret is mounted in Ray pods
 API_KEYS_VOLUME = "corral-api-keys"
+ROUTER_TLS_DIR = "/etc/corral/tls/router"  # RayServiceOptions.router_tls_secret, mounted in Ray pods
+ENGINE_TLS_DIR = "/etc/corral/tls/engine"  # RayServiceOptions.engine_tls_secret (router <-> engine mTLS)
 SERVE_REST_PATH = "/api/serve/applications/"
 APP_PREFIX = "corral-"  # Serve applications named so are Corral's (corral.serve.app: "corral-<pool id>")
 DEFAULT_RAY_VERSION = "2.60.0"  # the ray[serve] Corral pins
@@ -101,6 +103,23 @@ class RayServiceOptions:
     worker_memory: str = "64Gi"
     service_account: str | None = None
     serve: Mapping[str, Any] = field(default_factory=dict)  # corral.serve.app.ServeOptions fields
+    # TLS Secrets (kubernetes.io/tls: tls.crt, tls.key, ca.crt) in each pool's namespace, mounted into the
+    # Ray pods: the routers' HTTPS/gRPC fronts (client_auth: clients need a certificate signed by ca.crt),
+    # and the router <-> engine link (mutual TLS; the certificate must name ServeOptions'
+    # engine_tls_server_name, "corral-engine" by default)
+    router_tls_secret: str | None = None
+    router_client_auth: bool = False
+    engine_tls_secret: str | None = None
+
+    def serve_with_tls(self) -> dict[str, Any]:
+        """:attr:`serve` plus the mounted TLS folders (explicit ServeOptions win)."""
+        serve = dict(self.serve)
+        if self.router_tls_secret:
+            serve.setdefault("router_tls_dir", ROUTER_TLS_DIR)
+            serve.setdefault("router_client_auth", self.router_client_auth)
+        if self.engine_tls_secret:
+            serve.setdefault("engine_tls_dir", ENGINE_TLS_DIR)
+        return serve
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -266,6 +285,13 @@ def _pod_spec(
     container: dict[str, Any], opts: RayServiceOptions, secret: tuple[str, str] | None, **extra: Any
 ) -> dict[str, Any]:
     volumes, mounts = _api_keys_volume(secret)
+    for name, secret_name, path in (
+        ("corral-router-tls", opts.router_tls_secret, ROUTER_TLS_DIR),
+        ("corral-engine-tls", opts.engine_tls_secret, ENGINE_TLS_DIR),
+    ):
+        if secret_name:  # a folder mount (no subPath): a renewed certificate reaches the pod
+            volumes.append({"name": name, "secret": {"secretName": secret_name}})
+            mounts.append({"name": name, "mountPath": path, "readOnly": True})
     if mounts:
         container["volumeMounts"] = mounts
     spec: dict[str, Any] = {**extra, "containers": [container]}
@@ -376,7 +402,7 @@ def ray_service(
     """
     opts = options or RayServiceOptions()
     mp, rp = clean_pool(pool), clean_policy(policy)
-    p = plan_pool(mp, rp, serve_options(mp, rp, opts.serve))
+    p = plan_pool(mp, rp, serve_options(mp, rp, opts.serve_with_tls()))
     secret = p.settings.tenant_secret
     pool_name = mp.metadata.name
     n_models = len(mp.spec.models)

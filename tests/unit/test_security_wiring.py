@@ -1,0 +1,90 @@
+"""Security settings wired through the deployment path: the operator mounts the TLS Secrets (as folders,
+so renewals reach the pods) next to the tenants' keys Secret and points the routers and engines at them;
+`corral operator run` flags and the chart values carry the Secret names; a private adapter's tenant
+reaches the router settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+t = pytest.importorskip("corral.operator.translate")
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+
+
+def _crs() -> tuple[dict[str, Any], dict[str, Any]]:
+    pool = yaml.safe_load((EXAMPLES / "modelpool.yaml").read_text())
+    policy = yaml.safe_load((EXAMPLES / "routingpolicy.yaml").read_text())
+    policy["spec"]["tenants"] = {"secretRef": {"name": "llama-keys"}, "isolateCache": True}
+    return pool, policy
+
+
+def test_operator_mounts_tls_secrets_and_points_serve_at_them() -> None:
+    pool, policy = _crs()
+    opts = t.RayServiceOptions(
+        router_tls_secret="router-tls", router_client_auth=True, engine_tls_secret="eng-tls"
+    )
+    rs = t.ray_service(pool, policy, opts)
+    cluster = rs["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    for tmpl in templates:
+        vols = {v["name"]: v["secret"]["secretName"] for v in tmpl["spec"]["volumes"]}
+        assert vols == {
+            t.API_KEYS_VOLUME: "llama-keys",
+            "corral-router-tls": "router-tls",
+            "corral-engine-tls": "eng-tls",
+        }
+        mounts = {m["mountPath"] for m in tmpl["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts == {t.API_KEYS_DIR, t.ROUTER_TLS_DIR, t.ENGINE_TLS_DIR}
+        assert all("subPath" not in m for m in tmpl["spec"]["containers"][0]["volumeMounts"])
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    o = app["args"]["options"]
+    assert (o["router_tls_dir"], o["router_client_auth"], o["engine_tls_dir"]) == (
+        t.ROUTER_TLS_DIR,
+        True,
+        t.ENGINE_TLS_DIR,
+    )
+    assert o["api_keys_file"] == f"{t.API_KEYS_DIR}/api-keys"
+    # without TLS Secrets nothing TLS is mounted or configured
+    plain = t.ray_service(pool, policy, t.RayServiceOptions())
+    head = plain["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert [v["name"] for v in head["volumes"]] == [t.API_KEYS_VOLUME]
+    o = yaml.safe_load(plain["spec"]["serveConfigV2"])["applications"][0]["args"]["options"]
+    assert o["router_tls_dir"] is None and o["engine_tls_dir"] is None
+
+
+def test_operator_cli_flags_reach_the_options() -> None:
+    from corral.operator import cli
+
+    p = argparse.ArgumentParser()
+    cli._rayservice_arguments(p)
+    ns = p.parse_args(["--router-tls-secret", "r", "--router-client-auth", "--engine-tls-secret", "e"])
+    o = cli._options(ns)
+    assert (o.router_tls_secret, o.router_client_auth, o.engine_tls_secret) == ("r", True, "e")
+
+
+def test_chart_values_carry_the_tls_secrets() -> None:
+    from corral.operator.chart_values import Values
+
+    v = Values().model_dump()
+    assert v["operator"]["tls"] == {"routerSecret": "", "routerClientAuth": False, "engineSecret": ""}
+    tmpl = (Path(__file__).resolve().parents[2] / "charts/corral/templates/deployment.yaml").read_text()
+    for flag in ("--router-tls-secret=", "--router-client-auth", "--engine-tls-secret="):
+        assert flag in tmpl
+
+
+def test_private_adapter_tenant_reaches_router_settings() -> None:
+    from corral.api.modelpool import ModelPool
+    from corral.router.settings import router_settings
+
+    pool, _ = _crs()
+    pool["spec"]["adapters"][0]["tenant"] = "acme"
+    s = router_settings(None, ModelPool.model_validate(pool))
+    name = pool["spec"]["adapters"][0]["name"]
+    assert s.adapters[name].tenant == "acme"
+    assert all(a.tenant is None for n, a in s.adapters.items() if n != name)
