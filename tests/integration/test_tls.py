@@ -263,3 +263,25 @@ async def test_standalone_router_cli_tls_flags(certs: Certs, tmp_path: Path) -> 
         proc.terminate()
         await proc.wait()
         await ep.stop(None)
+
+
+async def test_explain_cli_speaks_mtls(
+    tls_fleet: tuple[RouterServer, list[EngineEndpoint]], certs: Certs
+) -> None:
+    import sys
+
+    r, _eps = tls_fleet
+    base = [sys.executable, "-m", "corral.api.cli", "explain", "--router", r.grpc_address, "--model", MODEL,
+            "--prompt", "hello"]  # fmt: skip
+
+    async def run(*extra: str) -> tuple[int, str, str]:
+        p = await asyncio.create_subprocess_exec(
+            *base, *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(p.communicate(), 60)
+        return p.returncode or 0, out.decode(), err.decode()
+
+    rc, out, err = await run("--ca", certs.ca, "--cert", certs.client_cert, "--key", certs.client_key)
+    assert rc == 0 and "dry run" in out, err
+    rc, out, err = await run("--timeout", "3")  # plaintext to a TLS port
+    assert rc == 1 and "UNAVAILABLE" in err

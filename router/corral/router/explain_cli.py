@@ -22,7 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     what.add_argument("--request-id", help="a recent request's id (the router keeps a bounded history)")
     what.add_argument("--prompt", help="dry-run this prompt (nothing is sent to an engine)")
     p.add_argument("--model", help="model or adapter name for --prompt")
-    p.add_argument("--api-key", help="API key, when the router requires one")
+    p.add_argument("--api-key", help="an admin API key (role admin), when the router requires keys")
+    p.add_argument("--ca", help="TLS: the CA that signed the router's certificate (default: plaintext)")
+    p.add_argument("--cert", help="TLS: client certificate, for a router that requires one (mTLS)")
+    p.add_argument("--key", help="TLS: the private key of --cert")
     p.add_argument("--json", action="store_true", help="print the raw decision as JSON")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=run)
@@ -45,7 +48,18 @@ def run(args: argparse.Namespace) -> int:
         else rpb.ExplainRequest(request=rpb.CompletionRequest(model=args.model, prompt=args.prompt))
     )
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
-    with grpc.insecure_channel(args.router) as ch:
+    if args.ca or args.cert or args.key:
+        from .tls import ClientTls, TlsConfigError
+
+        try:
+            creds = ClientTls(args.ca, args.cert, args.key).grpc_credentials()
+        except TlsConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        channel = grpc.secure_channel(args.router, creds)
+    else:
+        channel = grpc.insecure_channel(args.router)
+    with channel as ch:
         try:
             resp = rpb_grpc.RouterStub(ch).Explain(req, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:
