@@ -125,6 +125,8 @@ async def test_completions_chat_and_stream_with_usage_and_prefix_affinity(fleet:
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     )
     assert st == 200 and body["choices"][0]["message"]["content"] == " t t"
+    # a chat goes to the backend as a chat (its own template), not as the router's rendering
+    assert sum(w.counters["chat_requests"] for w in fleet.workers) == 1
 
 
 async def test_load_the_router_did_not_send_comes_from_scraped_metrics(fleet: Setup) -> None:

@@ -109,7 +109,16 @@ class FakeVllm:
         """Zero the counters and empty the prefix cache (adapters stay loaded)."""
         self.cache.clear()
         self.counters = dict.fromkeys(
-            ("requests", "prompt_tokens", "cached_tokens", "generated_tokens", "lora_loads", "errors"), 0
+            (
+                "requests",
+                "chat_requests",
+                "prompt_tokens",
+                "cached_tokens",
+                "generated_tokens",
+                "lora_loads",
+                "errors",
+            ),
+            0,
         )
 
     # ---- the engine -------------------------------------------------------------------------------------
@@ -218,6 +227,7 @@ class FakeVllm:
             text = "".join(f"<|{m.get('role')}|>\n{m.get('content') or ''}\n" for m in msgs)
             text += "<|assistant|>\n"
             ids = SIM_TOKENIZER.encode(text)
+            self.counters["chat_requests"] += 1
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):

@@ -3,8 +3,9 @@
 :class:`OpenAIStub` has the one method the router's dispatch loop calls on an engine stub,
 ``Generate(GenerateRequest)``, returning a call object that is async-iterable over
 :class:`~corral.v1.engine_pb2.GenerateChunk` and has ``done()`` / ``cancel()``. Behind it is a streamed
-``POST /v1/completions`` (``stream_options.include_usage``): the prompt goes as the router rendered it (the
-chat template applied, text; or the client's token ids), the model as the base model or the adapter name.
+``POST /v1/completions`` (``stream_options.include_usage``) with the prompt as the client sent it (text or
+token ids), or, for a chat request (:data:`CHAT_MESSAGES`), ``POST /v1/chat/completions`` with the client's
+messages, so the backend applies its own chat template; the model is the base model or the adapter name.
 So the router's retry, quarantine, accounting and error mapping work unchanged:
 
 =============================================  ===========================  ==============================
@@ -28,6 +29,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
@@ -35,6 +37,11 @@ import grpc
 from corral.v1 import engine_pb2 as epb
 
 log = logging.getLogger(__name__)
+
+
+CHAT_MESSAGES: ContextVar[list[dict[str, Any]] | None] = ContextVar("corral_chat_messages", default=None)
+"""Set by the HTTP front while it serves a chat request: the backend then gets the client's messages on
+``/v1/chat/completions`` and applies its own chat template (the router's rendering only routes)."""
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -129,15 +136,18 @@ class OpenAIStub:
             self._on_loaded(name, source)
 
 
-def request_body(req: epb.GenerateRequest) -> dict[str, Any]:
-    """The ``/v1/completions`` body for an engine request."""
-    body: dict[str, Any] = {
-        "model": req.adapter or req.model,
-        "prompt": req.prompt if req.prompt else list(req.prompt_token_ids),
+def request_body(req: epb.GenerateRequest, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``/v1/completions`` body for an engine request (``/v1/chat/completions`` with ``messages``)."""
+    body: dict[str, Any] = {"model": req.adapter or req.model}
+    if messages is not None:
+        body["messages"] = messages
+    else:
+        body["prompt"] = req.prompt if req.prompt else list(req.prompt_token_ids)
+    body.update({
         "max_tokens": req.max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
+    })  # fmt: skip
     if req.HasField("sampling"):
         s = req.sampling
         body["temperature"] = s.temperature
@@ -190,10 +200,14 @@ class OpenAICall:
         stub, req = self.stub, self.req
         if req.adapter:
             await stub.ensure_adapter(req.adapter, req.adapter_source)
-        url = f"{stub.url}/v1/completions"
+        messages = CHAT_MESSAGES.get()
+        url = f"{stub.url}/v1/{'chat/completions' if messages is not None else 'completions'}"
         try:
             resp = await stub._session().post(
-                url, json=request_body(req), timeout=stub.timeout, headers={"x-request-id": req.request_id}
+                url,
+                json=request_body(req, messages),
+                timeout=stub.timeout,
+                headers={"x-request-id": req.request_id},
             )
         except (aiohttp.ClientError, TimeoutError) as e:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"backend {stub.url}: {e!r}") from None

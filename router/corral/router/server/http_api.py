@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..backends.openai_http import CHAT_MESSAGES
 from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
 from .errors import BadRequest, InternalError, NotFound, RouterError
 from .openai_models import ChatCompletionRequest, CompletionRequest, parse
@@ -173,6 +174,7 @@ class HttpApi:
         messages: list[dict[str, str]] | None = None
         if isinstance(req, ChatCompletionRequest):
             messages = [m.as_dict() for m in req.messages]
+            CHAT_MESSAGES.set(messages)  # OpenAI backends forward them (their own chat template)
         elif isinstance(req.prompt, str):
             prompt = req.prompt
         else:
