@@ -88,3 +88,36 @@ def test_private_adapter_tenant_reaches_router_settings() -> None:
     name = pool["spec"]["adapters"][0]["name"]
     assert s.adapters[name].tenant == "acme"
     assert all(a.tenant is None for n, a in s.adapters.items() if n != name)
+
+
+def test_chart_renders_tls_flags_and_an_authorised_https_scrape() -> None:
+    import chart_testkit
+
+    sets = ",".join(
+        [
+            "operator.tls.routerSecret=router-tls",
+            "operator.tls.routerClientAuth=true",
+            "operator.tls.engineSecret=eng-tls",
+            "serviceMonitor.enabled=true",
+            "serviceMonitor.adminKeySecret.name=metrics-key",
+        ]
+    )
+    objs = chart_testkit.template("--set", sets)
+    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"--router-tls-secret=router-tls", "--router-client-auth", "--engine-tls-secret=eng-tls"} <= set(
+        args
+    )
+    (sm,) = [o for o in objs if o["kind"] == "ServiceMonitor"]
+    ep = sm["spec"]["endpoints"][0]
+    assert ep["scheme"] == "https" and ep["tlsConfig"]["ca"]["secret"] == {
+        "name": "router-tls",
+        "key": "ca.crt",
+    }
+    assert ep["tlsConfig"]["keySecret"] == {"name": "router-tls", "key": "tls.key"}
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": "metrics-key", "key": "token"}}
+    plain = chart_testkit.template("--set", "serviceMonitor.enabled=true")
+    (sm,) = [o for o in plain if o["kind"] == "ServiceMonitor"]
+    assert "scheme" not in sm["spec"]["endpoints"][0] and "authorization" not in sm["spec"]["endpoints"][0]
+    (dep,) = [o for o in plain if o["kind"] == "Deployment"]
+    assert not any("tls" in a for a in dep["spec"]["template"]["spec"]["containers"][0]["args"])

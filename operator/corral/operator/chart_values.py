@@ -193,10 +193,21 @@ class Router(_Values):
     service: RouterService = _d("The router Service.", RouterService)
 
 
+class SecretKey(_Values):
+    name: str = _d("Secret name.", "")
+    key: str = _d("Key in the Secret.", "token")
+
+
 class ServiceMonitor(_Values):
     enabled: bool = _d("Create a Prometheus Operator ServiceMonitor for the router metrics.", False)
     interval: str = _d("Scrape interval.", "30s")
     labels: dict[str, str] = _d("Extra labels (e.g. the Prometheus selector's `release`).", dict)
+    adminKeySecret: SecretKey = _d(
+        "With tenant API keys on, /metrics needs a key with role admin: the Secret (router namespace) "
+        "and key holding one, sent as a bearer token. Empty name: none. With `operator.tls.routerSecret` "
+        "the scrape is HTTPS, trusting (and, with routerClientAuth, presenting) that Secret's certificates.",
+        SecretKey,
+    )
 
 
 class IssuerRef(_Values):
