@@ -263,3 +263,23 @@ async def test_decision_log_and_replay(
     bad.write_text('{"type": "decision"}\n')
     assert await asyncio.to_thread(main, ["replay", str(policy), "--log", str(bad)]) == 1
     assert "bad.jsonl:1: bad decision record" in capsys.readouterr().err
+
+
+async def test_feedback_for_another_tenants_request_is_not_found(engines: list[str], tmp_path: Path) -> None:
+    from corral.router.server.auth import KeyStore
+
+    r = await start_router(engines, tmp_path, api_keys=KeyStore.from_keys({"key-a": "acme", "key-b": "bob"}))
+    try:
+        a = {"authorization": "Bearer key-a"}
+        b = {"authorization": "Bearer key-b"}
+        body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+        st, out = await call("POST", r.http_url + "/v1/completions", body, {**a, "x-corral-task": "learn"})
+        assert st == 200, out
+        st, fb = await call("POST", r.http_url + "/v1/feedback", {"request_id": out["id"], "score": 1.0}, b)
+        assert st == 404 and f"unknown request id '{out['id']}'" in fb["error"]["message"]  # as if unknown
+        st, fb = await call("POST", r.http_url + "/v1/feedback", {"request_id": out["id"], "score": 1.0})
+        assert st == 401  # no key at all
+        st, fb = await call("POST", r.http_url + "/v1/feedback", {"request_id": out["id"], "score": 1.0}, a)
+        assert st == 200 and fb["learned"] is True
+    finally:
+        await r.stop(0)

@@ -149,12 +149,20 @@ class Embedding(CorralModel):
 
 SIGNAL_FIELDS = SIGNAL_KINDS
 RULE_SIGNAL_ONE_KIND = _one_of(SIGNAL_FIELDS, "one signal kind")
+RULE_REGEX_COMPILES = CelRule(
+    rule="!has(self.regex) || (''.matches(self.regex) ? true : true)",  # an invalid RE2 pattern: an error
+    message="must be a valid RE2 regular expression",
+    field_path=".regex",
+)
+RE2_UNSUPPORTED = re.compile(r"\(\?(?:=|!|<=|<!)|\\[1-9]|\(\?P=|\(\?\(|[*+?}]\+")
+"""Python-only constructs RE2 (the apiserver's CEL) rejects: lookarounds, backreferences, conditionals,
+possessive quantifiers."""
 
 
 class Signal(CorralModel):
     """One named test of a request; exactly one kind is set."""
 
-    model_config = ConfigDict(json_schema_extra=cel(RULE_SIGNAL_ONE_KIND))
+    model_config = ConfigDict(json_schema_extra=cel(RULE_SIGNAL_ONE_KIND, RULE_REGEX_COMPILES))
 
     name: str = name_field("Signal name, referenced by rules.")
     keywords: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
@@ -192,8 +200,11 @@ class Signal(CorralModel):
         if self.regex is not None:
             try:
                 re.compile(self.regex)
+                bad = RE2_UNSUPPORTED.search(self.regex)
+                if bad:
+                    raise re.error(f"{bad.group(0)!r} (lookarounds, backreferences) is not RE2")
             except re.error as e:
-                raise_issues([(".regex", f"invalid regular expression: {e}")])
+                raise_issues([(".regex", f"{RULE_REGEX_COMPILES.message}: {e}")])
         return self
 
     @property
