@@ -115,3 +115,21 @@ def test_validate_and_admission_report_lint_with_paths() -> None:
         "request can match both; give one a higher priority",
         'spec.modelSelection.rules[1].target: must name a model or adapter of ModelPool "p" (got "gone")',
     ]
+
+
+def test_admission_denies_a_change_that_adds_an_unreachable_rule() -> None:
+    from corral.api.validation import admission_problems
+
+    def policy(rules: list[dict[str, Any]]) -> RoutingPolicy:
+        return RoutingPolicy.model_validate({
+            "apiVersion": "corral.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p"},
+            "spec": {"poolRef": "p", "modelSelection": {"signals": SIGNALS, "rules": rules, "default": "t"}},
+        })  # fmt: skip
+
+    old = policy([rule("a", {"signal": "code"}, priority=1)])
+    always = {"any": [{"signal": "code"}, {"not": {"signal": "code"}}]}
+    new = policy([rule("a", {"signal": "code"}, priority=1), rule("all", always, priority=9)])
+    got = [str(p) for p in admission_problems(new, [], old)]
+    msg = 'unreachable: rule "all" has a higher priority and is always true'
+    assert got == [f"RoutingPolicy/p: spec.modelSelection.rules[0]: {msg}"]
+    assert admission_problems(old, [], None) == []
