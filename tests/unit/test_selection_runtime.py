@@ -181,3 +181,38 @@ def test_feedback_errors() -> None:
         s2 = selector(ledger=ledger)
         s2.remember(f"q{i}", None, sel, info)
     assert list(ledger.items) == ["q1", "q2"]
+
+
+NAMES = ("acme", "sql-task", "code", "long", "german")
+
+
+def _expr(depth: int) -> Any:
+    from hypothesis import strategies as st
+
+    leaf = st.sampled_from(NAMES).map(lambda n: {"signal": n})
+    if depth == 3:
+        return st.one_of(leaf, leaf.map(lambda x: {"not": x}))
+    kids = st.lists(_expr(depth + 1), min_size=1, max_size=3)
+    return st.one_of(leaf, kids.map(lambda k: {"all": k}), kids.map(lambda k: {"any": k}),
+                     _expr(depth + 1).map(lambda x: {"not": x}))  # fmt: skip
+
+
+def test_compiled_rules_agree_with_the_plain_evaluation() -> None:
+    """Reordering children cheapest-first and evaluating lazily never changes a rule's outcome."""
+    from corral.api.selection import expr_eval
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(_expr(1), st.fixed_dictionaries({n: st.booleans() for n in NAMES}))
+    def check(when: dict[str, Any], truth: dict[str, bool]) -> None:
+        spec = {"signals": [{"name": n, "header": {"name": f"x-{n}", "values": ["1"]}} for n in NAMES],
+                "rules": [{"name": "r", "when": when, "target": "hit"}], "default": "miss"}  # fmt: skip
+        s = selector(spec)
+        headers = {f"x-{n}": "1" for n, t in truth.items() if t}
+        sel = s.select(RequestInfo("x", headers=headers))
+        expected = expr_eval(s.spec.rules[0].when, truth.__getitem__)
+        assert (sel.model == "hit") == expected
+        assert set(sel.signals) <= set(NAMES) and all(sel.matched[n] == truth[n] for n in sel.signals)
+
+    check()
