@@ -260,6 +260,6 @@ def test_corral_router_cli_with_the_example_policy(tmp_path: Path) -> None:
             proc.terminate()
             _, err = await proc.communicate()
             await w.stop()
-        assert "prefixIndex is 'precise'" in err.decode()  # the example policy's index mode, said aloud
+        assert "prefixIndex is 'precise'" in err.decode() and "--kv-events-port" in err.decode()  # said aloud
 
     asyncio.run(run())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import sys
 import time
@@ -56,6 +57,7 @@ class FakeVllmConfig:
     max_model_len: int = 32768
     adapters: dict[str, str] = field(default_factory=dict)  # preloaded LoRA adapters: name -> path
     lora_load_s: float = 0.05
+    kv_events_port: int = 0  # > 0: publish vLLM-style KV events on a ZMQ PUB socket (tcp://HOST:PORT)
 
 
 class FakeVllm:
@@ -86,6 +88,8 @@ class FakeVllm:
         r.add_get("/fake/stats", self.stats)
         r.add_post("/fake/reset", self.reset_handler)
         self.runner: web.AppRunner | None = None
+        self._pub: Any = None  # the KV events' ZMQ PUB socket
+        self._seq = 0
         self.url = ""
         self.port = 0
 
@@ -98,12 +102,42 @@ class FakeVllm:
         server: Any = site._server
         self.port = server.sockets[0].getsockname()[1]
         self.url = f"http://{host}:{self.port}"
+        if self.cfg.kv_events_port and self._pub is None:
+            import zmq
+
+            self._pub = zmq.Context.instance().socket(zmq.PUB)
+            self._pub.setsockopt(zmq.LINGER, 0)
+            self._pub.bind(f"tcp://{host}:{self.cfg.kv_events_port}")
         return self.url
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self._pub is not None:
+            self._pub.close(0)
+            self._pub = None
+
+    # ---- vLLM-style KV events: its own hash space (not the router's), BlockStored / BlockRemoved ---------
+    @staticmethod
+    def vllm_hash(h: int) -> int:
+        return int.from_bytes(hashlib.sha256(h.to_bytes(8, "little")).digest()[:8], "big")
+
+    def _publish(self, events: list[list[Any]]) -> None:
+        if self._pub is None or not events:
+            return
+        import msgpack
+        import zmq
+
+        payload = msgpack.packb([time.time(), events, 0])
+        self._seq += 1
+        with contextlib.suppress(zmq.Again):
+            self._pub.send_multipart([b"", self._seq.to_bytes(8, "big"), payload], flags=zmq.NOBLOCK)
+
+    def _stored_event(self, hashes: Sequence[int], ids: Sequence[int], adapter: str | None) -> list[Any]:
+        bs = self.cfg.block_size
+        vh = [self.vllm_hash(h) for h in hashes]
+        return ["BlockStored", vh, None, list(ids[: len(hashes) * bs]), bs, None, "GPU", adapter]
 
     def reset(self) -> None:
         """Zero the counters and empty the prefix cache (adapters stay loaded)."""
@@ -137,8 +171,11 @@ class FakeVllm:
                 cache.move_to_end(h)
             else:
                 cache[h] = None
+        evicted = []
         while len(cache) > self.cfg.cache_blocks:
-            cache.popitem(last=False)
+            evicted.append(cache.popitem(last=False)[0])
+        if evicted and self._pub is not None:
+            self._publish([["BlockRemoved", [self.vllm_hash(h) for h in evicted], "GPU"]])
 
     async def _generate(self, ids: list[int], adapter: str | None, n: int) -> AsyncGenerator[Any, None]:
         """Yield ``("first", cached_tokens)`` after the prefill, then one ``("tok", i)`` per output token."""
@@ -166,6 +203,8 @@ class FakeVllm:
                 c["cached_tokens"] += cached
                 await asyncio.sleep(cfg.prefill_base_s + cfg.prefill_s_per_token * (len(ids) - cached))
                 self._store(hashes)
+                if self._pub is not None and hashes:  # like vLLM, also for reused blocks
+                    self._publish([self._stored_event(hashes, ids, adapter)])
             yield "first", cached
             for i in range(n):
                 if i:

@@ -7,9 +7,10 @@
 
 Routes exactly as the deployed router does from the same RoutingPolicy (and ModelPool) files: strategy,
 SLO, queue bound, block size, tenants, adapters and their sources (loaded on demand with
-``/v1/load_lora_adapter``), tokenizers. Backends publish no KV events this router reads, so the prefix index
-is the router's own dispatch history (``prefixIndex: approximate``); a policy asking for ``precise`` is run
-as approximate, and the router says so when it starts.
+``/v1/load_lora_adapter``), tokenizers. The prefix index is the router's own dispatch history
+(``prefixIndex: approximate``) unless ``--kv-events-port`` reads vLLM's KV events from every backend (then
+``precise`` works as with Corral's engines); without it, a policy asking for ``precise`` is run as
+approximate, and the router says so when it starts.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="seconds between /metrics scrapes per backend (default 0.25)")  # fmt: skip
     g.add_argument("--fail-threshold", type=int, default=2,
                    help="consecutive failed probes that eject a backend (default 2)")  # fmt: skip
+    g.add_argument("--kv-events-port", type=int, default=None, metavar="PORT",
+                   help="read vLLM's KV events (ZMQ publisher, --kv-events-config) on each backend's host at "
+                   "this port: a precise prefix index (needs pyzmq: corral[kv-events])")  # fmt: skip
+    g.add_argument("--kv-events-topic", default="", help="the publishers' topic (default: all)")
     r = p.add_argument_group("routing")
     r.add_argument("--policy", "-f", dest="routing_policy", action="append", default=[], metavar="FILE",
                    help="RoutingPolicy (and its ModelPool) YAML file or folder, as `corral validate` reads "
@@ -99,9 +104,17 @@ def run(ns: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"corral router: {e}", file=sys.stderr)
         return 2
-    if cfg.index_mode == "precise":
-        print("corral router: the RoutingPolicy's prefixIndex is 'precise' (engine KV events); OpenAI "
-              "backends send none this router reads, so the index is 'approximate' (its own dispatches)",
+    if ns.kv_events_port:
+        try:
+            import msgpack  # noqa: F401
+            import zmq  # noqa: F401
+        except ImportError as e:
+            print(f"corral router: --kv-events-port needs {e.name}: pip install 'corral[kv-events]'",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    elif cfg.index_mode == "precise":
+        print("corral router: the RoutingPolicy's prefixIndex is 'precise' (engine KV events) but no "
+              "--kv-events-port is given, so the index is 'approximate' (this router's own dispatches)",
               file=sys.stderr)  # fmt: skip
         cfg.index_mode = "approximate"
         settings = replace(settings, index_mode="approximate")
@@ -112,7 +125,7 @@ def run(ns: argparse.Namespace) -> int:
         server = RouterServer(
             disc, cfg, pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
             scrape_interval_s=ns.scrape_interval, fail_threshold=ns.fail_threshold,
-            profiles=settings.profiles,
+            profiles=settings.profiles, kv_events_port=ns.kv_events_port, kv_events_topic=ns.kv_events_topic,
         )  # fmt: skip
         try:
             await server.start(ns.host, ns.grpc_port, ns.http_port)

@@ -14,10 +14,10 @@ as vLLM's and SGLang's OpenAI servers. Per backend URL (from a discovery source)
 - ``fail_threshold`` consecutive failures (refused, timed out, non-2xx) eject the backend from routing
   (its replica and prefix index are dropped); the first full success re-admits it with an empty index.
 
-Prefix index: these backends publish no KV events, so the index is the router's own dispatch history
-(RoutingPolicy ``prefixIndex: approximate``), LRU-bounded by the backend's KV capacity
-(``vllm:cache_config_info``: ``num_gpu_blocks`` x ``block_size``, else the GPU class's profile). vLLM's
-ZMQ KV-event publisher (the precise index) is not read here.
+Prefix index: the router's own dispatch history (RoutingPolicy ``prefixIndex: approximate``), LRU-bounded
+by the backend's KV capacity (``vllm:cache_config_info``: ``num_gpu_blocks`` x ``block_size``, else the GPU
+class's profile); with ``kv_events_port``, vLLM's ZMQ KV-event publisher on each backend's host feeds it too
+(:mod:`.kv_events`), which makes ``prefixIndex: precise`` possible.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ class Backend:
     has_metrics: bool = True
     task: asyncio.Task[None] | None = None
     quarantined_until: float = 0.0
+    kv: Any = None  # the KvEventSubscriber, when KV events are read
+    kv_task: asyncio.Task[None] | None = None
 
 
 def split_spec(spec: str, default_class: str) -> tuple[str, str]:
@@ -111,6 +113,8 @@ class BackendPool:
         profiles: Mapping[str, Any] | None = None,
         max_connections: int = 0,
         sample_max_age_s: float = SAMPLE_MAX_AGE_S,
+        kv_events_port: int | None = None,
+        kv_events_topic: str = "",
     ) -> None:
         self.fleet = fleet
         self.discovery = discovery
@@ -127,6 +131,8 @@ class BackendPool:
         self.profiles: dict[str, Any] = dict(profiles or {})
         self.max_connections = max_connections
         self.sample_max_age_s = sample_max_age_s
+        self.kv_events_port = kv_events_port
+        self.kv_events_topic = kv_events_topic
         self.conns: dict[str, Backend] = {}  # discovery spec -> backend
         self.by_replica: dict[str, Backend] = {}  # replica id -> backend (admitted ones)
         self._session: aiohttp.ClientSession | None = None
@@ -336,12 +342,56 @@ class BackendPool:
         b.connected = True
         b.adapters.clear()
         self.by_replica[b.replica_id] = b
+        if self.kv_events_port:
+            self._subscribe(b)
         log.info("backend %s (%s, %s) admitted as %s", b.url, models.base, b.gpu_class, b.replica_id)
         if self.on_membership is not None:
             self.on_membership(b.replica_id, True)
         self._notify()
 
+    def _subscribe(self, b: Backend) -> None:
+        """Read the backend's KV events (vLLM's ZMQ publisher on its host, ``kv_events_port``)."""
+        from ..events import AllBlocksCleared, BlockRemoved, BlockStored
+        from .kv_events import KvEventSubscriber
+
+        rid, fleet = b.replica_id, self.fleet
+        host = urlsplit(b.url).hostname or "127.0.0.1"
+        endpoint = f"tcp://{host}:{self.kv_events_port}"
+
+        def apply(ev: Any) -> None:  # precise: the events are the truth; approximate: they refine it
+            r = fleet.replicas.get(rid)
+            if r is None:
+                return
+            if fleet.index_mode == "precise":
+                fleet.apply(ev)
+            elif isinstance(ev, BlockStored):
+                r.index.insert(ev.block_hashes)
+            elif isinstance(ev, BlockRemoved):
+                r.index.remove(ev.block_hashes)
+            else:
+                r.index.clear()
+
+        b.kv = KvEventSubscriber(
+            endpoint, self.block_size,
+            on_stored=lambda hs: apply(BlockStored(rid, tuple(hs))),
+            on_removed=lambda hs: apply(BlockRemoved(rid, tuple(hs))),
+            on_cleared=lambda: apply(AllBlocksCleared(rid)),
+            topic=self.kv_events_topic,
+        )  # fmt: skip
+        b.kv_task = asyncio.create_task(self._kv_run(b), name=f"corral-kv-events-{rid}")
+
+    async def _kv_run(self, b: Backend) -> None:
+        try:
+            await b.kv.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("KV events of backend %s (%s) stopped", b.url, b.kv.endpoint)
+
     def _eject(self, b: Backend, why: str) -> None:
+        if b.kv_task is not None:
+            b.kv_task.cancel()
+            b.kv_task = None
         was = b.connected
         b.connected = False
         if not was or self.by_replica.get(b.replica_id) is not b:
