@@ -167,20 +167,21 @@ class Task:
     phase: str  # "search" or "ref"
     spec: WorkloadSpec
     policy: str
-    cfg_key: tuple[str, float, int, int]
+    cfg_key: tuple[str, float, int, int] | tuple[str, float, int, int, int]
     rates: tuple[float, ...] = ()
     rate: float = 0.0
     bisect: int = 3
 
 
-def _cfg(key: tuple[str, float, int, int], warmup: float) -> FleetConfig:
-    replicas, delay, max_loras, max_cpu = key
+def _cfg(key: tuple[str, float, int, int] | tuple[str, float, int, int, int], warmup: float) -> FleetConfig:
+    replicas, delay, max_loras, max_cpu = key[:4]
     return FleetConfig(
         replicas=parse_replicas(replicas),
         event_delay_s=delay,
         max_loras=max_loras,
         max_cpu_loras=max_cpu,
         warmup_fraction=warmup,
+        cpu_kv_tokens=key[4] if len(key) > 4 else 0,
     )
 
 
@@ -262,6 +263,8 @@ class Options:
     workloads: list[str] = field(default_factory=list)
     plots: bool = True
     seeds: list[int] = field(default_factory=lambda: [0])
+    cpu_kv_tokens: int = 0
+    """Per replica: the sim engines' CPU KV tier (:mod:`corral.serve.sim.kv_offload`); 0 = none."""
     """Workload seeds: the goodput search runs once per seed (the first seed also gives the reference-rate
     figures); each policy's goodput is the mean over seeds, reported with its spread."""
 
@@ -300,7 +303,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
         if name not in policy_names():
             raise ValueError(f"unknown policy {name!r}; known: {', '.join(policy_names())}")
     replicas = parse_replicas(opts.replicas)
-    cfg_key = (opts.replicas, opts.event_delay_s, opts.max_loras, opts.max_cpu_loras)
+    cfg_key = (opts.replicas, opts.event_delay_s, opts.max_loras, opts.max_cpu_loras, opts.cpu_kv_tokens)
     specs = specs_for(opts)
     log(
         f"fleet: {describe_fleet(replicas)}; {len(specs)} workloads x {len(names)} policies; "
@@ -320,7 +323,9 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             "capacity_estimate_rps": cap,
             "rates": rates,
         }
-        info[spec.name]["ceiling"] = upper_bound(w, [prof for _, prof in replicas], spec.warmup)
+        info[spec.name]["ceiling"] = upper_bound(
+            w, [prof for _, prof in replicas], spec.warmup, cpu_kv_tokens=opts.cpu_kv_tokens
+        )
         bisect = 2 if opts.quick else 3
         for seed in opts.seeds:
             sp = replace(spec, seed=seed)
@@ -409,7 +414,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
     doc["meta"] = {
         "command": "corral bench fleet"
         + (" --quick" if opts.quick else "")
-        + (f" --seeds {','.join(str(x) for x in opts.seeds)}" if opts.seeds != [0] else ""),
+        + (f" --seeds {','.join(str(x) for x in opts.seeds)}" if opts.seeds != [0] else "")
+        + (f" (CPU KV tier {opts.cpu_kv_tokens} tokens)" if opts.cpu_kv_tokens else ""),
         "quick": opts.quick,
         "replicas": opts.replicas,
         "fleet": describe_fleet(replicas),
@@ -418,6 +424,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
         "max_cpu_loras": opts.max_cpu_loras,
         "ref_fraction": REF_FRACTION,
         "seeds": list(opts.seeds),
+        "cpu_kv_tokens": opts.cpu_kv_tokens,
         "goodput_quantile": 90,
         "workers": opts.workers,
         "wall_s": round(time.perf_counter() - t_start, 1),
@@ -498,7 +505,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         f"`{m['command']}` on {m['fleet']} (sim engines, virtual time), event delay "
         f"{m['event_delay_s'] * 1000:.0f} ms, max_loras {m['max_loras']} / max_cpu_loras "
-        f"{m['max_cpu_loras']}; {m['wall_s']} s wall on {m['machine']} ({m['workers']} workers), "
+        f"{m['max_cpu_loras']}, "
+        + (
+            f"CPU KV tier {m['cpu_kv_tokens']} tokens per replica"
+            if m.get("cpu_kv_tokens")
+            else "no CPU KV tier"
+        )
+        + f"; {m['wall_s']} s wall on {m['machine']} ({m['workers']} workers), "
         f"{describe(m)}; command line `{' '.join(m.get('argv') or [])}`.",
         "",
         "Goodput: highest arrival rate with P90 TTFT <= SLO (completed req/s). TTFT/TPOT, hit rate, "
@@ -708,6 +721,14 @@ def validate(doc: dict[str, Any]) -> None:
                 assert r[k] is None or isinstance(r[k], float), f"{name}/{p}: {k} not a float"
 
 
+def _kv_bytes_per_token(replicas: str) -> int:
+    """KV bytes per token of the fleet's model (the largest over its GPU classes' profiles)."""
+    try:
+        return max(p.kv_bytes_per_token for _, p in parse_replicas(replicas))
+    except ValueError:
+        return 131072  # a bad --replicas is reported by run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="corral bench fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller suite and requests (< 1 minute)")
@@ -727,6 +748,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workloads", default="", help="comma-separated subset of the default suite")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--seeds", default="0", help="comma-separated workload seeds (default 0)")
+    ap.add_argument(
+        "--cpu-kv-gib",
+        type=float,
+        default=0.0,
+        help="CPU KV tier per replica, GiB of host memory (vLLM CPU offloading / LMCache; default 0: none)",
+    )
     a = ap.parse_args(argv)
     try:
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()] or [0]
@@ -748,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads=[x.strip() for x in a.workloads.split(",") if x.strip()],
         plots=not a.no_plots,
         seeds=seeds,
+        cpu_kv_tokens=int(a.cpu_kv_gib * 2**30) // _kv_bytes_per_token(a.replicas),
     )
     try:
         doc = run(opts, log=lambda s: print(s, file=sys.stderr))

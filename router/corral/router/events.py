@@ -17,12 +17,16 @@ AdapterTier = Literal["gpu", "cpu"]
 class BlockStored:
     replica_id: str
     block_hashes: tuple[int, ...]
+    medium: str = "gpu"
+    """Where the blocks are held: ``"gpu"`` (the prefix cache) or ``"cpu"`` (the host KV tier of a CPU
+    offloading connector; vLLM's KV events carry the same field)."""
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     replica_id: str
     block_hashes: tuple[int, ...]
+    medium: str = "gpu"
 
 
 @dataclass(frozen=True, slots=True)

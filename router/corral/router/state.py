@@ -163,6 +163,7 @@ class ReplicaState:
     sample_received_at: float = 0.0  # when ``last_sample`` arrived, on the router's clock (see apply)
     dispatched_total: int = 0
     unconfirmed: dict[int, float] = field(default_factory=dict)  # precise mode: block -> confirm deadline
+    cpu_blocks: set[int] = field(default_factory=set)  # precise mode: blocks in the CPU KV tier (medium cpu)
 
     @property
     def outstanding(self) -> int:
@@ -354,7 +355,12 @@ class FleetState:
             else:
                 r.adapters_cpu.discard(ev.adapter)
         elif self.index_mode == "precise":
-            if isinstance(ev, BlockStored):
+            if isinstance(ev, (BlockStored, BlockRemoved)) and ev.medium == "cpu":
+                if isinstance(ev, BlockStored):
+                    r.cpu_blocks.update(ev.block_hashes)
+                else:
+                    r.cpu_blocks.difference_update(ev.block_hashes)
+            elif isinstance(ev, BlockStored):
                 r.index.insert(ev.block_hashes, evict=False)
                 if r.unconfirmed:
                     for h in ev.block_hashes:

@@ -153,6 +153,7 @@ class TtftEstimate:
     cached_blocks: int
     uncached_tokens: int
     tier: str
+    cpu_blocks: int = 0  # blocks after the GPU hit held in the replica's CPU KV tier (loaded, not computed)
 
 
 def queue_seconds(r: ReplicaState, now: float, max_age: float, chunk_tokens: int) -> float:
@@ -184,14 +185,25 @@ def estimate_ttft(
 ) -> TtftEstimate:
     """Estimated TTFT of ``req`` on ``r`` in seconds: queueing + own uncached prefill + adapter load.
 
+    Blocks past the GPU hit that the replica's CPU KV tier holds (``ReplicaState.cpu_blocks``, from KV
+    events with ``medium="cpu"``) are priced at their host->GPU copy time (``GpuProfile.kv_load_s``), not
+    recomputed: a CPU-tier hit costs between a GPU hit (nothing) and a miss (prefill).
+
     With ``slot_wait``, a non-resident adapter is also charged ``adapter_slot_wait_s`` (all GPU LoRA slots
     held by adapters with requests in flight)."""
     p = r.profile
     chunk_tokens = chunk_tokens or p.max_num_batched_tokens
     if cached_blocks is None:
         cached_blocks = r.index.match(req.block_hashes)
+    cpu_blocks = 0
+    if r.cpu_blocks:  # a CPU KV-tier hit: copied back over PCIe instead of recomputed
+        held = r.cpu_blocks
+        for h in req.block_hashes[cached_blocks:]:
+            if h not in held:
+                break
+            cpu_blocks += 1
     # vLLM recomputes at least the last token even on a full hit.
-    uncached = max(1, req.prompt_tokens - cached_blocks * r.block_size)
+    uncached = max(1, req.prompt_tokens - (cached_blocks + cpu_blocks) * r.block_size)
     pending = token_load(r, now, max_age)
     decode = decode_load(r, now, max_age)
     per_step = p.b0_us + p.b2_us * decode
@@ -199,12 +211,21 @@ def estimate_ttft(
     all_steps = -(-(pending + uncached) // chunk_tokens)
     queue_s = (pending * p.b1_us + q_steps * per_step) * 1e-6
     prefill_s = (uncached * p.b1_us + (all_steps - q_steps) * per_step) * 1e-6
+    if cpu_blocks:
+        prefill_s += p.kv_load_s(cpu_blocks * r.block_size)
     tier = r.adapter_tier(req.adapter)
     adapter_s = 0.0 if tier == "gpu" else float(p.adapter_load_s(adapter_mb, tier))  # type: ignore[arg-type]
     if slot_wait and tier != "gpu":
         adapter_s += adapter_slot_wait_s(r, decode)
     return TtftEstimate(
-        queue_s + prefill_s + adapter_s, queue_s, prefill_s, adapter_s, cached_blocks, uncached, tier
+        queue_s + prefill_s + adapter_s,
+        queue_s,
+        prefill_s,
+        adapter_s,
+        cached_blocks,
+        uncached,
+        tier,
+        cpu_blocks,
     )
 
 

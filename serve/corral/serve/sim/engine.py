@@ -13,6 +13,9 @@
 - **KV cache** with prefix caching by chained block hash (:mod:`.kv_cache`): the request carries the
   hashes of its full prompt blocks (and optionally of the blocks its output will fill); cached leading
   blocks skip prefill (at least one token is always computed, as in vLLM).
+- **CPU KV tier** (:mod:`.kv_offload`, optional): computed blocks are written through to host memory; a
+  request's blocks past its GPU hit that the tier holds are copied back (PCIe time, in its step) instead
+  of recomputed; tier changes go out as KV events with ``medium="cpu"``.
 - **LoRA** (:mod:`.lora`): an adapter must be GPU-resident to be in a batch; making it resident is done in
   the step that first uses it and costs the profile's load time by tier (the whole batch waits, as in
   vLLM's worker).
@@ -41,6 +44,7 @@ from corral.api.profiles import GpuProfile, adapter_mb, resolve_profile
 from corral.router.events import BlockRemoved, BlockStored, EngineEvent, LoadSample
 
 from .kv_cache import BlockPool
+from .kv_offload import CpuKvTier
 from .lora import AdapterSlots
 from .metrics import EngineMetrics, RequestRecord
 
@@ -113,6 +117,7 @@ class SimEngine:
         on_event: called synchronously with every router event.
         kv_capacity_tokens / max_num_batched_tokens / max_num_seqs: override the profile's values.
         sample_interval_s: period of ``LoadSample`` events (engine clock).
+        cpu_kv_tokens: size of the CPU KV tier in tokens (:mod:`.kv_offload`); 0: no tier.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class SimEngine:
         enable_prefix_caching: bool = True,
         default_adapter_mb: float | None = None,
         keep_records: int = 1_000_000,
+        cpu_kv_tokens: int = 0,
     ) -> None:
         self.profile = resolve_profile(profile)
         p = self.profile
@@ -142,6 +148,8 @@ class SimEngine:
         self.max_num_seqs = max_num_seqs or p.max_num_seqs
         kv_tokens = kv_capacity_tokens or p.kv_capacity_tokens
         self.pool = BlockPool(max(1, kv_tokens // block_size), block_size)
+        # CPU KV tier (vLLM's CPU offloading connector / LMCache), see .kv_offload; None: no tier.
+        self.cpu_kv = CpuKvTier(cpu_kv_tokens // block_size) if cpu_kv_tokens >= block_size else None
         self.on_event = on_event
         self.sample_interval_s = sample_interval_s
         self.enable_prefix_caching = enable_prefix_caching
@@ -171,15 +179,23 @@ class SimEngine:
 
     def _flush_blocks(self) -> None:
         pool = self.pool
-        if not (pool.stored or pool.removed):
-            return
-        stored, removed = pool.drain()
-        if self.on_event is None:
-            return
-        if removed:
-            self.on_event(BlockRemoved(self.replica_id, tuple(removed)))
-        if stored:
-            self.on_event(BlockStored(self.replica_id, tuple(stored)))
+        cpu = self.cpu_kv
+        if pool.stored or pool.removed:
+            stored, removed = pool.drain()
+            if cpu is not None:
+                cpu.store(stored)  # write-through to host memory
+            if self.on_event is not None:
+                if removed:
+                    self.on_event(BlockRemoved(self.replica_id, tuple(removed)))
+                if stored:
+                    self.on_event(BlockStored(self.replica_id, tuple(stored)))
+        if cpu is not None and (cpu.stored or cpu.removed):
+            c_stored, c_removed = cpu.drain()
+            if self.on_event is not None:
+                if c_removed:
+                    self.on_event(BlockRemoved(self.replica_id, tuple(c_removed), medium="cpu"))
+                if c_stored:
+                    self.on_event(BlockStored(self.replica_id, tuple(c_stored), medium="cpu"))
 
     # ---- requests ---------------------------------------------------------------------------------
     @property
@@ -228,6 +244,8 @@ class SimEngine:
         seq = SimSeq(request_id, prompt_tokens, max_tokens, hashes, adapter, adapter_mb, t, user)
         bs = self.block_size
         hit = self.pool.match_len(hashes, (prompt_tokens - 1) // bs) if self.enable_prefix_caching else 0
+        if self.cpu_kv is not None and self.enable_prefix_caching:
+            hit += self.cpu_kv.match_from(hashes, hit, (prompt_tokens - 1) // bs)
         seq.expected_uncached = prompt_tokens - hit * bs
         self.metrics.advance(t, self.num_in_system)
         self.seqs[request_id] = seq
@@ -339,6 +357,7 @@ class SimEngine:
             in_batch = {s.adapter for s, _ in sched if s.adapter is not None}
             skipped: list[SimSeq] = []
             caching = self.enable_prefix_caching
+            cpu_kv = self.cpu_kv if caching else None
             m = self.metrics
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 seq = waiting[0]
@@ -352,7 +371,8 @@ class SimEngine:
                     continue
                 ntok = seq.num_tokens
                 hits = pool.match(seq.hashes, (ntok - 1) // bs) if caching else []
-                computed = len(hits) * bs
+                n_cpu = cpu_kv.match_from(seq.hashes, len(hits), (ntok - 1) // bs) if cpu_kv else 0
+                computed = (len(hits) + n_cpu) * bs
                 new = ntok - computed
                 if new > budget:
                     new = budget
@@ -373,6 +393,14 @@ class SimEngine:
                 seq.blocks = hits + pool.allocate(need) if need > 0 else hits
                 seq.num_computed = computed
                 seq.num_cached = len(hits)
+                if n_cpu and cpu_kv is not None:  # copied back from host memory, then GPU-cached
+                    k0 = len(hits)
+                    cpu_kv.touch(seq.hashes[k0 : k0 + n_cpu])
+                    for k in range(k0, k0 + n_cpu):
+                        pool.cache_block(seq.blocks[k], seq.hashes[k])
+                    seq.num_cached = k0 + n_cpu
+                    load_s += self.profile.kv_load_s(n_cpu * bs)
+                    m.cpu_kv_hits += n_cpu * bs
                 m.prefix_cache_queries += ntok
                 m.prefix_cache_hits += computed
                 if seq.cached_tokens < 0:

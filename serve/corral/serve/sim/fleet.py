@@ -128,6 +128,7 @@ class FleetConfig:
     sample_interval_s: float = 0.1
     warmup_fraction: float = 0.1
     max_macro_steps: int = 4096
+    cpu_kv_tokens: int = 0  # per replica: the CPU KV tier (corral.serve.sim.kv_offload); 0 = none
 
 
 @dataclass
@@ -227,6 +228,7 @@ def run_fleet(
             max_cpu_loras=cfg.max_cpu_loras,
             on_event=pending.append,
             sample_interval_s=cfg.sample_interval_s,
+            cpu_kv_tokens=cfg.cpu_kv_tokens,
         )
         fleet.add_replica(rid, cfg.model, prof.name, prof, block_size=bs, max_gpu_adapters=cfg.max_loras)
 

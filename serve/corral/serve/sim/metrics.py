@@ -47,6 +47,7 @@ class EngineMetrics:
 
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    cpu_kv_hits: int = 0  # of prefix_cache_hits: tokens loaded from the CPU KV tier
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
