@@ -97,6 +97,9 @@ async def test_http_selection_explain_and_feedback(engines: list[str], tmp_path:
         assert (st, out["model"]) == (200, MODEL)
         st, ex = await call("GET", f"{url}/v1/explain/{out['id']}")
         assert ex["selection"]["rule"] == "(default)"
+        async with aiohttp.ClientSession() as sess, sess.get(url + "/v1/models") as resp:
+            cards = {m["id"]: m for m in (await resp.json())["data"]}
+        assert cards["auto"]["selection"] is True and cards["auto"]["replicas"] == 2
         # a concrete model is not selected
         st, out = await call("POST", url + "/v1/completions", {"model": MODEL, "prompt": "import os"})
         assert (st, out["model"]) == (200, MODEL)

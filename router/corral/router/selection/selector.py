@@ -113,6 +113,10 @@ class Selector:
             feats = tuple(dict.fromkeys(n for _, n in expr_signals(r.when)))
             self.rules.append(CompiledRule(r.name, r.priority, test, r.target, r.sampling, r.bandit, feats))
 
+    def targets(self) -> list[str]:
+        """Every model or adapter this selection can choose."""
+        return list(dict.fromkeys(t for _, t in self.spec.targets()))
+
     @property
     def active(self) -> bool:
         return bool(self.rules) or self.default is not None

@@ -28,7 +28,7 @@ from ..backends.openai_http import CHAT_MESSAGES
 from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
 from .errors import BadRequest, InternalError, NotFound, RouterError
 from .openai_models import ChatCompletionRequest, CompletionRequest, parse
-from .selection_api import explain_to_dict, feedback_body
+from .selection_api import explain_to_dict, feedback_body, selection_card
 
 log = logging.getLogger(__name__)
 
@@ -383,4 +383,7 @@ def list_models(r: Router, tenant: str | None = None) -> list[dict[str, Any]]:
                 "gpu_classes": sorted({c.gpu_class for c in cands}),
             }
         )
+    card = selection_card(r)  # spec.modelSelection's model ("auto"): the router picks among its targets
+    if card is not None:
+        out.append(card)
     return out

@@ -284,3 +284,17 @@ def explain_to_dict(rec: ExplainRecord) -> dict[str, Any]:
     if rec.selection is not None:
         out["selection"] = rec.selection.to_dict()
     return out
+
+
+def selection_card(router: Router) -> dict[str, Any] | None:
+    """The ``/v1/models`` card of the selection model (``auto``), when the policy has a selection."""
+    sel_ = router.selection.selector
+    if sel_ is None:
+        return None
+    bases = {router.selection._base(t) for t in sel_.targets()}
+    reps = [c for b in sorted(bases) for c in router.fleet.candidates(b)]
+    return {
+        "id": sel_.model, "object": "model", "created": 0, "owned_by": "corral", "parent": None,
+        "root": sel_.default, "max_model_len": None, "replicas": len(reps),
+        "gpu_classes": sorted({c.gpu_class for c in reps}), "selection": True,
+    }  # fmt: skip
