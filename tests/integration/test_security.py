@@ -121,6 +121,10 @@ async def post(r: RouterServer, body: Any, key: str | None, path: str = "/v1/com
         return resp.status, json.loads(await resp.text())
 
 
+async def status_of(r: RouterServer, body: Any, key: str, want: int) -> bool:
+    return (await post(r, body, key))[0] == want
+
+
 async def get(r: RouterServer, path: str, key: str | None) -> tuple[int, str]:
     async with aiohttp.ClientSession() as s, s.get(r.http_url + path, headers=auth(key)) as resp:
         return resp.status, await resp.text()
@@ -183,22 +187,28 @@ async def test_keys_reload_without_restart(stack: Stack) -> None:
     r = await stack.router()
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     new = append_key(stack.keys, "tenant-c")  # written atomically, as a Secret update swaps the file
-    status, out = await post(r, body, new)
-    assert status == 200, out
+    await wait_until(lambda: status_of(r, body, new, 200), what="the new key to work")
     # revoke tenant-a's inference key (a new version of the file without it, and without tenant-c)
     text = key_text(with_ka=False)
     tmp = stack.keys.with_name("keys.new")
     tmp.write_text(text)
     os.replace(tmp, stack.keys)
+    await wait_until(lambda: status_of(r, body, KA, 401), what="the revoked key to be refused")
     status, out = await post(r, body, KA)
     assert status == 401 and out["error"]["message"] == "invalid API key"
     assert (await post(r, body, KB))[0] == 200
     assert (await post(r, body, new))[0] == 401
     # a broken version keeps the keys in force and reports its line
     stack.keys.write_text(text + "  - {tenant: x, key: sk-plain}\n")
-    assert (await post(r, body, KB))[0] == 200
     store = r.router.config.api_keys
-    assert store is not None and store.last_error is not None and "keys.yaml:" in store.last_error
+    assert store is not None
+
+    async def bad_version_seen() -> bool:
+        return await status_of(r, body, KB, 200) and store.last_error is not None
+
+    await wait_until(bad_version_seen, what="the bad version seen")
+    assert store.last_error is not None and "keys.yaml:" in store.last_error
+    assert (await post(r, body, KB))[0] == 200
 
 
 # ---- cache isolation ----------------------------------------------------------------------------------

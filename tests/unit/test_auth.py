@@ -92,7 +92,7 @@ def test_store_reloads_when_the_file_changes_and_keeps_old_keys_on_a_bad_version
 ) -> None:
     f = tmp_path / "keys.yaml"
     f.write_text(f"{hash_key(A)}: tenant-a\n")
-    store = KeyStore.from_file(f, poll_s=0.0)
+    store = KeyStore.from_file(f, poll_s=0.0, background=False)  # reloads inline: deterministic here
     assert store.lookup(A) == Principal("tenant-a") and store.lookup(B) is None
     # add B, revoke A (a new inode, as a Kubernetes Secret update swaps the file)
     tmp = tmp_path / "new.yaml"
@@ -111,6 +111,32 @@ def test_store_reloads_when_the_file_changes_and_keeps_old_keys_on_a_bad_version
     assert store.lookup(B) == Principal("tenant-b")
     f.write_text(GOOD)
     assert store.lookup(OPS) == Principal("ops", "admin") and store.lookup(B) == Principal("tenant-b")
+
+
+def test_store_reloads_in_a_thread_keeping_the_old_keys_meanwhile(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    f = tmp_path / "keys.yaml"
+    f.write_text(f"{hash_key(A)}: tenant-a\n")
+    store = KeyStore.from_file(f, poll_s=0.0)  # the default: parse off the request path
+    gate = threading.Event()
+    real_load = store._load
+
+    def slow_load(sig: tuple[int, int, int]) -> bool:
+        gate.wait(10)  # a big file still being parsed
+        return real_load(sig)
+
+    store._load = slow_load  # type: ignore[method-assign]
+    f.write_text(f"{hash_key(B)}: tenant-b\n")
+    assert store.lookup(A) == Principal("tenant-a")  # starts the reload, answers with the keys in force
+    assert store.lookup(B) is None and store.lookup(A) == Principal("tenant-a")
+    gate.set()
+    deadline = time.monotonic() + 10
+    while store.lookup(B) is None:
+        assert time.monotonic() < deadline, "the background reload never took effect"
+        time.sleep(0.01)
+    assert store.lookup(A) is None and store.reloads == 1
 
 
 def test_store_polls_at_most_every_poll_s(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ BENCHES = {
     "recovery": ("corral.bench.recovery", "recovery: engine killed or stalled, router restarted (processes)"),
     "load": ("corral.bench.load", "overload: admission control at 2x capacity (rejected, lost, fairness)"),
     "select": ("corral.bench.select", "model selection: rules and bandits vs random, largest; regret; cost"),
+    "security": ("corral.bench.security", "security: API key check, key reload delay, TLS latency cost"),
 }
 
 
