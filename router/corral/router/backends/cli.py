@@ -122,6 +122,11 @@ def run(ns: argparse.Namespace) -> int:
         install_uvloop()
 
     async def main() -> int:
+        try:  # one listing before anything listens: a wrong Service or no cluster access is one line
+            first = list(await disc.endpoints())
+        except Exception as e:
+            print(f"corral router: cannot list the backends ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
         server = RouterServer(
             disc, cfg, pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
             scrape_interval_s=ns.scrape_interval, fail_threshold=ns.fail_threshold,
@@ -136,7 +141,7 @@ def run(ns: argparse.Namespace) -> int:
                   "(0 = any)", file=sys.stderr)  # fmt: skip
             return 2
         print(f"corral router: http {server.http_url}  grpc {server.grpc_address}  policy {cfg.policy}  "
-              f"backends: {', '.join(await disc.endpoints()) or '(none yet)'}", flush=True)  # fmt: skip
+              f"backends: {', '.join(first) or '(none yet)'}", flush=True)  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
