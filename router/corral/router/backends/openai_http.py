@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import orjson
 from corral.v1 import engine_pb2 as epb
 
 log = logging.getLogger(__name__)
@@ -205,9 +206,9 @@ class OpenAICall:
         try:
             resp = await stub._session().post(
                 url,
-                json=request_body(req, messages),
+                data=orjson.dumps(request_body(req, messages)),
                 timeout=stub.timeout,
-                headers={"x-request-id": req.request_id},
+                headers={"x-request-id": req.request_id, "Content-Type": "application/json"},
             )
         except (aiohttp.ClientError, TimeoutError) as e:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"backend {stub.url}: {e!r}") from None
@@ -223,7 +224,7 @@ class OpenAICall:
                 data = raw[5:].strip()
                 if data == b"[DONE]":
                     break
-                ev = json.loads(data)
+                ev = orjson.loads(data)
                 if "error" in ev:
                     err = ev["error"]
                     msg = err.get("message", err) if isinstance(err, dict) else err
