@@ -521,6 +521,14 @@ def cross_problems(objects: Sequence[tuple[ModelPool | RoutingPolicy, str]]) -> 
             if name not in adapters:
                 msg = f'must name an adapter of ModelPool "{target.metadata.name}" (got "{name}")'
                 problems.append(Problem(src, msg, label, f"spec.adapterPaging.pin[{i}]"))
+        private = [a.name for a in target.spec.adapters if a.tenant]
+        if private and rp.spec.tenants is None:
+            msg = (
+                f'must be set: ModelPool "{target.metadata.name}" has adapters private to a tenant '
+                f"({', '.join(private)}: spec.adapters[].tenant), which a router without tenant API keys "
+                "serves to nobody"
+            )
+            problems.append(Problem(src, msg, label, "spec.tenants"))
     return problems
 
 
