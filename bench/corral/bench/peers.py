@@ -352,7 +352,7 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                     try:
                         await wait_ready(http, url, proc, ns.start_timeout)
                     except RuntimeError as e:
-                        peers[name]["error"] = str(e)[:1000]
+                        peers[name]["error"] = str(e)[-2000:]
                         print(f"peers: {name} did not start: {e}", file=sys.stderr)
                         continue
                     results[name] = {}
@@ -399,7 +399,8 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         if not p.get("installed"):
             lines.append(f"- **{name}: not installed** (`pip install 'corral[peers]'`), no numbers.")
         elif p.get("error"):
-            lines.append(f"- **{name}: failed to start**: {p['error'][:300]}")
+            last = [ln for ln in p["error"].splitlines() if ln.strip()][-1:] or ["?"]
+            lines.append(f"- **{name}: failed to start**: `{last[0].strip()[:300]}` (see peers.json)")
     lines += [
         "",
         "| workload | router | req/s | TTFT p50 ms | TTFT p99 ms | prefix hit rate | imbalance | errors |",
