@@ -406,8 +406,7 @@ def test_model_selection_rules_are_checked_field_by_field() -> None:
         "default": "llama",
     }  # fmt: skip
     assert errors(RoutingPolicy, rp(modelSelection=sel)) == [
-        f"spec.modelSelection.rules[0].when.any[1].not.signal: {selection.RULE_KNOWN_SIGNALS.message} "
-        '(got "nope")'
+        f'spec.modelSelection.rules[0].when.any[1].not.signal: {selection.KNOWN_SIGNALS_MESSAGE} (got "nope")'
     ]
     ok = {**sel, "rules": [{"name": "a", "when": {"signal": "code"}, "target": "sql"}]}
     assert RoutingPolicy.model_validate(rp(modelSelection=ok)).spec.model_selection.rules[0].target == "sql"
@@ -419,7 +418,7 @@ def test_model_selection_rules_are_checked_field_by_field() -> None:
         RoutingPolicy.model_json_schema(by_alias=True)["$defs"],
     )["x-kubernetes-validations"]
     assert cel_rules == [
-        selection.RULE_KNOWN_SIGNALS.to_schema(),
+        *(r.to_schema() for r in selection.RULES_KNOWN_SIGNALS),
         selection.RULE_DEFAULT_WITH_RULES.to_schema(),
     ]
 

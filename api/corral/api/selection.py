@@ -415,40 +415,49 @@ class SelectionRule(CorralModel):
         return list(self.bandit.candidates) if self.bandit is not None else [self.target or ""]
 
 
-def _known_signal_rule() -> CelRule:
-    """Every signal a rule names is declared: :class:`When`'s paths spelled out (CEL has no recursion)."""
+KNOWN_SIGNALS_MESSAGE = "rules may only name signals declared in spec.modelSelection.signals"
+
+
+def _known_signal_rules() -> tuple[CelRule, ...]:
+    """Every signal a rule names is declared: :class:`When`'s paths spelled out (CEL has no recursion),
+    split by how many lists a path crosses so that each rule's estimated cost stays well inside the
+    apiserver's per-expression budget (rules x children x children x signals comparisons at most)."""
 
     def known(x: str) -> str:
         return f"self.signals.exists(s, s.name == {x})"
 
-    def leaf(x: str) -> str:
-        return (
-            f"(!has({x}.signal) || {known(x + '.signal')}) && (!has({x}.not) || {known(x + '.not.signal')})"
-        )
+    def opt(x: str, field: str) -> str:
+        return f"(!has({x}.{field}) || {known(f'{x}.{field}')})"
 
-    def clause(c: str) -> str:
-        return (
-            f"(!has({c}.signal) || {known(c + '.signal')}) && "
-            f"(!has({c}.all) || {c}.all.all(l1, {leaf('l1')})) && "
-            f"(!has({c}.any) || {c}.any.all(l2, {leaf('l2')})) && "
-            f"(!has({c}.not) || ({leaf(c + '.not')}))"
-        )
+    def leaf(x: str) -> str:  # a Leaf: signal, or not: {signal}
+        return f"{opt(x, 'signal')} && (!has({x}.not) || {known(x + '.not.signal')})"
+
+    def rule(body: str) -> CelRule:
+        return CelRule(rule=f"!has(self.rules) || self.rules.all(r, {body})", message=KNOWN_SIGNALS_MESSAGE,
+                       field_path=".rules")  # fmt: skip
 
     w = "r.when"
-    body = (
-        f"(!has({w}.signal) || {known(w + '.signal')}) && "
-        f"(!has({w}.all) || {w}.all.all(c1, {clause('c1')})) && "
-        f"(!has({w}.any) || {w}.any.all(c2, {clause('c2')})) && "
-        f"(!has({w}.not) || ({clause(w + '.not')}))"
+    # no list crossed: when.signal, when.not (a Clause: its signal and its not, a Leaf)
+    flat = f"{opt(w, 'signal')} && (!has({w}.not) || ({opt(w + '.not', 'signal')} && "
+    flat += f"(!has({w}.not.not) || ({leaf(w + '.not.not')}))))"
+    # one list: when.all/any[c] (a Clause's signal and not), when.not.all/any[l] (Leaves)
+    one = " && ".join(
+        f"(!has({w}.{op}) || {w}.{op}.all(c, {opt('c', 'signal')} && (!has(c.not) || ({leaf('c.not')}))))"
+        for op in ("all", "any")
     )
-    return CelRule(
-        rule=f"!has(self.rules) || self.rules.all(r, {body})",
-        message="rules may only name signals declared in spec.modelSelection.signals",
-        field_path=".rules",
+    one += " && " + " && ".join(
+        f"(!has({w}.not) || !has({w}.not.{op}) || {w}.not.{op}.all(l, {leaf('l')}))" for op in ("all", "any")
     )
+    rules = [rule(flat), rule(one)]
+    # two lists: when.all/any[c].all/any[l] (Leaves), one rule per pair
+    for outer in ("all", "any"):
+        for inner in ("all", "any"):
+            rules.append(rule(f"!has({w}.{outer}) || {w}.{outer}.all(c, !has(c.{inner}) || "
+                              f"c.{inner}.all(l, {leaf('l')}))"))  # fmt: skip
+    return tuple(rules)
 
 
-RULE_KNOWN_SIGNALS = _known_signal_rule()
+RULES_KNOWN_SIGNALS = _known_signal_rules()
 RULE_DEFAULT_WITH_RULES = CelRule(
     rule="!has(self.rules) || size(self.rules) == 0 || has(self.default)",
     message="set default (the target when no rule matches) when there are rules",
@@ -459,7 +468,7 @@ RULE_DEFAULT_WITH_RULES = CelRule(
 class ModelSelection(CorralModel):
     """Rules that choose a model or adapter for requests naming :attr:`model` (default ``auto``)."""
 
-    model_config = ConfigDict(json_schema_extra=cel(RULE_KNOWN_SIGNALS, RULE_DEFAULT_WITH_RULES))
+    model_config = ConfigDict(json_schema_extra=cel(*RULES_KNOWN_SIGNALS, RULE_DEFAULT_WITH_RULES))
 
     model: str = Field(
         default=DEFAULT_SELECTION_MODEL,
@@ -498,9 +507,7 @@ class ModelSelection(CorralModel):
         for i, r in enumerate(self.rules):
             for path, name in expr_signals(r.when):
                 if name not in known:
-                    issues.append(
-                        (f".rules[{i}]{path}", f"{RULE_KNOWN_SIGNALS.message} (got {json.dumps(name)})")
-                    )
+                    issues.append((f".rules[{i}]{path}", f"{KNOWN_SIGNALS_MESSAGE} (got {json.dumps(name)})"))
         if self.rules and self.default is None:
             issues.append((".default", RULE_DEFAULT_WITH_RULES.message))
         raise_issues(issues)
