@@ -13,7 +13,8 @@ through each, after the workers' caches and counters are reset:
 - ``shared_prefix``: ``--groups`` long system prompts, each request one of them plus a unique question;
 - ``no_reuse``: unique prompts (no prefix to find);
 - ``hop``: tiny prompts, one output token: the hop's own cost, also measured straight to the workers
-  (``direct``), so ``hop_overhead_ms`` = a router's TTFT p50 minus direct's.
+  (``direct``): ``hop_overhead_ms`` = a router's TTFT p50 minus direct's with one client,
+  ``hop_overhead_loaded_ms`` the same with ``--concurrency`` clients.
 
 Per router and workload: throughput (req/s), TTFT p50/p99 (first streamed event, client side), prefix hit
 rate (the workers' own counters: cached / prompt tokens), load imbalance (max / mean requests per worker),
@@ -268,6 +269,16 @@ async def drive(
     }
 
 
+async def hop_probe(http: Any, urls: list[str], reqs: list[Req], concurrency: int) -> dict[str, Any]:
+    """The hop probe: one client first (the unloaded hop, a tenth of the requests, at least 20), then
+    ``concurrency`` clients (throughput and the loaded hop)."""
+    serial = await drive(http, urls, reqs[: max(20, len(reqs) // 10)], 1)
+    r = await drive(http, urls, reqs, concurrency)
+    r["serial_ttft_p50_ms"], r["serial_ttft_p99_ms"] = serial["ttft_p50_ms"], serial["ttft_p99_ms"]
+    r["serial_requests"] = serial["requests"]
+    return r
+
+
 async def worker_stats(http: Any, workers: list[str]) -> list[dict[str, Any]]:
     out = []
     for w in workers:
@@ -337,7 +348,7 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
             # direct: the hop probe straight to the workers (round robin), the baseline of the hop
             await reset_workers(http, workers)
-            results["direct"] = {"hop": await drive(http, workers, loads["hop"], ns.concurrency)}
+            results["direct"] = {"hop": await hop_probe(http, workers, loads["hop"], ns.concurrency)}
             for name in ns.peers:
                 port = free_port()
                 cmd = router_command(name, workers, port, ns.peer_bin)
@@ -359,7 +370,10 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                     for wl in ns.workloads:
                         await reset_workers(http, workers)
                         warm = 0 if wl == "hop" else min(ns.warmup, len(loads[wl]) // 2)
-                        r = await drive(http, [url], loads[wl], ns.concurrency, warm)
+                        if wl == "hop":
+                            r = await hop_probe(http, [url], loads[wl], ns.concurrency)
+                        else:
+                            r = await drive(http, [url], loads[wl], ns.concurrency, warm)
                         r.update(cache_and_balance(await worker_stats(http, workers)))
                         results[name][wl] = r
                         print(
@@ -375,10 +389,12 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
     finally:
         wproc.terminate()
         wproc.wait(10)
-    direct = results["direct"]["hop"]["ttft_p50_ms"]
+    d = results["direct"]["hop"]
     for name, per in results.items():
         if name != "direct" and "hop" in per:
-            per["hop"]["hop_overhead_ms"] = round(per["hop"]["ttft_p50_ms"] - direct, 2)
+            h = per["hop"]
+            h["hop_overhead_ms"] = round(h["serial_ttft_p50_ms"] - d["serial_ttft_p50_ms"], 2)
+            h["hop_overhead_loaded_ms"] = round(h["ttft_p50_ms"] - d["ttft_p50_ms"], 2)
     return {"peers": peers, "results": results}
 
 
@@ -417,12 +433,16 @@ def write_report(data: dict[str, Any], out: Path) -> None:
                 f"| {wl} | {n} | {r['throughput_rps']:.1f} | {r['ttft_p50_ms']:.2f} | "
                 f"{r['ttft_p99_ms']:.2f} | {hit} | {imb} | {err} |"
             )
-    hops = [(n, res[n]["hop"]["hop_overhead_ms"]) for n in routers if "hop" in res[n]]
+    hops = [(n, res[n]["hop"]) for n in routers if "hop" in res[n]]
     if hops:
         lines += [
             "",
-            "Hop overhead (TTFT p50 through the router minus straight to the workers, tiny prompts): "
-            + ", ".join(f"{n} {v:+.2f} ms" for n, v in hops)
+            "Hop overhead (TTFT p50 through the router minus straight to the workers, tiny prompts, one "
+            "output token), with 1 client / with "
+            f"{meta['params']['concurrency']}: "
+            + ", ".join(
+                f"{n} {h['hop_overhead_ms']:+.2f} / {h['hop_overhead_loaded_ms']:+.2f} ms" for n, h in hops
+            )
             + ".",
         ]
     (out / "peers.md").write_text("\n".join(lines) + "\n")
