@@ -284,5 +284,7 @@ async def test_feedback_for_another_tenants_request_is_not_found(engines: list[s
         assert st == 401  # no key at all
         st, fb = await call("POST", r.http_url + "/v1/feedback", {"request_id": out["id"], "score": 1.0}, a)
         assert st == 200 and fb["learned"] is True
+        st, ex = await call("GET", f"{r.http_url}/v1/explain/{out['id']}", headers=a)
+        assert st == 403 and "role 'admin'" in ex["error"]["message"]  # Explain is for admins, as over gRPC
     finally:
         await r.stop(0)

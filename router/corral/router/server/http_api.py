@@ -308,8 +308,7 @@ class HttpApi:
     async def explain(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/explain/{request_id}``: a recent request's decision (replica, cost terms, selection)."""
         r = self.router
-        if r.config.api_keys is not None:
-            self._tenant(request)
+        r.authorize_admin(api_key_of(request.headers), "/v1/explain")  # an admin endpoint, as gRPC Explain
         rid = request.match_info["request_id"]
         rec = r.explains.get(rid)
         if rec is None:
