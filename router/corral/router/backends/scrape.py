@@ -32,8 +32,18 @@ class Scraped:
     found: bool = False
 
 
+_WANTED = (*_RUNNING, *_WAITING, *_KV, "vllm:cache_config_info")
+
+
+def _relevant(text: str) -> str:
+    """Only the samples read here (a vLLM ``/metrics`` is ~100 kB of histograms: parsing all of it at every
+    scrape would cost the router's event loop milliseconds)."""
+    return "\n".join(ln for ln in text.splitlines() if ln.startswith(_WANTED)) + "\n"
+
+
 def parse_metrics(text: str) -> Scraped:
     """Parse Prometheus text exposition (raises ``ValueError`` on malformed text)."""
+    text = _relevant(text)
     out = Scraped()
     running: dict[str, float] = {}
     waiting: dict[str, float] = {}
