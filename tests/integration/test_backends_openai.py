@@ -263,3 +263,18 @@ def test_corral_router_cli_with_the_example_policy(tmp_path: Path) -> None:
         assert "prefixIndex is 'precise'" in err.decode() and "--kv-events-port" in err.decode()  # said aloud
 
     asyncio.run(run())
+
+
+async def test_backend_dying_mid_stream_is_an_error_not_a_truncated_success(fleet: Setup) -> None:
+    for w in fleet.workers:
+        w.cfg.abort_after_tokens = 2  # both drop the connection after 2 tokens
+    body = {"model": MODEL, "prompt": "tell me a story", "max_tokens": 6, "stream": True}
+    async with fleet.http.post(fleet.url + "/v1/completions", json=body) as r:
+        assert r.status == 200  # the first token was out: a 200 stream that ends in an error event
+        events = [ln[6:] for ln in (await r.text()).splitlines() if ln.startswith("data: ")]
+    assert "[DONE]" not in events
+    err = json.loads(events[-1])["error"]
+    assert err["code"] == 502 and "after streaming started" in err["message"]
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == " t t"
+    st, data, _ = await fleet.post("/v1/completions", {**body, "stream": False})
+    assert st == 502 and data["error"]["type"] == "engine_error", data

@@ -58,6 +58,7 @@ class FakeVllmConfig:
     adapters: dict[str, str] = field(default_factory=dict)  # preloaded LoRA adapters: name -> path
     lora_load_s: float = 0.05
     kv_events_port: int = 0  # > 0: publish vLLM-style KV events on a ZMQ PUB socket (tcp://HOST:PORT)
+    abort_after_tokens: int = 0  # > 0: a stream's connection is dropped after this many tokens (a crash)
 
 
 class FakeVllm:
@@ -322,6 +323,10 @@ class FakeVllm:
                     else {"index": 0, "text": " t", "logprobs": None, "finish_reason": fin}
                 )
                 await resp.write(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+                if self.cfg.abort_after_tokens and n >= self.cfg.abort_after_tokens and request.transport:
+                    request.transport.close()  # mid-stream, like a worker that died
+                    await gen.aclose()
+                    return resp
             so = body.get("stream_options") or {}
             if so.get("include_usage"):
                 u: dict[str, Any] = {**head, "choices": [], "usage": _usage(len(ids), n, cached)}
