@@ -50,3 +50,4 @@ bench-docs:
 	.venv/bin/corral bench ablation --out docs/benchmarks
 	.venv/bin/corral bench recovery --out docs/benchmarks
 	.venv/bin/corral bench load --out docs/benchmarks
+	.venv/bin/corral bench peers --out docs/benchmarks   # runs sglang-router / vllm-router when installed (corral[peers])
