@@ -121,3 +121,35 @@ def test_chart_renders_tls_flags_and_an_authorised_https_scrape() -> None:
     assert "scheme" not in sm["spec"]["endpoints"][0] and "authorization" not in sm["spec"]["endpoints"][0]
     (dep,) = [o for o in plain if o["kind"] == "Deployment"]
     assert not any("tls" in a for a in dep["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_corral_serve_tls_flags_reach_the_serve_config(tmp_path: Path) -> None:
+    """``corral serve --tls-dir/--client-auth/--engine-tls-dir`` (checked first: one line naming the folder
+    and file) end up in the routers' and engines' arguments."""
+    import subprocess
+    import sys
+
+    from corral.bench.certs import make_certs
+
+    folder = tmp_path / "tls"
+    make_certs(folder)
+    cmd = [sys.executable, "-m", "corral.api.cli", "serve", "-f", str(EXAMPLES / "modelpool.yaml"),
+           "--print-config"]  # fmt: skip
+
+    def serve(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+
+    out = serve("--tls-dir", str(tmp_path / "nowhere"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "--tls-dir" in out.stderr and "nowhere" in out.stderr and "tls.crt" in out.stderr
+    out = serve("--client-auth")
+    assert out.returncode == 1 and "--client-auth needs --tls-dir" in out.stderr
+    out = serve("--tls-dir", str(folder), "--client-auth", "--engine-tls-dir", str(folder))
+    assert out.returncode == 0, out.stderr
+    app = yaml.safe_load(out.stdout)["applications"][0]
+    o = app["args"]["options"]
+    assert (o["router_tls_dir"], o["router_client_auth"], o["engine_tls_dir"]) == (
+        str(folder),
+        True,
+        str(folder),
+    )

@@ -50,8 +50,14 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--api-keys", default=None, metavar="FILE",
-        help="tenant API keys (YAML/JSON map key -> tenant) for a RoutingPolicy that sets spec.tenants",
+        help="tenant API key file (digests: `corral keys add`) for a RoutingPolicy that sets spec.tenants",
     )  # fmt: skip
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help="serve the routers' HTTPS and gRPC with DIR/tls.crt and DIR/tls.key")  # fmt: skip
+    p.add_argument("--client-auth", action="store_true",
+                   help="with --tls-dir: clients need a certificate signed by DIR/ca.crt")  # fmt: skip
+    p.add_argument("--engine-tls-dir", default=None, metavar="DIR",
+                   help="router <-> engine mutual TLS with DIR/{tls.crt,tls.key,ca.crt}")  # fmt: skip
 
 
 def local_options(args: argparse.Namespace) -> LocalOptions:
@@ -67,7 +73,32 @@ def local_options(args: argparse.Namespace) -> LocalOptions:
         engine=args.engine,
         sim_time_scale=args.sim_speed,
         api_keys_file=_api_keys_file(args.api_keys),
+        **_tls_options(args),
     )
+
+
+def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ServeOptions' TLS fields from --tls-dir / --client-auth / --engine-tls-dir, the folders checked here
+    (absolute paths: the routers and engines read them)."""
+    from corral.router.tls import ServerTls, TlsConfigError
+
+    from .app import PlanError
+
+    if args.client_auth and not args.tls_dir:
+        raise PlanError("--client-auth needs --tls-dir")
+    out: dict[str, Any] = {"router_client_auth": bool(args.client_auth)}
+    dirs = (
+        ("--tls-dir", "router_tls_dir", args.tls_dir, args.client_auth),
+        ("--engine-tls-dir", "engine_tls_dir", args.engine_tls_dir, True),
+    )
+    for flag, key, folder, mtls in dirs:
+        if folder:
+            try:
+                ServerTls.from_dir(folder, mtls).ssl_context()
+            except TlsConfigError as e:
+                raise PlanError(f"{flag} {folder}: {e}") from None
+            out[key] = str(Path(folder).resolve())
+    return out
 
 
 def _api_keys_file(path: str | None) -> str | None:
@@ -131,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
             router_grpc_port=args.grpc_port or 50051,
             router_http_port=args.http_port or 8080,
             api_keys_file=_api_keys_file(args.api_keys),
+            **_tls_options(args),
         )
         plans = [plan_pool(pool, policy, opts) for pool, policy in pairs]
         print(yaml.safe_dump(serve_config(plans), sort_keys=False), end="")

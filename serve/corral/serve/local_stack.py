@@ -78,7 +78,10 @@ class LocalOptions:
     sim_time_scale: float = 1.0
     adapter_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "corral" / "local-adapters")
     namespace: str = "corral"
-    api_keys_file: str | None = None  # tenant API keys for a RoutingPolicy with tenants (key -> tenant)
+    api_keys_file: str | None = None  # tenant API key file (digests) for a RoutingPolicy with tenants
+    router_tls_dir: str | None = None  # ServeOptions' TLS fields (corral serve --tls-dir ...)
+    router_client_auth: bool = False
+    engine_tls_dir: str | None = None
 
 
 def _sim_available() -> bool:
@@ -140,6 +143,9 @@ class LocalStack:
                 advertise_host="127.0.0.1",
                 engine_override=engine,
                 api_keys_file=opts.api_keys_file,
+                router_tls_dir=opts.router_tls_dir,
+                router_client_auth=opts.router_client_auth,
+                engine_tls_dir=opts.engine_tls_dir,
             )
             plan = plan_pool(pool, policy, sopts)
             self.plans.append(plan)
