@@ -194,3 +194,23 @@ def test_append_key_and_the_cli(tmp_path: Path) -> None:
     assert out.returncode == 1 and f"{bad}:3:" in out.stderr and "sk-plain" not in out.stderr
     with pytest.raises(KeyFileError, match=":3:"):
         append_key(bad, "a")  # a malformed file is never rewritten
+
+
+def test_store_follows_a_kubernetes_secret_volume_update(tmp_path: Path) -> None:
+    """A Secret volume: ``api-keys -> ..data/api-keys``, ``..data -> ..<timestamp>``; the kubelet writes a
+    new timestamped folder and swaps ``..data`` atomically (the file's own path never changes)."""
+
+    def version(name: str, text: str) -> None:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "api-keys").write_text(text)
+        tmp_link = tmp_path / "..data_tmp"
+        tmp_link.symlink_to(name)
+        os.replace(tmp_link, tmp_path / "..data")  # rename(2) over the old link: atomic
+
+    version("..2026_12_02_16_00_00.1", f"{hash_key(A)}: tenant-a\n")
+    (tmp_path / "api-keys").symlink_to("..data/api-keys")
+    store = KeyStore.from_file(tmp_path / "api-keys", poll_s=0.0, background=False)
+    assert store.lookup(A) == Principal("tenant-a")
+    version("..2026_12_02_16_05_00.2", f"{hash_key(B)}: tenant-b\n")
+    assert store.lookup(B) == Principal("tenant-b") and store.lookup(A) is None
