@@ -228,8 +228,12 @@ async def test_dead_backend_is_ejected_and_readmitted(fleet: Setup) -> None:
 
 
 def test_corral_router_cli_with_the_example_policy(tmp_path: Path) -> None:
+    """``corral router --backend URL --policy manifests/examples``: routes to the backend, runs the policy's
+    adapter paging (the pinned adapter is loaded without a request for it), loads another on demand."""
+    base = "llama-3.1-8b-instruct"  # the example ModelPool's model (pins support-bot)
+
     async def run() -> None:
-        w = FakeVllm(FakeVllmConfig(decode_s_per_token=0.001))
+        w = FakeVllm(FakeVllmConfig(model=base, decode_s_per_token=0.001))
         await w.start()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "corral.api.cli", "router", "--backend", w.url, "--policy",
@@ -252,10 +256,16 @@ def test_corral_router_cli_with_the_example_policy(tmp_path: Path) -> None:
                 while not await ready():
                     assert time.monotonic() < deadline, "router never became ready"
                     await asyncio.sleep(0.05)
-                body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+                body = {"model": base, "prompt": "hello", "max_tokens": 2}
                 async with http.post(url + "/v1/completions", json=body) as r:
                     assert r.status == 200, await r.text()
-            assert w.counters["requests"] == 1
+                await wait_until(lambda: "support-bot" in w.adapters, 20, "the pinned adapter to be loaded")
+                assert (
+                    w.adapters["support-bot"] == "/var/lib/corral/adapters/support-bot"
+                )  # its file:// source
+                async with http.post(url + "/v1/completions", json={**body, "model": "sql-coder"}) as r:
+                    assert r.status == 200, await r.text()
+                assert "sql-coder" in w.adapters and w.counters["requests"] == 2
         finally:
             proc.terminate()
             _, err = await proc.communicate()

@@ -92,6 +92,7 @@ def discovery_of(ns: argparse.Namespace) -> Discovery:
 
 def run(ns: argparse.Namespace) -> int:
     from ..server.app import RouterServer
+    from .paging import BackendPaging
     from .pool import BackendPool
 
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -127,8 +128,10 @@ def run(ns: argparse.Namespace) -> int:
         except Exception as e:
             print(f"corral router: cannot list the backends ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
+        paging: list[BackendPaging] = []  # the pager needs the pool the server makes
         server = RouterServer(
-            disc, cfg, pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
+            disc, cfg, lambda rid, req: paging[0].on_dispatch(rid, req) if paging else None,
+            pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
             scrape_interval_s=ns.scrape_interval, fail_threshold=ns.fail_threshold,
             profiles=settings.profiles, kv_events_port=ns.kv_events_port, kv_events_topic=ns.kv_events_topic,
         )  # fmt: skip
@@ -140,6 +143,8 @@ def run(ns: argparse.Namespace) -> int:
                   f"{ns.grpc_port}): {e.strerror or e}; pick free ports with --http-port/--grpc-port "
                   "(0 = any)", file=sys.stderr)  # fmt: skip
             return 2
+        paging.append(BackendPaging(server.router.pool, settings))  # adapterPaging: pins, demand, unloads
+        paging[0].start()
         print(f"corral router: http {server.http_url}  grpc {server.grpc_address}  policy {cfg.policy}  "
               f"backends: {', '.join(first) or '(none yet)'}", flush=True)  # fmt: skip
         stop = asyncio.Event()
@@ -148,6 +153,7 @@ def run(ns: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await paging[0].stop()
         await server.stop()
         return 0
 
