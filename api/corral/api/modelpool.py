@@ -349,6 +349,23 @@ class AdapterCache(CorralModel):
         return self.gpu_slots if self.cpu_slots is None else self.cpu_slots
 
 
+class KvOffload(CorralModel):
+    """A CPU KV tier per engine replica: KV blocks kept in host memory past the GPU prefix cache and copied
+    back on a hit instead of recomputed (vLLM ``--kv-offloading-size`` / ``--kv-offloading-backend``;
+    the simulator models it with the same size, see corral.serve.sim.kv_offload)."""
+
+    cpu_gib: K8sFloat = Field(
+        default=0.0,
+        ge=0,
+        le=65536,
+        description="Host memory per replica for offloaded KV blocks, GiB; 0 = no CPU KV tier.",
+    )
+    backend: Literal["native", "lmcache"] = Field(
+        default="native",
+        description="Offloading on vLLM engines: 'native' (vLLM's own CPU offloading) or 'lmcache'.",
+    )
+
+
 class ModelPoolSpec(CorralModel):
     """Desired state of a ModelPool."""
 
@@ -375,6 +392,11 @@ class ModelPoolSpec(CorralModel):
     adapter_cache: AdapterCache = Field(
         default_factory=AdapterCache,
         description="Adapter slots per replica.",
+        json_schema_extra={"default": {}},
+    )
+    kv_offload: KvOffload = Field(
+        default_factory=KvOffload,
+        description="CPU KV tier per replica (KV cache offloading to host memory).",
         json_schema_extra={"default": {}},
     )
     routing_policy_ref: str | None = Field(

@@ -45,6 +45,7 @@ class EngineInfo:
     sample_period_s: float = 0.1
     address: str = ""
     tokenizer: str = ""  # file://PATH or PATH of the engine's tokenizer; "" = the sim's
+    stream_address: str = ""  # the engine's framed TCP stream (corral.router.engine_mux); "" = none
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_pb(self) -> epb.EngineInfo:
@@ -62,6 +63,7 @@ class EngineInfo:
             sample_period_s=self.sample_period_s,
             address=self.address,
             tokenizer=self.tokenizer,
+            stream_address=self.stream_address,
         )
 
     @classmethod
@@ -80,6 +82,7 @@ class EngineInfo:
             sample_period_s=m.sample_period_s,
             address=m.address,
             tokenizer=m.tokenizer,
+            stream_address=m.stream_address,
         )
 
 
@@ -97,9 +100,11 @@ def sample_to_pb(s: LoadSample) -> epb.LoadSample:
 def event_to_pb(ev: EngineEvent, sources: dict[str, str] | None = None) -> epb.EngineEvent:
     """One engine event as a wire message (``sources``: adapter name -> source URI, optional)."""
     if isinstance(ev, BlockStored):
-        return epb.EngineEvent(stored=epb.BlocksStored(block_hashes=ev.block_hashes))
+        medium = "" if ev.medium == "gpu" else ev.medium
+        return epb.EngineEvent(stored=epb.BlocksStored(block_hashes=ev.block_hashes, medium=medium))
     if isinstance(ev, BlockRemoved):
-        return epb.EngineEvent(removed=epb.BlocksRemoved(block_hashes=ev.block_hashes))
+        medium = "" if ev.medium == "gpu" else ev.medium
+        return epb.EngineEvent(removed=epb.BlocksRemoved(block_hashes=ev.block_hashes, medium=medium))
     if isinstance(ev, AllBlocksCleared):
         return epb.EngineEvent(cleared=epb.AllBlocksCleared())
     if isinstance(ev, AdapterLoaded):
@@ -112,13 +117,18 @@ def event_to_pb(ev: EngineEvent, sources: dict[str, str] | None = None) -> epb.E
     raise TypeError(f"not an engine event: {ev!r}")
 
 
+def _medium(wire: str) -> str:
+    """A KV event's medium: "gpu" unless the engine said "cpu" (any case, as vLLM's "CPU")."""
+    return "cpu" if wire.lower() == "cpu" else "gpu"
+
+
 def event_from_pb(replica_id: str, m: epb.EngineEvent) -> EngineEvent | None:
     """The router-side event for a wire message (``None`` for an unknown/empty kind)."""
     kind = m.WhichOneof("kind")
     if kind == "stored":
-        return BlockStored(replica_id, tuple(m.stored.block_hashes))
+        return BlockStored(replica_id, tuple(m.stored.block_hashes), _medium(m.stored.medium))
     if kind == "removed":
-        return BlockRemoved(replica_id, tuple(m.removed.block_hashes))
+        return BlockRemoved(replica_id, tuple(m.removed.block_hashes), _medium(m.removed.medium))
     if kind == "cleared":
         return AllBlocksCleared(replica_id)
     if kind == "adapter_loaded":

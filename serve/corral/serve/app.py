@@ -35,6 +35,8 @@ Where each CR field goes:
   ``profile`` + ``profileOverrides`` -> the sim engine and the router's cost model.
 - ``adapters`` / ``adapterCache`` -> engines (``max_loras``, ``max_cpu_loras`` = ``cpuSlots``, which is
   ``gpuSlots`` when unset) and the router (catalog, paging).
+- ``kvOffload`` -> engines: vLLM ``kv_offloading_size`` / ``kv_offloading_backend`` (when ``cpuGib`` > 0,
+  unless ``engineArgs`` set them), the simulator's CPU KV tier of the same size.
 - the RoutingPolicy -> the router's ``user_config`` (see :func:`corral.router.settings.router_settings`),
   except ``blockSize``, which the engines need at start (it is in ``args``, so changing it restarts them);
   ``tenants`` needs a source of API keys (:attr:`ServeOptions.api_keys_file`), else the plan fails.
@@ -331,6 +333,8 @@ def plan_pool(
                 "block_size": engine_block_size,
                 "max_loras": gpu_slots,
                 "max_cpu_loras": cpu_slots,
+                "kv_offload_gib": spec.kv_offload.cpu_gib,
+                "kv_offload_backend": spec.kv_offload.backend,
                 "namespace": opts.namespace,
                 "sim_time_scale": opts.sim_time_scale,
                 "heartbeat_s": opts.heartbeat_s,

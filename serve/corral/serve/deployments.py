@@ -76,6 +76,8 @@ async def make_engine(
     engine_args: dict[str, Any],
     sim_time_scale: float = 1.0,
     profile_overrides: dict[str, Any] | None = None,
+    kv_offload_gib: float = 0.0,
+    kv_offload_backend: str = "native",
 ) -> Any:
     """Build the engine a replica serves (an object satisfying ``corral.serve.endpoint.Engine``).
 
@@ -83,6 +85,12 @@ async def make_engine(
     own default (vLLM: the model's context length; the simulator and the echo engine: theirs), and the
     replica reports the limit it runs with (``EngineInfo.max_model_len``)."""
     limit: dict[str, Any] = {} if max_model_len is None else {"max_model_len": int(max_model_len)}
+    if engine == "vllm" and kv_offload_gib > 0:  # ModelPool kvOffload, unless engineArgs say otherwise
+        engine_args = {
+            "kv_offloading_size": kv_offload_gib,
+            "kv_offloading_backend": kv_offload_backend,
+            **engine_args,
+        }
     if engine == "vllm":
         from .vllm_engine import VllmEngine
 
@@ -119,6 +127,8 @@ async def make_engine(
         if ignored := sorted(set(engine_args) - set(sim_kw)):
             log.info("model %s: the simulator has no use for engineArgs %s (vLLM settings)", model, ignored)
         prof = resolve_profile(profile, profile_overrides or None)
+        if kv_offload_gib > 0:  # the simulator's CPU KV tier (corral.serve.sim.kv_offload), same size
+            sim_kw["cpu_kv_tokens"] = int(kv_offload_gib * 2**30) // prof.kv_bytes_per_token
         return SimEndpointEngine.create(
             prof,  # type: ignore[arg-type]  # SimEngine takes a GpuProfile or a name
             replica_id,
@@ -160,6 +170,8 @@ class EngineDeployment:
         block_size: int = 16,
         max_loras: int = 4,
         max_cpu_loras: int = 8,
+        kv_offload_gib: float = 0.0,
+        kv_offload_backend: str = "native",
         namespace: str = DEFAULT_NAMESPACE,
         sim_time_scale: float = 1.0,
         heartbeat_s: float = 2.0,
@@ -187,6 +199,8 @@ class EngineDeployment:
             engine_args=engine_args,
             sim_time_scale=sim_time_scale,
             profile_overrides=profile_overrides,
+            kv_offload_gib=kv_offload_gib,
+            kv_offload_backend=kv_offload_backend,
         )
         host = advertise_host or _node_ip()
         tls = ServerTls.from_dir(tls_dir, mtls=True) if tls_dir else None

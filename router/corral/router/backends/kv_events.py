@@ -128,6 +128,8 @@ class KvEventSubscriber:
         tr = self.translator
         for ev in events:
             kind, f = parse_event(ev)
+            if kind in ("BlockStored", "BlockRemoved") and str(f.get("medium") or "GPU").upper() == "CPU":
+                continue  # vLLM's CPU offloading tier: not the GPU prefix cache this index mirrors
             if kind == "BlockStored":
                 if f.get("block_size") not in (None, tr.block_size):
                     log.warning("%s: vLLM block size %s != the router's %s: KV events ignored",
