@@ -164,8 +164,9 @@ async def test_load_the_router_did_not_send_comes_from_scraped_metrics(fleet: Se
 
 
 async def test_lora_loaded_on_demand_and_residency_from_v1_models() -> None:
-    cfg = RouterConfig(index_mode="approximate", adapters={"sql-coder": (MODEL, "file:///adapters/sql")})
-    s = await _setup(2, cfg)
+    adapters = {"sql-coder": (MODEL, "file:///adapters/sql"), "gone": (MODEL, "file:///adapters/gone")}
+    cfg = RouterConfig(index_mode="approximate", adapters=adapters)
+    s = await _setup(2, cfg, lora_paths=("/adapters/sql",))  # /adapters/gone is on no backend's disk
     try:
         req = {"model": "sql-coder", "prompt": "select", "max_tokens": 2}
         st, body, h = await s.post("/v1/completions", req)
@@ -187,6 +188,14 @@ async def test_lora_loaded_on_demand_and_residency_from_v1_models() -> None:
         # an adapter nobody declared: 404 naming it
         st, body, _ = await s.post("/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 1})
         assert st == 404 and "nope" in body["error"]["message"]
+        # a declared adapter no backend can load: 503 naming it and the cause; the backends stay in routing
+        st, body, _ = await s.post("/v1/completions", {"model": "gone", "prompt": "x", "max_tokens": 1})
+        assert st == 503, body
+        assert "could not load adapter 'gone'" in body["error"]["message"], body
+        assert "No adapter found for /adapters/gone" in body["error"]["message"]
+        assert len(s.server.fleet.candidates(MODEL)) == 2
+        st, _, _ = await s.post("/v1/completions", {"model": MODEL, "prompt": "still fine", "max_tokens": 1})
+        assert st == 200
     finally:
         await s.http.close()
         await s.server.stop()

@@ -59,6 +59,7 @@ class FakeVllmConfig:
     lora_load_s: float = 0.05
     kv_events_port: int = 0  # > 0: publish vLLM-style KV events on a ZMQ PUB socket (tcp://HOST:PORT)
     abort_after_tokens: int = 0  # > 0: a stream's connection is dropped after this many tokens (a crash)
+    lora_paths: tuple[str, ...] | None = None  # the adapters on this host's disk (None: any path loads)
 
 
 class FakeVllm:
@@ -388,6 +389,9 @@ class FakeVllm:
             return self._error(400, "Both 'lora_name' and 'lora_path' must be provided.", "BadRequestError")
         if name in self.adapters:
             return self._error(400, f"The lora adapter '{name}' has already been loaded.", "BadRequestError")
+        if self.cfg.lora_paths is not None and path not in self.cfg.lora_paths:
+            msg = f"Loading lora {name} failed: No adapter found for {path}"
+            return self._error(400, msg, "BadRequestError")
         await asyncio.sleep(self.cfg.lora_load_s)
         self.adapters[str(name)] = str(path)
         self.counters["lora_loads"] += 1

@@ -126,9 +126,13 @@ class OpenAIStub:
                     text = await r.read()
                     if r.status >= 400 and b"already" not in text:
                         msg = error_message(text, r.status)
-                        code = status_code(r.status)
-                        if code == grpc.StatusCode.INVALID_ARGUMENT:  # a bad source: not the client's fault
-                            code = grpc.StatusCode.UNAVAILABLE
+                        # 4xx: the adapter (its source) is at fault, not the backend: tried elsewhere, the
+                        # backend stays in routing; 5xx: the backend is (quarantined, like a refused call)
+                        code = (
+                            grpc.StatusCode.FAILED_PRECONDITION
+                            if r.status < 500
+                            else grpc.StatusCode.UNAVAILABLE
+                        )
                         raise rpc_error(code, f"backend {self.url} could not load adapter '{name}': {msg}")
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise rpc_error(

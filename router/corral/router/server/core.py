@@ -404,7 +404,12 @@ class Router:
             ticket = await self._admit(rr)
             for _attempt in range(self.config.max_attempts):
                 td = time.perf_counter()
-                d = self.choose(rr, excluded, explain)
+                try:
+                    d = self.choose(rr, excluded, explain)
+                except Unavailable as e:  # no replica left to try: say why the last attempt failed
+                    if not last_err:
+                        raise
+                    raise Unavailable(f"{e.message}; last error: {last_err}") from None
                 m.decision_latency.observe(time.perf_counter() - td)
                 rid = d.replica_id
                 rec.decision = d
