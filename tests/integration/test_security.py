@@ -209,6 +209,10 @@ async def test_keys_reload_without_restart(stack: Stack) -> None:
     await wait_until(bad_version_seen, what="the bad version seen")
     assert store.last_error is not None and "keys.yaml:" in store.last_error
     assert (await post(r, body, KB))[0] == 200
+    status, metrics = await get(r, "/metrics", KOPS)  # what an alert watches
+    assert status == 200
+    assert "corral_api_key_file_refused 1.0" in metrics and "corral_api_keys_enabled 1.0" in metrics
+    assert "corral_api_keys 3.0" in metrics and "corral_api_key_reloads_total 2.0" in metrics  # KA revoked
 
 
 # ---- cache isolation ----------------------------------------------------------------------------------

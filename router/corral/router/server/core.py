@@ -42,6 +42,7 @@ from ..tokenizer import max_token_bytes as _max_token_bytes
 from ..types import Decision, RoutingRequest
 from .admission_metrics import AdmissionCollector
 from .auth import KeyStore, Principal, check_model_access, visible
+from .auth_metrics import KeyStoreCollector
 from .errors import (
     BadRequest,
     EngineFailed,
@@ -200,6 +201,7 @@ class Router:
         self.selection = RouterSelection(self)  # spec.modelSelection: selectors, bandits, feedback
         self.admission = Admission(cfg.admission, lambda model: free_slots(self.core, model))
         self.metrics.registry.register(AdmissionCollector(self.admission))
+        self.metrics.registry.register(KeyStoreCollector(lambda: self.config.api_keys))
 
     async def start(self) -> None:
         await self.pool.start()
