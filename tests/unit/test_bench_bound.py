@@ -61,3 +61,31 @@ def test_bench_fleet_seeds_and_ceiling_in_results(tmp_path: Path) -> None:
     md = (tmp_path / "fleet.md").read_text()
     assert "**ceiling**" in md and " ± " in md
     assert fleet.main(["--seeds", "a,b", "--out", str(tmp_path)]) == 2
+
+
+def test_routing_summary_copies_the_numbers_from_the_results(tmp_path: Path) -> None:
+    from corral.bench import routing_summary
+
+    def doc(
+        goodputs: dict[str, float], seeds: dict[str, dict[str, float]] | None = None
+    ) -> dict[str, object]:
+        pols = {
+            p: {
+                "goodput_rps": g,
+                "ttft_p99_s": 0.5,
+                "prefix_hit_rate": 0.4,
+                "goodput_by_seed": (seeds or {}).get(p, {"0": g}),
+            }
+            for p, g in goodputs.items()
+        }
+        return {"meta": {"command": "corral bench fleet", "git": "abc", "dirty": False},
+                "workloads": {"w": {"policies": pols, "ceiling": {"goodput_rps": 20.0}}}}  # fmt: skip
+
+    assert routing_summary.main([str(tmp_path)]) == 2  # no results yet
+    (tmp_path / "fleet.json").write_text(json.dumps(doc({"corral": 10.0, "dualmap": 8.0, "random": 1.0})))
+    (tmp_path / "seeds").mkdir()
+    seeds = {"corral": {"1": 12.0, "2": 11.0}, "dualmap": {"1": 8.0, "2": 8.0}}
+    (tmp_path / "seeds" / "fleet.json").write_text(json.dumps(doc({"corral": 11.5, "dualmap": 8.0}, seeds)))
+    assert routing_summary.main([str(tmp_path)]) == 0
+    text = (tmp_path / "routing_summary.md").read_text()
+    assert "| w | 11.00 ± 1.00 (n=3) | dualmap | 8.00 ± 0.00 (n=3) | 1.38x | 20.0 | 55% | 40% |" in text
