@@ -51,3 +51,4 @@ bench-docs:
 	.venv/bin/corral bench recovery --out docs/benchmarks
 	.venv/bin/corral bench load --out docs/benchmarks
 	.venv/bin/corral bench peers --out docs/benchmarks   # runs sglang-router / vllm-router when installed (corral[peers])
+	.venv/bin/corral bench security --out docs/benchmarks
