@@ -42,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,8 +330,8 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
     import aiohttp
 
     loads = build_workloads(ns)
-    logs = out / "peers-logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="corral-bench-peers-"))  # the processes' logs, not the results
+    print(f"peers: process logs in {logs}", file=sys.stderr)
     wcfg = {
         "model": MODEL,
         "max_running": ns.max_running,
