@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from corral.router.engine_mux import MuxCall, MuxEngineStub
+from corral.router.engine_mux import MuxCall, MuxEngineStub, _FramedCall
+from corral.router.tls import ServerTls
 from corral.serve.endpoint import EchoEngine, EngineEndpoint, EngineRequest, TokenChunk
 from corral.v1 import engine_pb2 as epb
 from corral.v1 import engine_pb2_grpc as epb_grpc
+from tls_testkit import make_certs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -35,6 +38,17 @@ class SlowEngine(EchoEngine):
         yield TokenChunk(token_ids=[2], finish_reason="length", prompt_tokens=1, completion_tokens=2)
 
 
+TRANSPORTS = ["grpc", "framed"]  # GenerateMux over gRPC, or over the engine's framed TCP stream
+
+
+def _stub(ch: grpc.aio.Channel, ep: EngineEndpoint, transport: str) -> MuxEngineStub:
+    stub = MuxEngineStub(ch)
+    if transport == "framed":
+        assert ep.engine.info.stream_address  # a plaintext endpoint advertises its framed stream
+        stub.stream_address = ep.engine.info.stream_address
+    return stub
+
+
 def _req(i: int, n: int = 4, **kw: Any) -> epb.GenerateRequest:
     ids = [i + 1] * 8
     return epb.GenerateRequest(request_id=f"r{i}", model="m", prompt_token_ids=ids, max_tokens=n, **kw)
@@ -47,10 +61,11 @@ async def _collect(call: Any) -> list[int]:
     return out
 
 
-async def test_concurrent_requests_share_one_call_and_keep_their_own_chunks() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_concurrent_requests_share_one_call_and_keep_their_own_chunks(transport: str) -> None:
     ep = await EngineEndpoint.start(EchoEngine(replica_id="e0", model="m"), "127.0.0.1", 0)
     ch = grpc.aio.insecure_channel(ep.address)
-    stub = MuxEngineStub(ch)
+    stub = _stub(ch, ep, transport)
     try:
         calls = [stub.Generate(_req(i, n=3)) for i in range(50)]
         assert all(isinstance(c, MuxCall) for c in calls)
@@ -60,6 +75,7 @@ async def test_concurrent_requests_share_one_call_and_keep_their_own_chunks() ->
         assert all(c.done() for c in calls)
         mux = stub._mux
         assert mux is not None and not mux.streams  # one call, every stream ended and forgotten
+        assert isinstance(mux.call, _FramedCall) == (transport == "framed")
         again = await _collect(stub.Generate(_req(7, n=2)))
         assert again == [8, 8] and stub._mux is mux  # the same long-lived call serves the next one
     finally:
@@ -68,10 +84,11 @@ async def test_concurrent_requests_share_one_call_and_keep_their_own_chunks() ->
         await ep.stop(0)
 
 
-async def test_engine_status_codes_come_through() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_engine_status_codes_come_through(transport: str) -> None:
     ep = await EngineEndpoint.start(EchoEngine(replica_id="e0", model="m"), "127.0.0.1", 0)
     ch = grpc.aio.insecure_channel(ep.address)
-    stub = MuxEngineStub(ch)
+    stub = _stub(ch, ep, transport)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await _collect(stub.Generate(_req(1, adapter="no-such-adapter")))
@@ -88,11 +105,12 @@ async def test_engine_status_codes_come_through() -> None:
         await ep.stop(0)
 
 
-async def test_cancel_aborts_the_request_in_the_engine() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_cancel_aborts_the_request_in_the_engine(transport: str) -> None:
     eng = SlowEngine(replica_id="e0", model="m")
     ep = await EngineEndpoint.start(eng, "127.0.0.1", 0)
     ch = grpc.aio.insecure_channel(ep.address)
-    stub = MuxEngineStub(ch)
+    stub = _stub(ch, ep, transport)
     try:
         call = stub.Generate(_req(1))
         first = await call.__anext__()
@@ -116,12 +134,13 @@ async def test_cancel_aborts_the_request_in_the_engine() -> None:
         await ep.stop(0)
 
 
-async def test_dead_engine_fails_open_streams_and_next_request_opens_a_new_call() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_dead_engine_fails_open_streams_and_next_request_opens_a_new_call(transport: str) -> None:
     eng = SlowEngine(replica_id="e0", model="m")
     ep = await EngineEndpoint.start(eng, "127.0.0.1", 0)
     port = ep.port
     ch = grpc.aio.insecure_channel(ep.address)
-    stub = MuxEngineStub(ch)
+    stub = _stub(ch, ep, transport)
     try:
         call = stub.Generate(_req(1))
         await call.__anext__()
@@ -177,3 +196,32 @@ async def test_engine_without_mux_is_served_with_plain_generate_calls() -> None:
         await stub.aclose()
         await ch.close()
         await server.stop(0)
+
+
+async def test_unreachable_framed_stream_falls_back_to_grpc() -> None:
+    ep = await EngineEndpoint.start(EchoEngine(replica_id="e0", model="m"), "127.0.0.1", 0)
+    ch = grpc.aio.insecure_channel(ep.address)
+    stub = MuxEngineStub(ch)
+    stub.stream_address = "127.0.0.1:1"  # nothing listens there
+    try:
+        results = await asyncio.gather(*(_collect(stub.Generate(_req(i, n=1))) for i in range(5)))
+        assert results == [[i + 1] for i in range(5)]  # sent as plain calls, nothing lost
+        assert stub.stream_address is None
+        assert await _collect(stub.Generate(_req(7, n=1))) == [8]
+        assert stub._mux is not None and not isinstance(stub._mux.call, _FramedCall)  # gRPC from now on
+    finally:
+        await stub.aclose()
+        await ch.close()
+        await ep.stop(0)
+
+
+async def test_tls_endpoint_and_opt_out_advertise_no_framed_stream(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    tls = ServerTls(certs.server_cert, certs.server_key)
+    for kw in ({"framed": False}, {"tls": tls}):  # the framed stream is plaintext: never beside TLS
+        ep = await EngineEndpoint.start(EchoEngine(replica_id="e0", model="m"), "127.0.0.1", 0, **kw)  # type: ignore[arg-type]
+        try:
+            assert ep.engine.info.stream_address == "", kw
+            assert ep.info_pb().stream_address == "", kw
+        finally:
+            await ep.stop(0)

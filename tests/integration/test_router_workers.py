@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 MODEL = "llama-8b"
 WORKERS = 2
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a new connection per channel: any worker
 
 
 def _worker_of(request_id: str) -> str:
@@ -78,24 +79,38 @@ def test_workers_share_the_port_and_route_a_prefix_to_the_same_replica(tmp_path:
 
         wait_until(lambda: asyncio.run(ready()) is None, 30, "every worker to see both engines")
 
-        async def drive() -> dict[int, list[tuple[str, str, int]]]:
-            seen: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
-            for rnd in range(8):
-                for i in range(6):  # sequential: no load difference between replicas decides anything
-                    seen[i].append(await _post(url, _prefix(i) + f"question {rnd}?"))
-            return seen
+        async def views(prompt: str) -> dict[str, set[tuple[str, bool]]]:
+            """Dry-run decisions (Explain) over new connections: worker -> {(replica, prefix cached)}."""
+            out: dict[str, set[tuple[str, bool]]] = defaultdict(set)
+            for _ in range(6 * WORKERS):
+                async with grpc.aio.insecure_channel(router.grpc_address, options=_OWN_CONNECTION) as ch:
+                    req = rpb.CompletionRequest(model=MODEL, prompt=prompt, max_tokens=2)
+                    r = await rpb_grpc.RouterStub(ch).Explain(rpb.ExplainRequest(request=req))
+                out[_worker_of(r.request_id)].add((r.replica_id, r.cached_blocks > 0))
+            return out
 
-        seen = asyncio.run(drive())
-        workers = {w for rows in seen.values() for w, _, _ in rows}
-        assert len(workers) == WORKERS, f"connections reached only workers {workers}"
+        def agreed(prompt: str, replica: str) -> bool:
+            """Every worker would send ``prompt`` to ``replica``, where its prefix is cached (each worker
+            learned it from the engine's events; until then a worker may not know it yet)."""
+            v = asyncio.run(views(prompt))
+            return len(v) == WORKERS and all(s == {(replica, True)} for s in v.values())
+
+        seen: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+        for i in range(4):
+            seen[i].append(asyncio.run(_post(url, _prefix(i) + "question 0?")))  # the prefix's first
+            holder = seen[i][0][1]
+            for rnd in range(1, 7):
+                prompt = _prefix(i) + f"question {rnd}?"
+                wait_until(lambda p=prompt, h=holder: agreed(p, h), 20, f"every worker to route prefix {i}")
+                seen[i].append(asyncio.run(_post(url, prompt)))
         for i, rows in seen.items():
-            replicas = {rep for _, rep, _ in rows}
-            assert len(replicas) == 1, f"prefix {i} went to {replicas} via workers {[w for w, _, _ in rows]}"
-            # after the first request the prefix is cached on that replica: every later request hits it,
-            # through whichever worker took it (each learned the blocks from the engine's events)
+            # whichever worker took the connection, the prefix went to its holder and hit its cache
+            assert {rep for _, rep, _ in rows} == {rows[0][1]}, (
+                f"prefix {i}: (worker, replica, cached) {rows}"
+            )
             assert all(cached > 0 for _, _, cached in rows[1:]), rows
         by_worker = {w for rows in seen.values() for w, _, _ in rows[1:]}
-        assert len(by_worker) == WORKERS  # the hits above were served by every worker
+        assert len(by_worker) == WORKERS, f"connections reached only workers {by_worker}"  # all serve
 
         async def grpc_call() -> str:
             async with grpc.aio.insecure_channel(router.grpc_address) as ch:

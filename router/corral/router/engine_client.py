@@ -274,6 +274,8 @@ class EnginePool:
             elif a.tier == "cpu":
                 r.adapters_cpu.add(a.name)
         conn.info = info
+        if self.engine_tls is None:  # the framed stream is plaintext: with TLS, requests stay on gRPC
+            conn.stub.stream_address = info.stream_address or None
         conn.replica_id = info.replica_id
         conn.connected = True
         self.by_replica[info.replica_id] = conn

@@ -9,6 +9,11 @@ as :class:`~corral.router.server.core.Router` uses it (async iteration over ``Ge
 the engine), so the request path is unchanged. Opens and cancels written while the writer is busy go out
 together in one :class:`MuxRequest`; the engine batches its chunks the same way.
 
+When the engine advertises a framed TCP stream (``EngineInfo.stream_address``; plaintext engines do, see
+``corral.serve.endpoint.framed``) the same messages go over it instead of the gRPC call (:class:`_FramedCall`:
+a length-prefixed message per write, no gRPC operation): cheaper per request. If it cannot be reached, the
+stub forgets it and uses ``GenerateMux`` over gRPC.
+
 When the call breaks (engine gone), every open stream fails with its status (UNAVAILABLE, ...) and the next
 request opens a new call. An engine that does not implement ``GenerateMux`` (UNIMPLEMENTED) is remembered
 and served with one ``Generate`` call per request, as before.
@@ -20,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -116,12 +122,65 @@ class MuxCall:
         self._wake()
 
 
+_HEADER = struct.Struct("<I")  # as corral.serve.endpoint.framed
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class FramedConnectError(Exception):
+    """The engine's framed stream could not be reached (the stub then uses gRPC)."""
+
+
+class _FramedCall:
+    """GenerateMux's messages over the engine's framed TCP stream, with the grpc.aio call's interface
+    that :class:`_Mux` uses (``write``, ``read`` -> message or ``grpc.aio.EOF``, ``cancel``)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._conn = asyncio.ensure_future(self._connect())
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, _, port = self.address.rpartition(":")
+        try:
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), limit=1 << 20)
+        except (OSError, ValueError) as e:
+            raise FramedConnectError(f"engine stream {self.address}: {e}") from None
+        self._writer = writer
+        return reader, writer
+
+    async def write(self, msg: epb.MuxRequest) -> None:
+        _, w = await self._conn
+        data = msg.SerializeToString()
+        w.write(_HEADER.pack(len(data)) + data)
+        if w.transport.get_write_buffer_size() > (1 << 20):
+            await w.drain()
+
+    async def read(self) -> Any:
+        reader, _ = await self._conn
+        try:
+            head = await reader.readexactly(_HEADER.size)
+            (n,) = _HEADER.unpack(head)
+            if n > MAX_FRAME_BYTES:
+                raise rpc_error(grpc.StatusCode.INTERNAL, f"engine stream {self.address}: frame of {n} bytes")
+            return epb.MuxReply.FromString(await reader.readexactly(n))
+        except asyncio.IncompleteReadError:
+            return grpc.aio.EOF
+        except OSError as e:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"engine stream {self.address}: {e}") from None
+
+    def cancel(self) -> bool:
+        self._conn.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        return True
+
+
 class _Mux:
     """One GenerateMux call: stream ids, the writer (batched opens/cancels) and the reader."""
 
     def __init__(self, stub: MuxEngineStub) -> None:
         self.stub = stub
-        self.call: Any = stub.GenerateMux()
+        self.call: Any = _FramedCall(stub.stream_address) if stub.stream_address else stub.GenerateMux()
         self.streams: dict[int, MuxCall] = {}
         self.next_id = 1
         self.pending = epb.MuxRequest()
@@ -160,11 +219,12 @@ class _Mux:
             msg, self.pending, self.has_pending = self.pending, epb.MuxRequest(), False
             try:
                 await call.write(msg)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                return  # the call ended: the reader fails the streams
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, FramedConnectError, OSError):
+                return  # the call ended (or never started): the reader fails the streams
 
     async def _read(self) -> None:
         error: grpc.aio.AioRpcError | None = None
+        unreachable = False
         try:
             streams = self.streams
             call = self.call
@@ -184,6 +244,9 @@ class _Mux:
                         c._end(rpc_error(status_code(m.code), m.details) if m.code else None)
         except grpc.aio.AioRpcError as e:
             error = e
+        except FramedConnectError as e:
+            log.warning("%s: using GenerateMux over gRPC", e)
+            unreachable = True
         except asyncio.CancelledError:
             error = rpc_error(grpc.StatusCode.CANCELLED, "multiplexed stream closed by the router")
             raise
@@ -191,20 +254,25 @@ class _Mux:
             log.exception("multiplexed stream to the engine failed")
             error = rpc_error(grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}")
         finally:
-            self._close(error)
+            self._close(error, unreachable)
 
-    def _close(self, error: grpc.aio.AioRpcError | None) -> None:
+    def _close(self, error: grpc.aio.AioRpcError | None, unreachable: bool = False) -> None:
         self.closed = True
         self.writer.cancel()
         if self.stub._mux is self:
             self.stub._mux = None
         streams, self.streams = self.streams, {}
         err = error or rpc_error(grpc.StatusCode.UNAVAILABLE, "multiplexed stream ended")
-        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-            self.stub.mux_supported = False
-            log.info("engine has no GenerateMux: one Generate call per request")
+        if unreachable or err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if unreachable:  # nothing was sent: these requests go out as plain calls, later ones on gRPC
+                self.stub.stream_address = None
+            else:
+                self.stub.mux_supported = False
+                log.info("engine has no GenerateMux: one Generate call per request")
             for c in streams.values():
                 c._fall_back(self.stub.GenerateDirect(c._req))
+            with contextlib.suppress(Exception):
+                self.call.cancel()
             return
         for c in streams.values():
             c._end(err)
@@ -227,6 +295,7 @@ class MuxEngineStub(epb_grpc.EngineStub):
         self.GenerateDirect = self.Generate  # the plain unary-stream call (fallback)
         self.Generate = self._generate  # type: ignore[assignment]
         self.mux_supported = True
+        self.stream_address: str | None = None  # the engine's framed TCP stream, when it has one
         self._mux: _Mux | None = None
 
     def _generate(self, req: epb.GenerateRequest) -> Any:

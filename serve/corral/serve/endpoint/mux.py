@@ -34,8 +34,10 @@ class StreamAbort(Exception):
 ChunkSource = Callable[[epb.GenerateRequest], AsyncGenerator[epb.GenerateChunk, None]]
 
 
-async def serve_mux(chunks: ChunkSource, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-    """Serve one GenerateMux call until the router closes its side and every stream has ended."""
+async def serve_mux(chunks: ChunkSource, request_iterator: Any, context: Any) -> None:
+    """Serve one GenerateMux call until the router closes its side and every stream has ended.
+    ``context``: what replies are written to (``await context.write(MuxReply)``): the gRPC call's context,
+    or a framed TCP stream's writer (:mod:`.framed`)."""
     reply = epb.MuxReply()
     wake = asyncio.Event()
     tasks: dict[int, asyncio.Task[None]] = {}
@@ -87,7 +89,6 @@ async def serve_mux(chunks: ChunkSource, request_iterator: Any, context: grpc.ai
         while True:
             await wake.wait()
             wake.clear()
-            await asyncio.sleep(0)  # let the other ready streams add their chunks to this write
             out = state["reply"]
             if out.chunks:
                 state["reply"] = epb.MuxReply()

@@ -31,6 +31,7 @@ from corral.v1 import engine_pb2_grpc as epb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .engine import AdapterNotFoundError, Engine, EngineRequest
+from .framed import FramedServer
 from .mux import StreamAbort, serve_mux
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class EngineEndpoint:
         self._seq = 0
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
+        self._framed: FramedServer | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @classmethod
@@ -225,14 +227,18 @@ class EngineEndpoint:
         sample_period_s: float = 0.1,
         flush_period_s: float = 0.005,
         tls: ServerTls | None = None,
+        framed: bool = True,
     ) -> EngineEndpoint:
         """Serve ``engine`` on ``host:port`` (0 = any free port); ``advertise_host`` goes into
         ``address`` when ``host`` is a wildcard (e.g. the node IP under Ray). With ``tls`` the endpoint
-        speaks TLS only (mTLS: routers must present a certificate signed by its client CA)."""
+        speaks TLS only (mTLS: routers must present a certificate signed by its client CA). Without TLS
+        (and unless ``framed`` is False) it also serves GenerateMux on a framed TCP port (:mod:`.framed`),
+        advertised to routers as ``EngineInfo.stream_address``."""
         creds = tls.grpc_credentials() if tls is not None else None
         ep = cls(engine, sample_period_s=sample_period_s, flush_period_s=flush_period_s)
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        epb_grpc.add_EngineServicer_to_server(_EngineServicer(ep), server)
+        servicer = _EngineServicer(ep)
+        epb_grpc.add_EngineServicer_to_server(servicer, server)
         ep._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(ep._health, server)
         addr = f"{host}:{port}"
@@ -245,6 +251,9 @@ class EngineEndpoint:
         adv = advertise_host or (host if host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1")
         ep.address = f"{adv}:{bound}"
         engine.info.address = ep.address
+        if framed and tls is None:  # plaintext only: with TLS, routers use GenerateMux over gRPC
+            ep._framed = FramedServer(servicer.chunks)
+            engine.info.stream_address = f"{adv}:{await ep._framed.start(host, 0)}"
         engine.add_event_listener(ep._on_event)
         await ep._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await ep._health.set("corral.v1.Engine", health_pb2.HealthCheckResponse.SERVING)
@@ -254,9 +263,12 @@ class EngineEndpoint:
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving (``grace`` seconds for in-flight calls; ``None`` = cancel them now)."""
         self.engine.remove_event_listener(self._on_event)
-        if self._server is not None:
-            server, self._server = self._server, None
-            await server.stop(grace)
+        server, self._server = self._server, None
+        framed, self._framed = self._framed, None
+        await asyncio.gather(  # both at once: the framed streams get the same grace as the gRPC calls
+            server.stop(grace) if server is not None else asyncio.sleep(0),
+            framed.close(grace) if framed is not None else asyncio.sleep(0),
+        )
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
