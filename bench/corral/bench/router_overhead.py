@@ -407,24 +407,26 @@ Flame graphs of the router process under the 16-client load (py-spy at 250 sampl
 corral.bench.router_profile --api grpc|http --out FILE`): `router_flame_http_before.svg` /
 `router_flame_grpc_before.svg` (revision e57898f: one `Engine.Generate` gRPC call per request) and
 `router_flame_http.svg` / `router_flame_grpc.svg` (now). Shares are of all samples of the router process;
-CPU per request from the same runs (busy 2-core machine, one run each, so +-15%).
+CPU per request from the same runs (busy shared 2-core machine, one run each, so +-15%).
 
 - Before, HTTP (511-628 us CPU/request): the router's own gRPC client call to the engine was most of it:
   `UnaryStreamCall._send_unary_request` 39%, reading its stream 13%, grpc's poller thread 7%; aiohttp's
   request handling and response writing ~20%; the policy decision ~4%, hashing ~1%, metrics and the explain
   record < 1% each. The engines' event streams and load samples (10 per second per engine) were < 1%: the
   per-engine growth the issue saw was not in the event path (2, 4, 8 engines: 607, 571, 575 us/request).
-- Fix: requests are multiplexed over one long-lived `Engine.GenerateMux` call per engine
-  (`corral.router.engine_mux`, engine side `corral.serve.endpoint.mux`): opens and cancels written in the
-  same loop iteration share one message (about 4 per write here), chunks of all streams are batched per
-  write by the engine.
-- After, HTTP (283-308 us CPU/request): the multiplexed call's writes are ~17% and its reads ~4%; aiohttp
-  ~25%; the request path in Python (parse, tokenize, hash, decide, account) ~15%. Because the batching is
-  per engine, CPU per request now grows with the engine count again (2, 4, 8 engines: 283, 336, 499
-  us/request in one run each).
-- gRPC (before 780-903, after ~700-750 us CPU/request): the router's own grpc.aio server dominates (C-core
-  work run by the event loop ~40% of the samples, grpc's poller thread ~12%), so the multiplexed engine hop
-  helps it less; a unary grpc.aio call costs the server about as much as a whole HTTP request.
+- Step 1, requests multiplexed over one long-lived `Engine.GenerateMux` gRPC call per engine
+  (`corral.router.engine_mux`, engine side `corral.serve.endpoint.mux`; opens written in the same loop
+  iteration share a message, about 4 per write here; the engine batches the chunks of all streams per
+  write): HTTP 283-308 us/request, the multiplexed call's writes still ~17% (a gRPC operation each).
+- Step 2, the same messages over the engine's framed TCP port (`EngineInfo.stream_address`,
+  `corral.serve.endpoint.framed`: a length prefix, one transport write per batch; plaintext endpoints only,
+  TLS endpoints keep GenerateMux over gRPC): HTTP 231-248 us/request. What is left: aiohttp's request
+  handling and response write ~45% of the samples, the event loop itself ~23%, the engine write (a send
+  syscall) ~15%, the request path in Python (parse, tokenize, hash, decide, account) ~15%.
+- gRPC (before 780-903, now 599-675 us CPU/request): the router's own grpc.aio server dominates (C-core
+  work run by the event loop ~60% of the samples, grpc's poller thread ~9%); Corral's Python request path is
+  ~17%. A unary grpc.aio call costs the server about as much as a whole HTTP request through the router, so
+  the gRPC front stays slower than HTTP with grpc.aio.
 """
 
 
