@@ -86,6 +86,8 @@ class FramedServer:
         self._handlers.add(task)
         try:
             await serve_mux(self.chunks, self._requests(reader), _Writer(writer))
+        except asyncio.CancelledError:
+            pass  # close(): ended here (asyncio's stream callback would log a cancelled handler task)
         except (ConnectionError, FrameError) as e:
             log.info("framed stream from %s ended: %s", writer.get_extra_info("peername"), e)
         except Exception:
