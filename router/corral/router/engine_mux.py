@@ -124,6 +124,7 @@ class MuxCall:
 
 _HEADER = struct.Struct("<I")  # as corral.serve.endpoint.framed
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+CONNECT_TIMEOUT_S = 1.0  # then the requests waiting for it go out as plain gRPC calls
 
 
 class FramedConnectError(Exception):
@@ -142,9 +143,10 @@ class _FramedCall:
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, _, port = self.address.rpartition(":")
         try:
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), limit=1 << 20)
-        except (OSError, ValueError) as e:
-            raise FramedConnectError(f"engine stream {self.address}: {e}") from None
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):  # a port a firewall drops must not hang requests
+                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), limit=1 << 20)
+        except (OSError, ValueError, TimeoutError) as e:
+            raise FramedConnectError(f"engine stream {self.address}: {e or 'connect timed out'}") from None
         self._writer = writer
         return reader, writer
 
