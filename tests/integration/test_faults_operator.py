@@ -44,6 +44,8 @@ def _pools(ns: str, n: int) -> list[dict[str, Any]]:
     for i in range(n):
         p, rp = copy.deepcopy(pool), copy.deepcopy(policy)
         p["metadata"]["name"] = rp["metadata"]["name"] = rp["spec"]["poolRef"] = f"pool-{i}"
+        if "routingPolicyRef" in p["spec"]:
+            p["spec"]["routingPolicyRef"] = f"pool-{i}"
         docs += [p, rp]
     return docs
 
@@ -102,6 +104,8 @@ class View:
             st = pools[name].get("status") or {}
             if st.get("observedGeneration") != pools[name]["metadata"]["generation"]:
                 return False
+            if any(c["type"] == "Degraded" and c["status"] == "True" for c in st.get("conditions") or []):
+                return False  # e.g. its RoutingPolicy not seen yet
             if expect and name in expect and _h100_replicas(rss[0]) != expect[name]:
                 return False
         return True
