@@ -397,7 +397,8 @@ async def test_deployed_router_runs_with_the_crs_settings(
         tenants={"secretRef": {"name": "chat-keys"}, "isolateCache": True},
     )
     plan = plan_pool(pool, policy, ServeOptions(api_keys_file=str(keys), router_host="0.0.0.0",
-                                                router_grpc_port=0, router_http_port=0))  # fmt: skip
+                                                router_grpc_port=0, router_http_port=0,
+                                                selection_state_dir=str(tmp_path / "bandits")))  # fmt: skip
     cls: Any = RouterDeployment.func_or_class
     r = cls.__new__(cls)
     await r.__init__(**plan.router.init_kwargs)
@@ -410,6 +411,7 @@ async def test_deployed_router_runs_with_the_crs_settings(
         assert r.server.router.policy.params.hotspot_c == 2.5
         assert (got["index_mode"], got["fleet_index_mode"]) == ("approximate", "approximate")
         assert got["max_queue_per_replica"] == 7 and got["isolate_tenants"] and got["auth"]
+        assert r.server.router.selection.store.dir == tmp_path / "bandits"  # ServeOptions.selection_state_dir
         assert got["adapters"] == ["sql", "tiny-chat"]
         (rep,) = r.server.fleet.replicas.values()
         assert rep.gpu_class == "a100" and rep.profile.name == "A100-80GB"

@@ -120,6 +120,10 @@ class ServeOptions:
     router_client_auth: bool = False
     engine_tls_dir: str | None = None
     engine_tls_server_name: str = "corral-engine"
+    # Model selection (spec.modelSelection): the folder where the routers keep their bandits' state, so it
+    # survives restarts and is shared by the router replicas (a volume all of them mount; each writes only
+    # its own file, see docs/model-selection.md). None: in memory only.
+    selection_state_dir: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ServeOptions:
@@ -371,6 +375,7 @@ def plan_pool(
             "http_port": opts.router_http_port,
             "advertise_host": opts.advertise_host,
             "api_keys_file": opts.api_keys_file,
+            "selection_state_dir": opts.selection_state_dir,
             "tls": {
                 "router_dir": opts.router_tls_dir,
                 "client_auth": opts.router_client_auth,

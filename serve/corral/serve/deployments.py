@@ -351,6 +351,7 @@ class RouterDeployment:
         advertise_host: str | None = None,
         api_keys_file: str | None = None,
         tls: dict[str, Any] | None = None,  # ServeOptions' router_tls_dir, client_auth, engine TLS
+        selection_state_dir: str | None = None,  # ServeOptions.selection_state_dir: bandit state folder
     ) -> None:
         from corral.api.modelpool import ModelPool
 
@@ -362,6 +363,7 @@ class RouterDeployment:
         self.advertise_host = advertise_host
         self.api_keys_file = api_keys_file
         self.tls = dict(tls or {})
+        self.selection_state_dir = selection_state_dir
         self.api_keys: Any = None  # corral.router.server.auth.KeyStore: reloads the file when it changes
         if api_keys_file:
             from corral.router.server import load_api_keys
@@ -448,6 +450,7 @@ class RouterDeployment:
             router_id=self.router_id,
             api_keys=self.api_keys if settings.tenant_secret is not None else None,
             tokenizers=tokenizers,
+            selection_state_dir=self.selection_state_dir,
         )
         self.discovery = RayRegistryDiscovery(self.pool_id, self.namespace, poll_interval_s=0.5)
         from corral.router.tls import router_tls
