@@ -23,15 +23,17 @@ from grpc_reflection.v1alpha import reflection
 from ..wire import candidate_to_pb
 from .core import ExplainRecord, Prepared, Router, detokenize, prepare_request, run_to_completion
 from .errors import BadRequest, InternalError, NotFound, RouterError
+from .grpc_decode import StrictDecoding
 from .http_api import list_models
+from .limits import GRPC_MAX_MESSAGE_BYTES, MAX_NAME_CHARS, clip
 from .selection_api import selection_to_pb, signal_headers
 
 log = logging.getLogger(__name__)
 
 GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
 ]
@@ -59,6 +61,9 @@ class RouterServicer(rpb_grpc.RouterServicer):
     def _check(req: rpb.CompletionRequest) -> None:
         if not req.model:
             raise BadRequest("missing required field 'model' (a model or adapter name)")
+        for name in ("model", "request_id"):
+            if len(getattr(req, name)) > MAX_NAME_CHARS:
+                raise BadRequest(f"invalid field '{name}': longer than {MAX_NAME_CHARS} characters")
         if not req.prompt and not req.prompt_token_ids:
             raise BadRequest("missing required field 'prompt' (or 'prompt_token_ids')")
 
@@ -87,7 +92,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
             e = InternalError(f"internal error: {type(e).__name__}: {e}")
         if p is None or not p.dispatched:
             self.router.metrics.request_done("grpc", str(e.http_status), time.perf_counter() - t0)
-        await context.abort(e.grpc_code, e.message)
+        await context.abort(e.grpc_code, clip(e.message))
 
     async def Generate(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
         t0 = time.perf_counter()
@@ -153,7 +158,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
             if r.config.api_keys is not None:
                 tenant = r.authenticate(_api_key(context))
         except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            await context.abort(e.grpc_code, clip(e.message))
         cards = [
             rpb.ModelCard(
                 id=m["id"],
@@ -183,10 +188,9 @@ class RouterServicer(rpb_grpc.RouterServicer):
             else:
                 raise BadRequest("set 'request_id' (a recent request) or 'request' (a dry run)")
         except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            await context.abort(e.grpc_code, clip(e.message))
         assert rec is not None
         return explain_to_pb(rec)
-
 
     async def Feedback(self, request: rpb.FeedbackRequest, context: grpc.aio.ServicerContext) -> Any:
         """Reward the model selection's choice for a request (issue 15)."""
@@ -227,12 +231,17 @@ class GrpcApi:
         self.health = health.aio.HealthServicer()
         self.address = ""
 
+    def _malformed(self, method: str) -> None:
+        """An undecodable request (refused INVALID_ARGUMENT by :class:`StrictDecoding`): a 400."""
+        if method.startswith("/corral.v1.Router/Generate"):
+            self.router.metrics.request_done("grpc", "400", 0.0)
+
     async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> str:
         """Listen on ``host:port``; TLS (mTLS) with ``credentials`` (:mod:`corral.router.tls`)."""
         opts = [
             (k, int(self.reuse_port)) if k == "grpc.so_reuseport" else (k, v) for k, v in GRPC_SERVER_OPTIONS
         ]
-        server = grpc.aio.server(options=opts)
+        server = grpc.aio.server(options=opts, interceptors=[StrictDecoding(self._malformed)])
         rpb_grpc.add_RouterServicer_to_server(RouterServicer(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (

@@ -7,6 +7,8 @@ OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 malformed JSON / 
 bound (with ``Retry-After``), 503 no healthy replica, 500 for anything unexpected (logged, and counted as
 500 in ``corral_requests``). A stream that fails before its first token gets a plain HTTP error (it was
 retried first); one that fails after it gets a final ``data: {"error": ...}`` event and no ``[DONE]``.
+Hostile clients meet the limits of :mod:`.limits`: 413 body too large, 408 body too slow, headers too slow
+closes the connection; a client that disconnects cancels its request (counted 499).
 
 Request ids: every request gets the router's own unique id (the response's ``id`` and the
 ``x-corral-request-id`` header, what Explain looks up); a client's ``x-request-id`` header is only a label,
@@ -15,6 +17,7 @@ echoed back in ``x-request-id``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -25,8 +28,9 @@ import orjson
 from aiohttp import web
 
 from ..backends.openai_http import CHAT_MESSAGES
+from . import limits
 from .core import Prepared, Router, detokenize, prepare_request, run_to_completion, simple_chat_prompt
-from .errors import BadRequest, InternalError, NotFound, RouterError
+from .errors import BadRequest, InternalError, NotFound, PayloadTooLarge, RequestTimeout, RouterError
 from .openai_models import ChatCompletionRequest, CompletionRequest, parse
 from .selection_api import explain_to_dict, feedback_body, selection_card
 
@@ -91,9 +95,18 @@ async def _json_http_errors(request: web.Request, handler: Any) -> web.StreamRes
 class HttpApi:
     reuse_port = False  # SO_REUSEPORT: several router worker processes share the port (server/workers.py)
 
-    def __init__(self, router: Router) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        header_timeout_s: float = limits.HTTP_HEADER_TIMEOUT_S,
+        body_timeout_s: float = limits.HTTP_BODY_TIMEOUT_S,
+    ) -> None:
         self.router = router
-        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_http_errors])
+        self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
+        self.app = web.Application(
+            client_max_size=limits.HTTP_MAX_BODY_BYTES, middlewares=[_json_http_errors]
+        )
         self.app.router.add_post("/v1/completions", self._wrap(self.completions))
         self.app.router.add_post("/v1/chat/completions", self._wrap(self.chat))
         self.app.router.add_get("/v1/models", self._wrap(self.models))
@@ -107,7 +120,16 @@ class HttpApi:
 
     async def start(self, host: str, port: int, ssl_context: Any = None) -> str:
         """Listen on ``host:port`` (0: any free port); HTTPS with ``ssl_context`` (:mod:`..tls`)."""
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,  # a client that disconnects cancels its request (slot freed)
+            keepalive_timeout=self.header_timeout_s,  # also bounds the time to send a request's headers
+            max_line_size=limits.HTTP_MAX_LINE_BYTES,
+            max_field_size=limits.HTTP_MAX_LINE_BYTES,
+            max_headers=limits.HTTP_MAX_HEADERS,
+        )
         await self.runner.setup()
         site = web.TCPSite(
             self.runner, host, port, backlog=1024, ssl_context=ssl_context, reuse_port=self.reuse_port or None
@@ -138,6 +160,9 @@ class HttpApi:
             except RouterError as e:
                 self._count(request, str(e.http_status), t0)
                 return _error(e)
+            except asyncio.CancelledError:  # the client went away (handler cancellation)
+                self._count(request, "499", t0)
+                raise
             except Exception as e:  # a bug: never a bare aiohttp 500 page, never counted as a success
                 log.exception("internal error on %s %s", request.method, request.path)
                 self._count(request, "500", t0)
@@ -152,7 +177,20 @@ class HttpApi:
 
     # ---- helpers ----------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body not received within {self.body_timeout_s:g} s (the router's limit)"
+            ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(
+                f"request body is over the router's limit of {limits.HTTP_MAX_BODY_BYTES} bytes"
+            ) from None
+        except web.RequestPayloadError as e:  # bad chunking / Content-Encoding
+            why = " ".join(str(e).split()).removeprefix("400, message: ")
+            raise BadRequest(f"unreadable request body: {why}") from None
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -256,9 +294,9 @@ class HttpApi:
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rqid, "object": obj, "created": created, "model": p.model}
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **_ids_headers(p, rid)})
-        await resp.prepare(request)
         usage: dict[str, int] | None = None
         try:
+            await resp.prepare(request)  # in the try: the client may be gone already
             if chat:
                 role = {
                     **head,
@@ -285,6 +323,8 @@ class HttpApi:
             await resp.write(_DONE)
         except RouterError as e:
             await resp.write(b"data: " + orjson.dumps(e.body()) + b"\n\n")
+        except ConnectionResetError:  # the client went away mid-stream: stop (counted 499), nothing to send
+            return resp
         except Exception as e:  # a bug after the 200 went out: a final OpenAI-shaped error event
             log.exception("internal error while streaming %s", rqid)
             err = InternalError(f"internal error: {type(e).__name__}: {e}")

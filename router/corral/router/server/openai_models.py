@@ -22,6 +22,7 @@ MAX_TOP_K = (1 << 31) - 1
 MAX_STOP = 16
 MAX_PROMPT_IDS = 1 << 20  # ModelSpec.maxModelLen's bound: checked before looking at each id
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when the field is omitted
+F32_MIN_NORMAL = 1.1754943508222875e-38  # SamplingParams' floats are float32
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -116,7 +117,8 @@ class _GenerationRequest(_Model):
     def sampling(self) -> epb.SamplingParams:
         return epb.SamplingParams(
             temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            # float32 on the wire: a tiny top_p must not round to 0, which engines read as "off" (1.0)
+            top_p=1.0 if self.top_p is None else max(self.top_p, F32_MIN_NORMAL),
             top_k=self.top_k or 0,
             seed=self.seed or 0,
             stop=self.stop or [],
