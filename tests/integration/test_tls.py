@@ -5,6 +5,7 @@ or untrusted clients are refused; a missing certificate file is one clear error 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -285,3 +286,53 @@ async def test_explain_cli_speaks_mtls(
     assert rc == 0 and "dry run" in out, err
     rc, out, err = await run("--timeout", "3")  # plaintext to a TLS port
     assert rc == 1 and "UNAVAILABLE" in err
+
+
+async def test_a_renewed_certificate_serves_new_connections_without_a_restart(tmp_path: Path) -> None:
+    """The server's files replaced (as cert-manager renews a Secret, here with a new CA): new HTTPS and gRPC
+    connections get the new certificate, clients trusting only the old CA are refused; no restart."""
+    import shutil
+
+    from corral.bench.certs import make_certs
+
+    old, new = make_certs(tmp_path / "old"), make_certs(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    for f in ("tls.crt", "tls.key"):
+        shutil.copy(Path(old.ca).parent / f, live / f)
+    tls = ServerTls(str(live / "tls.crt"), str(live / "tls.key"), reload_s=0.05)
+    r = RouterServer([], RouterConfig())
+    await r.start("127.0.0.1", 0, 0, tls=tls)
+
+    async def https_ok(ca: str) -> bool:
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(r.http_url + "/health", ssl=ClientTls(ca).ssl_context()) as resp,
+            ):
+                return resp.status == 200
+        except (aiohttp.ClientError, ssl.SSLError):
+            return False
+
+    async def grpc_ok(ca: str) -> bool:
+        async with grpc.aio.secure_channel(r.grpc_address, ClientTls(ca).grpc_credentials()) as ch:
+            try:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+
+    try:
+        assert await https_ok(old.ca) and await grpc_ok(old.ca)
+        assert not await https_ok(new.ca) and not await grpc_ok(new.ca)
+        for f in ("tls.crt", "tls.key"):  # one file at a time: the pair mismatches for a moment
+            tmp = live / f"{f}.new"
+            shutil.copy(Path(new.ca).parent / f, tmp)
+            os.replace(tmp, live / f)
+        deadline = asyncio.get_running_loop().time() + 20
+        while not (await https_ok(new.ca) and await grpc_ok(new.ca)):
+            assert asyncio.get_running_loop().time() < deadline, "the renewed certificate was never served"
+            await asyncio.sleep(0.05)
+        assert not await https_ok(old.ca) and not await grpc_ok(old.ca)
+    finally:
+        await r.stop(0)

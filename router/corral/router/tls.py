@@ -1,9 +1,11 @@
 """TLS for the router's fronts (HTTP, gRPC with optional mTLS) and for router <-> engine gRPC.
 
 Certificates come from PEM files, in practice a Kubernetes ``kubernetes.io/tls`` Secret mounted as a
-folder (``tls.crt``, ``tls.key``, optional ``ca.crt``; see :meth:`ServerTls.from_dir`). They are read when
-a server starts or a channel is made: a renewed certificate takes effect on the next router restart (a
-rolling restart of the deployment). Errors name the file and what is wrong with it; nothing here logs key
+folder (``tls.crt``, ``tls.key``, optional ``ca.crt``; see :meth:`ServerTls.from_dir`). A server re-reads
+its files when they change (checked at most every ``reload_s``, default 10 s: a certificate renewed into
+the Secret, e.g. by cert-manager, serves new connections without a restart; a broken renewal is logged
+naming the file and the previous certificate stays). A client (the router dialling engines) reads its
+files when a channel is made. Errors name the file and what is wrong with it; nothing here logs key
 material.
 
 ::
@@ -15,7 +17,11 @@ material.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,8 @@ from typing import Any
 import grpc
 
 TLS_CERT, TLS_KEY, CA_CERT = "tls.crt", "tls.key", "ca.crt"  # a kubernetes.io/tls Secret's keys
+
+log = logging.getLogger(__name__)
 
 
 class TlsConfigError(ValueError):
@@ -56,6 +64,7 @@ class ServerTls:
     cert_file: str
     key_file: str
     client_ca_file: str | None = None
+    reload_s: float = 10.0  # how often the files are checked for a renewed certificate
 
     @classmethod
     def from_dir(cls, folder: str | Path, mtls: bool = False) -> ServerTls:
@@ -85,14 +94,80 @@ class ServerTls:
         return ctx
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
-        """For a gRPC server (the router's API, an engine endpoint)."""
+        """For a gRPC server (the router's API, an engine endpoint); new connections get a renewed
+        certificate (gRPC asks at each handshake; the files are checked at most every ``reload_s``)."""
+        watch = _Watch(self)
+        first = self._grpc_config()
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            if not watch.changed():
+                return None
+            try:
+                cfg = self._grpc_config()
+            except TlsConfigError as e:
+                log.warning("TLS certificate not reloaded, keeping the previous one: %s", e)
+                return None
+            log.info("TLS certificate reloaded from %s (gRPC)", self.cert_file)
+            return cfg
+
+        return grpc.dynamic_ssl_server_credentials(
+            first, fetch, require_client_authentication=self.client_ca_file is not None
+        )
+
+    def _grpc_config(self) -> grpc.ServerCertificateConfiguration:
         self.ssl_context()  # the same checks, with the same messages, before gRPC's own opaque ones
         cert, key = _read(self.cert_file, "TLS certificate"), _read(self.key_file, "TLS key")
         assert cert is not None and key is not None
         ca = _read(self.client_ca_file, "client CA")
-        return grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-        )
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    async def keep_fresh(self, ctx: ssl.SSLContext) -> None:
+        """Reload renewed files into ``ctx`` (the HTTP front's) until cancelled: new connections get the new
+        certificate. (A new client CA is added to the trusted ones; one taken out stays until a restart.)"""
+        watch = _Watch(self)
+        while True:
+            await asyncio.sleep(self.reload_s)
+            if not watch.changed(force=True):
+                continue
+            try:
+                self.ssl_context()  # validate the new files as a whole before touching the live context
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+                if self.client_ca_file is not None:
+                    ctx.load_verify_locations(self.client_ca_file)
+            except (TlsConfigError, ssl.SSLError, OSError) as e:
+                log.warning("TLS certificate not reloaded, keeping the previous one: %s", e)
+                continue
+            log.info("TLS certificate reloaded from %s (HTTPS)", self.cert_file)
+
+
+class _Watch:
+    """Whether a server's certificate files changed since the last look (at most every ``reload_s``)."""
+
+    def __init__(self, tls: ServerTls) -> None:
+        self.tls = tls
+        self.sig = self._sig()
+        self.checked = time.monotonic()
+
+    def _sig(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out = []
+        for f in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file):
+            try:
+                st = os.stat(f) if f else None  # follows a mounted Secret's ..data symlink
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_ino, st.st_size) if st else None)
+        return tuple(out)
+
+    def changed(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self.checked < self.tls.reload_s:
+            return False
+        self.checked = now
+        sig = self._sig()
+        if sig == self.sig:
+            return False
+        self.sig = sig
+        return True
 
 
 @dataclass(frozen=True, slots=True)

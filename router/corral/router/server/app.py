@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class RouterServer:
         self.http = HttpApi(self.router)
         self.grpc_address = ""
         self.http_url = ""
+        self._tls_task: asyncio.Task[None] | None = None
 
     @property
     def fleet(self) -> Any:
@@ -71,9 +73,14 @@ class RouterServer:
         self.grpc_address = await self.grpc.start(host, grpc_port, creds)
         if http:
             self.http_url = await self.http.start(host, http_port, ctx)
+            if tls is not None and ctx is not None:  # renewed certificates reach new HTTPS connections
+                self._tls_task = asyncio.create_task(tls.keep_fresh(ctx), name="corral-tls-reload")
         return self
 
     async def stop(self, grace: float | None = 0.5) -> None:
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+            self._tls_task = None
         await self.http.stop()
         await self.grpc.stop(grace)
         await self.router.stop()
