@@ -42,6 +42,7 @@ def _lenient(decode: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any
 class StrictDecoding(grpc.aio.ServerInterceptor):
     def __init__(self, on_malformed: Callable[[str], None] | None = None) -> None:
         self.on_malformed = on_malformed
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # method -> its wrapped handler (built once)
 
     def _refuse(self, method: str, m: Malformed, context: grpc.aio.ServicerContext) -> Awaitable[None]:
         if self.on_malformed is not None:
@@ -53,10 +54,20 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
-            return handler
         method = str(handler_call_details.method)
+        done = self._wrapped.get(method)
+        if done is not None:
+            return done
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None or handler.request_streaming:
+            return handler
         decode = handler.request_deserializer
         what = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
         name = what.full_name if what is not None else method
