@@ -135,11 +135,12 @@ def _router(tok: CountingTokenizer, max_model_len: int) -> Any:
     cfg = RouterConfig(tokenizers={"m": tok})
     return types.SimpleNamespace(
         config=cfg,
-        resolve_model=lambda name: ("m", None, ""),
+        resolve_model=lambda name, tenant=None: ("m", None, ""),
         max_model_len=lambda base: max_model_len,
         fleet=types.SimpleNamespace(candidates=lambda base: []),
         pool=types.SimpleNamespace(by_replica={}),
         now=lambda: 0.0,
+        selection=types.SimpleNamespace(selects=lambda model: False),  # no spec.modelSelection
     )
 
 
