@@ -118,6 +118,8 @@ async def reloads(tmp: Path, repeats: int) -> dict[str, list[float]]:
 
 
 async def latencies(tmp: Path, n: int) -> dict[str, dict[str, float]]:
+    """The four fronts measured interleaved (one request to each in turn), so load from other processes on
+    the machine falls on all of them alike."""
     from corral.bench.certs import make_certs  # needs `cryptography` (the dev or operator extra)
 
     certs = make_certs(tmp / "certs")
@@ -125,52 +127,55 @@ async def latencies(tmp: Path, n: int) -> dict[str, dict[str, float]]:
     keys.write_text(f'keys:\n  - {{tenant: a, key: "{hash_key("sk-lat")}"}}\n')
     server_tls = ServerTls(certs.server_cert, certs.server_key, client_ca_file=certs.ca)
     link = ClientTls(certs.ca, certs.client_cert, certs.client_key)
-    results: dict[str, dict[str, float]] = {}
-    for tls in (False, True):
-        ep = await EngineEndpoint.start(
-            EchoEngine(model=MODEL), "127.0.0.1", 0, tls=server_tls if tls else None
-        )
-        r = RouterServer(
-            [ep.address], RouterConfig(api_keys=load_api_keys(keys)), engine_tls=link if tls else None
-        )
-        await r.start("127.0.0.1", 0, 0, tls=server_tls if tls else None)
-        await r.wait_for_replicas(1, timeout=10)
-        try:
-            ssl_ctx: Any = link.ssl_context() if tls else True  # aiohttp: True = default verification
-            headers = {"Authorization": "Bearer sk-lat"}
-            body = {"model": MODEL, "prompt": "hello there", "max_tokens": 1}
-            async with aiohttp.ClientSession() as s:
-                samples = []
-                for i in range(n + 20):
-                    t = time.perf_counter()
-                    async with s.post(
-                        r.http_url + "/v1/completions", json=body, headers=headers, ssl=ssl_ctx
-                    ) as resp:
-                        assert resp.status == 200, await resp.text()
-                        await resp.read()
-                    if i >= 20:  # warm-up excluded
-                        samples.append(time.perf_counter() - t)
-            results["https" if tls else "http"] = _pcts(samples)
-            ch = (
-                grpc.aio.secure_channel(r.grpc_address, link.grpc_credentials())
-                if tls
-                else grpc.aio.insecure_channel(r.grpc_address)
+    stacks: list[tuple[EngineEndpoint, RouterServer]] = []
+    try:
+        for tls in (False, True):
+            front = server_tls if tls else None
+            ep = await EngineEndpoint.start(EchoEngine(model=MODEL), "127.0.0.1", 0, tls=front)
+            r = RouterServer(
+                [ep.address], RouterConfig(api_keys=load_api_keys(keys)), engine_tls=link if tls else None
             )
-            async with ch:
-                stub = rpb_grpc.RouterStub(ch)
-                req = rpb.CompletionRequest(model=MODEL, prompt="hello there", max_tokens=1)
-                md = (("authorization", "Bearer sk-lat"),)
-                samples = []
-                for i in range(n + 20):
+            stacks.append((ep, r))
+            await r.start("127.0.0.1", 0, 0, tls=front)
+            await r.wait_for_replicas(1, timeout=10)
+        (_, plain), (_, secure) = stacks
+        headers = {"Authorization": "Bearer sk-lat"}
+        body = {"model": MODEL, "prompt": "hello there", "max_tokens": 1}
+        req = rpb.CompletionRequest(model=MODEL, prompt="hello there", max_tokens=1)
+        md = (("authorization", "Bearer sk-lat"),)
+        channels = [
+            grpc.aio.insecure_channel(plain.grpc_address),
+            grpc.aio.secure_channel(secure.grpc_address, link.grpc_credentials()),
+        ]
+        stubs = [rpb_grpc.RouterStub(ch) for ch in channels]
+        samples: dict[str, list[float]] = {"http": [], "https": [], "grpc": [], "grpc_mtls": []}
+        async with aiohttp.ClientSession() as s:
+
+            async def http(url: str, ctx: Any) -> None:
+                async with s.post(url + "/v1/completions", json=body, headers=headers, ssl=ctx) as resp:
+                    assert resp.status == 200, await resp.text()
+                    await resp.read()
+
+            ctx = link.ssl_context()
+            calls: dict[str, Callable[[], Awaitable[Any]]] = {
+                "http": lambda: http(plain.http_url, True),
+                "https": lambda: http(secure.http_url, ctx),
+                "grpc": lambda: stubs[0].Generate(req, metadata=md),
+                "grpc_mtls": lambda: stubs[1].Generate(req, metadata=md),
+            }
+            for i in range(n + 20):
+                for name, call in calls.items():
                     t = time.perf_counter()
-                    await stub.Generate(req, metadata=md)
-                    if i >= 20:
-                        samples.append(time.perf_counter() - t)
-            results["grpc_mtls" if tls else "grpc"] = _pcts(samples)
-        finally:
+                    await call()
+                    if i >= 20:  # warm-up excluded
+                        samples[name].append(time.perf_counter() - t)
+        for ch in channels:
+            await ch.close()
+        return {k: _pcts(v) for k, v in samples.items()}
+    finally:
+        for ep, r in stacks:
             await r.stop(0)
             await ep.stop(None)
-    return results
 
 
 def _pcts(samples: list[float]) -> dict[str, float]:
@@ -231,7 +236,7 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             f"Request latency, {cfg['requests']} sequential 1-token completions with a tenant key, router "
             "in front of a zero-cost echo engine (TLS rows: client <-> router TLS, router <-> engine mutual "
-            "TLS; connections reused):",
+            "TLS; connections reused; the four fronts measured interleaved, one request each in turn):",
             "",
             "| front | P50 (ms) | P99 (ms) |",
             "|---|---:|---:|",
