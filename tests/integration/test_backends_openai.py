@@ -297,3 +297,35 @@ async def test_backend_dying_mid_stream_is_an_error_not_a_truncated_success(flee
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == " t t"
     st, data, _ = await fleet.post("/v1/completions", {**body, "stream": False})
     assert st == 502 and data["error"]["type"] == "engine_error", data
+
+
+async def test_backends_behind_an_api_key() -> None:
+    """vLLM started with --api-key: without the key the router never admits it and says why; with it
+    (BackendPool api_key, the CLI's --backend-api-key-file) probes and requests carry it."""
+    w = FakeVllm(FakeVllmConfig(decode_s_per_token=0.001, api_key="s3cret"))
+    await w.start()
+    servers = []
+    try:
+        for key in (None, "s3cret"):
+            srv = RouterServer(StaticBackends([w.url]), RouterConfig(index_mode="approximate"),
+                               pool_cls=BackendPool, scrape_interval_s=0.05, api_key=key)  # fmt: skip
+            await srv.start()
+            servers.append(srv)
+        no_key, with_key = servers
+        await with_key.wait_for_replicas(1, 10)
+        pool = no_key.router.pool
+        st = await wait_until(lambda: [s for s in pool.status() if s["failures"] > 0], 10, "a failed probe")
+        assert (
+            not st[0]["admitted"]
+            and "401" in st[0]["last_error"]
+            and "api key" in st[0]["last_error"].lower()
+        )
+        async with aiohttp.ClientSession() as http:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+            async with http.post(with_key.http_url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+        assert w.counters["requests"] == 1
+    finally:
+        for srv in servers:
+            await srv.stop()
+        await w.stop()

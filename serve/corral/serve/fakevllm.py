@@ -60,6 +60,7 @@ class FakeVllmConfig:
     kv_events_port: int = 0  # > 0: publish vLLM-style KV events on a ZMQ PUB socket (tcp://HOST:PORT)
     abort_after_tokens: int = 0  # > 0: a stream's connection is dropped after this many tokens (a crash)
     lora_paths: tuple[str, ...] | None = None  # the adapters on this host's disk (None: any path loads)
+    api_key: str | None = None  # like vLLM --api-key: /v1/* needs 'Authorization: Bearer KEY'
 
 
 class FakeVllm:
@@ -78,7 +79,7 @@ class FakeVllm:
         self._prefill = asyncio.Lock()
         self.counters: dict[str, int] = {}
         self.reset()
-        self.app = web.Application(client_max_size=64 << 20)
+        self.app = web.Application(client_max_size=64 << 20, middlewares=[self._auth])
         r = self.app.router
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat)
@@ -222,6 +223,17 @@ class FakeVllm:
             self._slots.release()
 
     # ---- HTTP -----------------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        key = self.cfg.api_key
+        if (
+            key
+            and request.path.startswith("/v1/")
+            and request.headers.get("Authorization") != f"Bearer {key}"
+        ):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
     @staticmethod
     def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
         body = {"error": {"message": message, "type": kind, "param": param, "code": status}}

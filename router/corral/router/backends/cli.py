@@ -19,9 +19,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from ..engine_client import Discovery
 from ..server.__main__ import _config, _param, _settings, install_uvloop
@@ -59,6 +61,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="read vLLM's KV events (ZMQ publisher, --kv-events-config) on each backend's host at "
                    "this port: a precise prefix index (needs pyzmq: corral[kv-events])")  # fmt: skip
     g.add_argument("--kv-events-topic", default="", help="the publishers' topic (default: all)")
+    g.add_argument("--backend-api-key-file", default=None, metavar="FILE",
+                   help="a file holding the backends' API key (vLLM --api-key), sent as 'Authorization: "
+                   "Bearer'; default: $CORRAL_BACKEND_API_KEY")  # fmt: skip
     r = p.add_argument_group("routing")
     r.add_argument("--policy", "-f", dest="routing_policy", action="append", default=[], metavar="FILE",
                    help="RoutingPolicy (and its ModelPool) YAML file or folder, as `corral validate` reads "
@@ -99,6 +104,9 @@ def run(ns: argparse.Namespace) -> int:
     try:
         disc = discovery_of(ns)
         settings = _settings(ns.routing_policy)
+        backend_key = os.environ.get("CORRAL_BACKEND_API_KEY") or None
+        if ns.backend_api_key_file:
+            backend_key = Path(ns.backend_api_key_file).read_text().strip() or None
         full = server_parser().parse_args([])  # every option of the engine router at its default ...
         vars(full).update(vars(ns))  # ... with this command's values
         cfg = _config(full)
@@ -134,6 +142,7 @@ def run(ns: argparse.Namespace) -> int:
             pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
             scrape_interval_s=ns.scrape_interval, fail_threshold=ns.fail_threshold,
             profiles=settings.profiles, kv_events_port=ns.kv_events_port, kv_events_topic=ns.kv_events_topic,
+            api_key=backend_key,
         )  # fmt: skip
         try:
             await server.start(ns.host, ns.grpc_port, ns.http_port)

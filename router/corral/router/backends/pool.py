@@ -77,6 +77,12 @@ class Backend:
     kv_task: asyncio.Task[None] | None = None
 
 
+def _hint(status: int) -> str:
+    if status in (401, 403):
+        return " (the backend wants an API key: corral router --backend-api-key-file FILE)"
+    return ""
+
+
 def split_spec(spec: str, default_class: str) -> tuple[str, str]:
     """``[CLASS=]URL`` -> (GPU class, URL)."""
     cls, sep, url = spec.partition("=")
@@ -115,6 +121,7 @@ class BackendPool:
         sample_max_age_s: float = SAMPLE_MAX_AGE_S,
         kv_events_port: int | None = None,
         kv_events_topic: str = "",
+        api_key: str | None = None,
     ) -> None:
         self.fleet = fleet
         self.discovery = discovery
@@ -133,6 +140,7 @@ class BackendPool:
         self.sample_max_age_s = sample_max_age_s
         self.kv_events_port = kv_events_port
         self.kv_events_topic = kv_events_topic
+        self.api_key = api_key  # sent as 'Authorization: Bearer' to every backend (vLLM --api-key)
         self.conns: dict[str, Backend] = {}  # discovery spec -> backend
         self.by_replica: dict[str, Backend] = {}  # replica id -> backend (admitted ones)
         self._session: aiohttp.ClientSession | None = None
@@ -144,7 +152,8 @@ class BackendPool:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=conn)
+            auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            self._session = aiohttp.ClientSession(connector=conn, headers=auth)
         return self._session
 
     async def start(self) -> None:
@@ -215,7 +224,7 @@ class BackendPool:
         r = await self._get(b, path)
         async with r:
             if r.status != 200:
-                raise ProbeFailed(f"GET {path}: HTTP {r.status}")
+                raise ProbeFailed(f"GET {path}: HTTP {r.status}{_hint(r.status)}")
             try:
                 return await r.json(content_type=None)
             except (ValueError, aiohttp.ClientError, TimeoutError) as e:
@@ -225,7 +234,7 @@ class BackendPool:
         r = await self._get(b, "/health")
         async with r:
             if r.status != 200:
-                raise ProbeFailed(f"GET /health: HTTP {r.status}")
+                raise ProbeFailed(f"GET /health: HTTP {r.status}{_hint(r.status)}")
         try:
             return parse_models(await self._json(b, "/v1/models"))
         except ValueError as e:
