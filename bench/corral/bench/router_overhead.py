@@ -396,7 +396,9 @@ READING = (
     "Reading: `router CPU us/req` (all router processes' CPU time per request) is the figure that holds on "
     "a busy machine; req/s and latency under load depend on what else runs on the same cores: here the "
     "engines, the load generator (one Python process, itself near one core at the direct case's rate) and "
-    "the router share them, so extra router workers can only add throughput when cores are free. The "
+    "the router share them, so extra router workers can only add throughput when cores are free (each "
+    "worker also keeps its own engine event streams, so CPU per request is higher with more workers on 2 "
+    "cores). The "
     "targets (issue 13): a single router process at >= 0.8x direct req/s over HTTP and gRPC at 16 clients, "
     "<= +1.5 ms p50 over direct, <= 150 us router CPU per request, gRPC no slower than HTTP."
 )
@@ -422,7 +424,11 @@ CPU per request from the same runs (busy shared 2-core machine, one run each, so
   `corral.serve.endpoint.framed`: a length prefix, one transport write per batch; plaintext endpoints only,
   TLS endpoints keep GenerateMux over gRPC): HTTP 231-248 us/request. What is left: aiohttp's request
   handling and response write ~45% of the samples, the event loop itself ~23%, the engine write (a send
-  syscall) ~15%, the request path in Python (parse, tokenize, hash, decide, account) ~15%.
+  syscall) ~15%, the request path in Python (parse, tokenize, hash, decide, account) ~15%. With 2, 4, 8
+  engines: 241, 272, 307 us/request (`--engines N`; at 8 the `corral` policy's decision, which prices every
+  candidate and keeps their cost terms for Explain, is ~12% of the samples). For scale (`python -m
+  corral.bench.http_servers`): a bare aiohttp handler parsing the same JSON and answering costs 56-60
+  us/request here, uvicorn with httptools 35-44 us: another HTTP server would save ~20 us of the ~240.
 - gRPC (before 780-903, now 599-675 us CPU/request): the router's own grpc.aio server dominates (C-core
   work run by the event loop ~60% of the samples, grpc's poller thread ~9%); Corral's Python request path is
   ~17%. A unary grpc.aio call costs the server about as much as a whole HTTP request through the router, so
