@@ -216,3 +216,47 @@ def test_compiled_rules_agree_with_the_plain_evaluation() -> None:
         assert set(sel.signals) <= set(NAMES) and all(sel.matched[n] == truth[n] for n in sel.signals)
 
     check()
+
+
+def test_feedback_reaches_any_router_sharing_the_state_folder(tmp_path: Path) -> None:
+    """Active-active: router B takes feedback for a request router A selected; a second score at either
+    router is 409; an unknown id is still 404 at both."""
+    spec = {
+        "signals": [{"name": "any", "promptTokens": {"min": 0}}],
+        "rules": [{"name": "learn", "when": {"signal": "any"}, "bandit": {"candidates": ["x", "y"]}}],
+        "default": "x",
+    }
+    a = selector(spec, store=BanditStore(tmp_path, "router-a", flush_s=0.0, sync_s=0.0))
+    b = selector(spec, store=BanditStore(tmp_path, "router-b", flush_s=0.0, sync_s=0.0))
+    info = RequestInfo("q", tenant="acme", count_tokens=lambda: 10)
+    sel = a.select(info)
+    a.remember("req-1", "acme", sel, info)
+    with pytest.raises(FeedbackError) as e:
+        b.feedback("req-1", "bob", 1.0)  # another tenant: unknown, even via the peer
+    assert e.value.status == 404
+    got = b.feedback("req-1", "acme", 1.0)
+    assert got == {"request_id": "req-1", "model": sel.model, "rule": "learn", "learned": True}
+    for router in (a, b):
+        with pytest.raises(FeedbackError) as e:
+            router.feedback("req-1", "acme", 0.0)
+        assert e.value.status == 409
+    a.store.sync(force=True)
+    assert a.store.totals(f"learn\x1f{sel.model}", 3)[2] == 1  # B's reward reached A's statistics
+    with pytest.raises(FeedbackError, match="routers sharing its state folder") as e:
+        a.feedback("req-2", "acme", 1.0)
+    assert e.value.status == 404
+
+
+def test_shared_ledger_rotates_and_still_finds_recent_ids(tmp_path: Path) -> None:
+    from corral.router.selection.bandit import Pending
+    from corral.router.selection.shared import SharedLedger
+
+    a, b = SharedLedger(tmp_path, "a", capacity=2), SharedLedger(tmp_path, "b", capacity=2)
+    for i in range(5):
+        a.publish(f"r{i}", Pending("t", "m", "rule", [1.0]))
+    assert (tmp_path / "a.ledger.old.jsonl").exists()
+    assert b.find("r4") is not None and b.find("r3") is not None  # the current and the rotated file
+    assert b.find("r0") is None  # beyond two capacities: forgotten
+    assert b.find("r") is None  # ids match whole
+    a.close()
+    b.close()

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,8 +104,12 @@ class BanditStore:
         self._solved: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]] = {}  # (A^-1, theta, n)
         self._dirty = False
         self._last_flush = self._last_sync = 0.0
+        self.shared: Any = None  # a SharedLedger when there is a folder (feedback at any router)
         if self.dir is not None:
+            from .shared import SharedLedger  # imports this module
+
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.shared = SharedLedger(self.dir, router_id)
             own = self._read(self.own_file)
             if own is not None:
                 self.own = own
@@ -168,6 +173,8 @@ class BanditStore:
 
     def close(self) -> None:
         self.flush()
+        if self.shared is not None:
+            self.shared.close()
 
     # ---- statistics -----------------------------------------------------------------------------------
     def totals(self, k: str, d: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -276,8 +283,10 @@ class FeedbackLedger:
         if len(self.items) > self.capacity:
             self.items.popitem(last=False)
 
-    def take(self, request_id: str, tenant: str | None, score: object) -> Pending:
-        """The pending entry of ``request_id`` for ``tenant`` (marked done), or :class:`FeedbackError`."""
+    def take(self, request_id: str, tenant: str | None, score: object, shared: Any = None) -> Pending:
+        """The pending entry of ``request_id`` for ``tenant`` (marked done), or :class:`FeedbackError`;
+        ``shared`` (a :class:`~corral.router.selection.shared.SharedLedger`) finds peers' selections and
+        feedback."""
         if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
             raise FeedbackError(400, f"field 'score' must be a number in [0, 1] (got {score!r})")
         if not 0.0 <= float(score) <= 1.0:
@@ -285,13 +294,21 @@ class FeedbackLedger:
         if not request_id:
             raise FeedbackError(400, "missing required field 'request_id' (the response's id)")
         p = self.items.get(request_id)
+        if p is None and shared is not None:
+            p = shared.find(request_id)  # selected by a router sharing the state folder
+            if p is not None:
+                self.record(request_id, p)
         if p is None or p.tenant != tenant:  # another tenant's id reads as unknown: ids are not disclosed
+            where = "this router (and the routers sharing its state folder)" if shared else "this router"
             raise FeedbackError(
                 404,
-                f"unknown request id '{request_id}': not one of the last {self.capacity} requests this "
-                "router chose a model for (send the response's id of a request to the selection model)",
+                f"unknown request id '{request_id}': not one of the last {self.capacity} requests {where} "
+                "chose a model for (send the response's id of a request to the selection model)",
             )
-        if p.done:
+        if p.done or (shared is not None and shared.done_elsewhere(request_id)):
+            p.done = True
             raise FeedbackError(409, f"feedback for request '{request_id}' was already given")
         p.done = True
+        if shared is not None:
+            shared.mark_done(request_id)
         return p

@@ -170,12 +170,15 @@ class Selector:
         if sel.bandit is not None and sel.rule is not None:
             rule = next(r for r in self.rules if r.name == sel.rule)
             x = self.context(rule, SignalCache(self.signals, info))
-        self.ledger.record(request_id, Pending(tenant, sel.model, sel.rule, x))
+        p = Pending(tenant, sel.model, sel.rule, x)
+        self.ledger.record(request_id, p)
+        if self.store.shared is not None:
+            self.store.shared.publish(request_id, p)
 
     def feedback(self, request_id: str, tenant: str | None, score: object) -> dict[str, Any]:
         """Reward the bandit that chose ``request_id``; :class:`FeedbackError` 404 (unknown, or another
         tenant's id), 400 (bad score) or 409 (given twice)."""
-        p = self.ledger.take(request_id, tenant, score)
+        p = self.ledger.take(request_id, tenant, score, self.store.shared)
         learned = p.x is not None and p.rule is not None
         if learned:
             assert p.x is not None and p.rule is not None
