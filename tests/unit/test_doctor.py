@@ -60,3 +60,50 @@ def test_image_versions() -> None:
     assert doctor._image_version("quay.io/kuberay/operator:v1.5.0") == "v1.5.0"
     assert doctor._image_version("registry:5000/kuberay/operator") == "unknown"
     assert doctor._semver("v1.5.0") == (1, 5, 0) and doctor._semver("latest") is None
+
+
+def test_apikeys_secret_checks_name_the_policy_secret_key_and_line() -> None:
+    import base64
+
+    from corral.router.server.auth import hash_key
+    from kubernetes.client.exceptions import ApiException
+
+    def rp(name: str, tenants: dict[str, Any] | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"poolRef": "p"} | ({"tenants": tenants} if tenants else {})
+        return {"metadata": {"name": name, "namespace": "ns"}, "spec": spec}
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    secrets = {
+        "good": NS(data={"api-keys": b64(f"{hash_key('sk-1')}: tenant-a\n")}),
+        "other-key": NS(data={"keys.yaml": b64("x")}),
+        "plain": NS(data={"api-keys": b64("sk-plain-key: tenant-a\n")}),
+    }
+
+    def read_secret(name: str, ns: str) -> Any:
+        if name not in secrets:
+            raise ApiException(status=404)
+        return secrets[name]
+
+    policies = [
+        rp("open", None),
+        rp("a", {"secretRef": {"name": "good"}}),
+        rp("b", {"secretRef": {"name": "missing"}}),
+        rp("c", {"secretRef": {"name": "other-key"}}),
+        rp("d", {"secretRef": {"name": "plain"}}),
+    ]
+    stub = NS(
+        custom=NS(list_cluster_custom_object=lambda *a: {"items": policies}),
+        core=NS(read_namespaced_secret=read_secret),
+        maybe=doctor.Cluster.maybe,
+    )
+    got = [(f.level, f.message, f.fix) for f in doctor.check_apikeys(stub)]  # type: ignore[arg-type]
+    assert [g[0] for g in got] == ["ok", "FAIL", "FAIL", "FAIL"]
+    assert "ns/a" in got[0][1] and "holds 1 keys of 1 tenants" in got[0][1]
+    assert "Secret 'missing' not found in namespace ns" in got[1][1] and "corral keys add" in got[1][2]
+    assert "has no key 'api-keys' (has: keys.yaml)" in got[2][1]
+    assert (
+        "Secret ns/plain key api-keys:1: key: not a key digest" in got[3][1]
+        and "sk-plain-key" not in got[3][1]
+    )

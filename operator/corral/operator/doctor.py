@@ -322,12 +322,59 @@ def check_webhook(c: Cluster) -> Iterator[Finding]:
             )
 
 
+def check_apikeys(c: Cluster) -> Iterator[Finding]:
+    """Every RoutingPolicy with ``spec.tenants``: its Secret exists, holds the key, and the key file parses
+    as the routers will parse it (else the Ray pods never start, or the routers refuse to serve)."""
+    import base64
+
+    from corral.api.common import GROUP, VERSION
+    from corral.router.server.auth import KeyFileError, parse_key_file
+
+    try:
+        policies = c.custom.list_cluster_custom_object(GROUP, VERSION, "routingpolicies").get("items", [])
+    except Exception:  # no CRD: reported by check_crds
+        return
+    for rp in policies:
+        tenants = (rp.get("spec") or {}).get("tenants")
+        if not tenants:
+            continue
+        ns, name = rp["metadata"].get("namespace", "default"), rp["metadata"]["name"]
+        ref = tenants.get("secretRef") or {}
+        secret, key = ref.get("name", ""), ref.get("key", "api-keys")
+        where = f"RoutingPolicy {ns}/{name}: spec.tenants.secretRef"
+        make = (
+            f"corral keys add keys.yaml --tenant TENANT && kubectl create secret generic {secret} -n {ns} "
+            f"--from-file={key}=keys.yaml"
+        )
+        obj = c.maybe(c.core.read_namespaced_secret, secret, ns)
+        if obj is None:
+            yield _fail("apikeys", f"{where}: Secret {secret!r} not found in namespace {ns}", make)
+            continue
+        data = (obj.data or {}).get(key)
+        if data is None:
+            have = ", ".join(sorted(obj.data or {})) or "nothing"
+            yield _fail("apikeys", f"{where}: Secret {secret!r} has no key {key!r} (has: {have})", make)
+            continue
+        try:
+            table = parse_key_file(base64.b64decode(data).decode("utf-8"), f"Secret {ns}/{secret} key {key}")
+        except (KeyFileError, UnicodeDecodeError, ValueError) as e:
+            yield _fail(
+                "apikeys", f"{where}: {e}", "fix the file (`corral keys check FILE`) and update the Secret"
+            )
+            continue
+        yield _ok(
+            "apikeys",
+            f"{where}: Secret {secret!r} holds {len(table.principals)} keys of {len(table.tenants)} tenants",
+        )
+
+
 CHECKS: tuple[Callable[[Cluster], Iterator[Finding]], ...] = (
     check_crds,
     check_kuberay,
     check_gpus,
     check_operator,
     check_webhook,
+    check_apikeys,
 )
 
 
