@@ -288,3 +288,24 @@ async def test_feedback_for_another_tenants_request_is_not_found(engines: list[s
         assert st == 403 and "role 'admin'" in ex["error"]["message"]  # Explain is for admins, as over gRPC
     finally:
         await r.stop(0)
+
+
+async def test_active_active_routers_share_feedback_and_state(engines: list[str], tmp_path: Path) -> None:
+    a = await start_router(engines, tmp_path, router_id="ra")
+    b = await start_router(engines, tmp_path, router_id="rb")
+    try:
+        body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+        st, out = await call("POST", a.http_url + "/v1/completions", body, {"x-corral-task": "learn"})
+        assert st == 200, out
+        # the load balancer sends the feedback to the other router
+        st, fb = await call("POST", b.http_url + "/v1/feedback", {"request_id": out["id"], "score": 1.0})
+        assert (st, fb["learned"], fb["model"]) == (200, True, out["model"])
+        st, fb = await call("POST", a.http_url + "/v1/feedback", {"request_id": out["id"], "score": 1.0})
+        assert st == 409
+        b.router.selection.store.flush()
+        store = a.router.selection.store
+        store.sync(force=True)
+        assert store.totals(f"learn\x1f{out['model']}", 3)[2] == 1  # B's reward is in A's bandit
+    finally:
+        await a.stop(0)
+        await b.stop(0)
