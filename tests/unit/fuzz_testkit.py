@@ -164,7 +164,8 @@ class Harness:
         """The event loop's tasks by coroutine name (what a leak is made of)."""
 
         async def kinds() -> dict[str, int]:
-            return dict(Counter(t.get_coro().__qualname__ for t in asyncio.all_tasks()))  # type: ignore[union-attr]
+            coros = (t.get_coro() for t in asyncio.all_tasks())
+            return dict(Counter(getattr(c, "__qualname__", type(c).__name__) for c in coros))
 
         return self.run(kinds())
 
