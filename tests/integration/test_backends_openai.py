@@ -329,3 +329,24 @@ async def test_backends_behind_an_api_key() -> None:
         for srv in servers:
             await srv.stop()
         await w.stop()
+
+
+async def test_adapter_lost_by_a_backend_is_loaded_again_not_a_404() -> None:
+    """A backend that restarted (or had an adapter unloaded) answers 404 for an adapter the router still
+    believes loaded: the router loads it again and the request succeeds."""
+    cfg = RouterConfig(index_mode="approximate", adapters={"sql-coder": (MODEL, "file:///adapters/sql")})
+    s = await _setup(1, cfg)
+    try:
+        w = s.workers[0]
+        req = {"model": "sql-coder", "prompt": "select 1", "max_tokens": 1}
+        assert (await s.post("/v1/completions", req))[0] == 200 and w.counters["lora_loads"] == 1
+        s.server.router.pool.health_every = 10**9  # no /v1/models refresh from now on: the router can't know
+        del w.adapters["sql-coder"]  # lost behind the router's back
+        st, body, _ = await s.post("/v1/completions", req)
+        assert st == 200, body
+        assert w.counters["lora_loads"] == 2 and "sql-coder" in w.adapters
+    finally:
+        await s.http.close()
+        await s.server.stop()
+        for x in s.workers:
+            await x.stop()

@@ -93,11 +93,13 @@ class OpenAIStub:
         loaded: Callable[[str], bool],
         on_loaded: Callable[[str, str], None],
         connect_timeout_s: float = 2.0,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._session = session
         self._loaded = loaded
         self._on_loaded = on_loaded
+        self._on_lost = on_lost  # an adapter we thought loaded is not (the backend restarted or unloaded it)
         self._locks: dict[str, asyncio.Lock] = {}
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
 
@@ -203,19 +205,28 @@ class OpenAICall:
 
     async def _run(self) -> AsyncGenerator[epb.GenerateChunk, None]:
         stub, req = self.stub, self.req
-        if req.adapter:
-            await stub.ensure_adapter(req.adapter, req.adapter_source)
         messages = CHAT_MESSAGES.get()
         url = f"{stub.url}/v1/{'chat/completions' if messages is not None else 'completions'}"
-        try:
-            resp = await stub._session().post(
-                url,
-                data=orjson.dumps(request_body(req, messages)),
-                timeout=stub.timeout,
-                headers={"x-request-id": req.request_id, "Content-Type": "application/json"},
-            )
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"backend {stub.url}: {e!r}") from None
+        data = orjson.dumps(request_body(req, messages))
+        for attempt in (1, 2):
+            if req.adapter:
+                await stub.ensure_adapter(req.adapter, req.adapter_source)
+            try:
+                resp = await stub._session().post(
+                    url,
+                    data=data,
+                    timeout=stub.timeout,
+                    headers={"x-request-id": req.request_id, "Content-Type": "application/json"},
+                )
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"backend {stub.url}: {e!r}") from None
+            lost = resp.status == 404 and req.adapter and req.adapter_source and stub._on_lost is not None
+            if attempt == 1 and lost:  # the adapter is gone there (a restart, an unload): load it again, once
+                resp.release()
+                assert stub._on_lost is not None
+                stub._on_lost(req.adapter)
+                continue
+            break
         self._resp = resp
         try:
             if resp.status >= 400:

@@ -193,7 +193,8 @@ class BackendPool:
         rid = replica_id_of(url)
         b = Backend(url=url, gpu_class=cls, stub=None, replica_id=rid)  # type: ignore[arg-type]
         b.stub = OpenAIStub(url, self.session, lambda name: name in b.adapters,
-                            lambda name, src: self._adapter_loaded(b, name, src))  # fmt: skip
+                            lambda name, src: self._adapter_loaded(b, name, src),
+                            on_lost=lambda name: self._adapter_lost(b, name))  # fmt: skip
         self.conns[spec] = b
         b.task = asyncio.create_task(self._run(b), name=f"corral-backend-{rid}")
 
@@ -423,6 +424,12 @@ class BackendPool:
         self.fleet.apply(ev)
         if self.on_event is not None:
             self.on_event(b.replica_id, ev)
+
+    def _adapter_lost(self, b: Backend, name: str) -> None:
+        b.adapters.pop(name, None)
+        r = self.fleet.replicas.get(b.replica_id)
+        if r is not None:
+            r.adapters_gpu.discard(name)
 
     def _adapter_loaded(self, b: Backend, name: str, source: str) -> None:
         b.adapters[name] = "gpu"
