@@ -7,7 +7,8 @@
 
 Routes exactly as the deployed router does from the same RoutingPolicy (and ModelPool) files: strategy,
 SLO, queue bound, block size, tenants, adapters and their sources (loaded on demand with
-``/v1/load_lora_adapter``), tokenizers. The prefix index is the router's own dispatch history
+``/v1/load_lora_adapter``; ``adapterPaging``'s pins, replication and unloads run as on Corral's engines),
+tokenizers. The prefix index is the router's own dispatch history
 (``prefixIndex: approximate``) unless ``--kv-events-port`` reads vLLM's KV events from every backend (then
 ``precise`` works as with Corral's engines); without it, a policy asking for ``precise`` is run as
 approximate, and the router says so when it starts.
