@@ -71,7 +71,7 @@ async def in_process_router(f: ProcFleet, **cfg: object) -> RouterServer:
 
 # ---- an engine process killed while requests queue and stream --------------------------------------
 async def test_engine_process_killed_while_requests_queue_and_stream(procs: ProcFleet) -> None:
-    three_engines(procs)
+    three_engines(procs, time_scale=2.0)  # slow enough that prefills queue (at 20x a prefill is ~3 ms)
     r = await in_process_router(procs)
     try:
         victim_proc = procs.engines[0]
@@ -97,7 +97,7 @@ async def test_engine_process_killed_while_requests_queue_and_stream(procs: Proc
 
         def mixed() -> bool:  # some of the victim's requests streaming, some still before their first token
             fl = r.fleet.replicas[victim].in_flight.values()
-            return any(x.started for x in fl) and any(not x.started for x in fl)
+            return any(x.started for x in fl) and sum(not x.started for x in fl) >= 3
 
         await wait_for(mixed, 60, "the victim busy with streaming and queued requests")
         t_kill = time.monotonic()
@@ -119,7 +119,8 @@ async def test_engine_process_killed_while_requests_queue_and_stream(procs: Proc
                 assert o.status == "UNAVAILABLE", o
         assert all(o.tokens == 64 and o.finish_reason == "length" for o in outs if o.ok)
         retried = [rec for rec in r.router.explains.values() if len(rec.attempts) > 1]
-        assert retried and all(rec.attempts[0] == victim for rec in retried)
+        # the victim's queued requests were retried elsewhere (another replica, by this router's choice)
+        assert any(rec.attempts[0] == victim for rec in retried), [rec.attempts for rec in retried]
         assert broken, "the kill hit no streaming request"
         print(
             f"killed {victim}: removed after {removed:.3f}s, {len(retried)} re-routed, {len(broken)} broken "
@@ -164,7 +165,9 @@ async def test_stalled_engine_is_ejected_and_readmitted(procs: ProcFleet) -> Non
         done, pending = await asyncio.wait(inflight, timeout=60)
         assert not pending, f"{len(pending)} requests hang on the stalled replica"
         for o in (t.result() for t in done):
-            assert o.ok or (o.tokens > 0 and rid in o.error["message"]), o  # type: ignore[index]
+            if not o.ok:  # it had streamed: a retriable engine error saying why
+                assert o.tokens > 0 and o.error["type"] == "engine_error", o  # type: ignore[index]
+                assert f"engine {rid}" in o.error["message"] and "ejected" in o.error["message"], o  # type: ignore[index]
         for i in range(6):  # new requests avoid it
             o = await http_stream(
                 url, {"model": MODEL, "prompt": f"while stalled {i}", "max_tokens": 2, "stream": True}, i

@@ -209,8 +209,10 @@ class EnginePool:
                     # its requests would wait on it too: end them (queued ones are retried elsewhere)
                     aclose = getattr(c.stub, "aclose", None)
                     if aclose is not None:
+                        why = (f"engine {c.replica_id} ({c.address}) ejected: no event or load sample for "
+                               f"{now - c.last_msg:.2f}s (stale_after_s {self.stale_after_s})")  # fmt: skip
                         self._tasks = [t for t in self._tasks if not t.done()]
-                        self._tasks.append(asyncio.create_task(aclose(), name=f"corral-eject-{c.address}"))
+                        self._tasks.append(asyncio.create_task(aclose(why), name=f"corral-eject-{c.address}"))
 
     # ---- the event subscription ------------------------------------------------------------------------
     async def _run(self, conn: EngineConn) -> None:

@@ -189,6 +189,7 @@ class _Mux:
         self.has_pending = False
         self.wake = asyncio.Event()
         self.closed = False
+        self.close_reason = ""  # set by aclose(reason): its streams fail with UNAVAILABLE and this message
         self.writer = asyncio.create_task(self._write(), name="corral-mux-writer")
         self.reader = asyncio.create_task(self._read(), name="corral-mux-reader")
 
@@ -250,7 +251,10 @@ class _Mux:
             log.warning("%s: using GenerateMux over gRPC", e)
             unreachable = True
         except asyncio.CancelledError:
-            error = rpc_error(grpc.StatusCode.CANCELLED, "multiplexed stream closed by the router")
+            if self.close_reason:
+                error = rpc_error(grpc.StatusCode.UNAVAILABLE, self.close_reason)
+            else:
+                error = rpc_error(grpc.StatusCode.CANCELLED, "multiplexed stream closed by the router")
             raise
         except Exception as e:  # a bug: fail the streams rather than hang them
             log.exception("multiplexed stream to the engine failed")
@@ -281,7 +285,8 @@ class _Mux:
         with contextlib.suppress(Exception):
             self.call.cancel()
 
-    async def aclose(self) -> None:
+    async def aclose(self, reason: str = "") -> None:
+        self.close_reason = reason
         self.reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self.reader
@@ -308,8 +313,9 @@ class MuxEngineStub(epb_grpc.EngineStub):
             mux = self._mux = _Mux(self)
         return mux.open(req)
 
-    async def aclose(self) -> None:
-        """End the multiplexed call (its open streams fail with CANCELLED)."""
+    async def aclose(self, reason: str = "") -> None:
+        """End the multiplexed call: its open streams fail with CANCELLED, or with UNAVAILABLE and
+        ``reason`` when one is given (the engine was ejected: the router retries or reports it)."""
         mux, self._mux = self._mux, None
         if mux is not None:
-            await mux.aclose()
+            await mux.aclose(reason)
