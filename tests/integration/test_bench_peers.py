@@ -16,11 +16,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 def test_bench_peers_corral_only_tiny(tmp_path: Path) -> None:
     rc = peers.main(["--quick", "--peers", "corral", "--requests", "12", "--conversation-requests", "12",
                      "--hop-requests", "30", "--workers", "2", "--concurrency", "4", "--prefix-tokens", "256",
-                     "--groups", "2", "--out", str(tmp_path)])  # fmt: skip
+                     "--groups", "2", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
     data = json.loads((tmp_path / "peers.json").read_text())
     assert data["meta"]["git"] is not None and "params" in data["meta"]
     corral = data["results"]["corral"]
+    assert [len(corral[w]["runs"]) for w in ("shared_prefix", "hop")] == [2, 2]  # medians of 2 runs
     assert set(corral) == {"conversation", "shared_prefix", "no_reuse", "hop"}
     for wl, r in corral.items():
         assert r["ok"] == r["requests"] and not r["errors"], (wl, r)

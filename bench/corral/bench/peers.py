@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -292,6 +293,24 @@ async def hop_probe(http: Any, urls: list[str], reqs: list[Req], concurrency: in
     return r
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from repeated runs: every number is the median over the runs (errors are summed); the
+    runs themselves are kept under ``runs`` when there are several."""
+    out = dict(runs[-1])
+    if len(runs) == 1:
+        return out
+    for k, v in out.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in runs)
+    errors: dict[str, int] = {}
+    for r in runs:
+        for k, n in r["errors"].items():
+            errors[k] = errors.get(k, 0) + n
+    out["errors"] = errors
+    out["runs"] = runs
+    return out
+
+
 async def worker_stats(http: Any, workers: list[str]) -> list[dict[str, Any]]:
     out = []
     for w in workers:
@@ -361,7 +380,8 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
             # direct: the hop probe straight to the workers (round robin), the baseline of the hop
             await reset_workers(http, workers)
-            results["direct"] = {"hop": await hop_probe(http, workers, loads["hop"], ns.concurrency)}
+            direct = [await hop_probe(http, workers, loads["hop"], ns.concurrency) for _ in range(ns.repeats)]
+            results["direct"] = {"hop": median_of(direct)}
             for name in ns.peers:
                 port = free_port()
                 cmd = router_command(name, workers, port, ns.peer_bin)
@@ -382,14 +402,17 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
                         continue
                     results[name] = {}
                     for wl in ns.workloads:
-                        await reset_workers(http, workers)
-                        warm = 0 if wl == "hop" else min(ns.warmup, len(loads[wl]) // 2)
-                        if wl == "hop":
-                            r = await hop_probe(http, [url], loads[wl], ns.concurrency)
-                        else:
-                            r = await drive(http, [url], loads[wl], ns.concurrency, warm)
-                        r.update(cache_and_balance(await worker_stats(http, workers)))
-                        results[name][wl] = r
+                        runs = []
+                        for _ in range(ns.repeats):
+                            await reset_workers(http, workers)
+                            warm = 0 if wl == "hop" else min(ns.warmup, len(loads[wl]) // 2)
+                            if wl == "hop":
+                                one = await hop_probe(http, [url], loads[wl], ns.concurrency)
+                            else:
+                                one = await drive(http, [url], loads[wl], ns.concurrency, warm)
+                            one.update(cache_and_balance(await worker_stats(http, workers)))
+                            runs.append(one)
+                        r = results[name][wl] = median_of(runs)
                         print(
                             f"peers: {name:14s} {wl:14s} {r['throughput_rps']:8.1f} req/s  TTFT p50 "
                             f"{r['ttft_p50_ms']:8.2f} ms p99 {r['ttft_p99_ms']:8.2f} ms  hit "
@@ -487,7 +510,9 @@ def _setup_line(meta: dict[str, Any]) -> str:
         f"{p['conversation_requests']} Mooncake records ({p['block_tokens']} tokens per hash id), "
         f"{p['requests']} shared-prefix requests over {p['groups']} prompts of {p['prefix_tokens']} tokens, "
         f"{p['requests']} no-reuse prompts, {p['hop_requests']} hop probes. TTFT percentiles leave out the "
-        f"first {p['warmup']} requests of a workload (the cold start)." + load
+        f"first {p['warmup']} requests of a workload (the cold start)."
+        + (f" Every number is the median of {p['repeats']} runs." if p.get("repeats", 1) > 1 else "")
+        + load
     )
 
 
@@ -572,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Mooncake records replayed (default 1500: the whole shipped sample; quick 100)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every (router, workload); each number is the median (default 1)",
     )
     ap.add_argument(
         "--warmup",
