@@ -7,7 +7,7 @@ credentials). ``corral replay`` evaluates another policy against it offline (:mo
 Lines::
 
     {"type": "decision", "request_id", "t", "tenant", "headers", "text", "prompt_tokens", "model", "rule",
-     "signals"}
+     "signals", "shadow": {"model", "rule"} (with a shadow policy)}
     {"type": "feedback", "request_id", "t", "score"}
 """
 
@@ -50,6 +50,7 @@ class DecisionLog:
             "type": "decision", "request_id": request_id, "t": time.time(), "tenant": tenant,
             "headers": loggable_headers(info.headers), "text": info.text[:MAX_TEXT_CHARS],
             "prompt_tokens": info.tokens(), "model": sel.model, "rule": sel.rule, "signals": sel.signals,
+            **({"shadow": sel.shadow} if sel.shadow is not None else {}),
         })  # fmt: skip
 
     def feedback(self, request_id: str, score: float) -> None:

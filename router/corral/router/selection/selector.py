@@ -50,6 +50,8 @@ class Selection:
     bandit: list[ArmScore] | None = None
     algorithm: str = ""
     forecast: dict[str, float] | None = None  # bandit rules: expected share of the rule's traffic per arm
+    shadow: dict[str, str] | None = None  # shadow mode: what the shadow policy chose ({model, rule})
+    shadow_selection: Selection | None = None  # ... and its whole selection (for its own feedback)
     elapsed_us: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,6 +61,8 @@ class Selection:
             "signals": {k: {"value": v, "matched": self.matched[k]} for k, v in self.signals.items()},
             "elapsed_us": round(self.elapsed_us, 1),
         }
+        if self.shadow is not None:
+            out["shadow"] = self.shadow
         if self.sampling is not None:
             out["sampling"] = self.sampling.model_dump(exclude_none=True, by_alias=True)
         if self.bandit is not None:

@@ -58,6 +58,17 @@ def _settings(paths: list[str]) -> RouterSettings:
     return router_settings(policies[0] if policies else None, pool)
 
 
+def _shadow(path: str) -> Any:
+    """The modelSelection of the RoutingPolicy in ``path`` (shadow mode), validated as corral validate."""
+    report = validate_paths([path])
+    if not report.ok:
+        raise ValueError("; ".join(str(p) for p in report.problems[:5]))
+    policies = [o for o in report.objects if isinstance(o, RoutingPolicy)]
+    if len(policies) != 1:
+        raise ValueError(f"--shadow-policy {path}: expected one RoutingPolicy, found {len(policies)}")
+    return policies[0].spec.model_selection
+
+
 def _config(ns: argparse.Namespace) -> RouterConfig:
     s = _settings(ns.routing_policy)
     if ns.policy is not None or ns.policy_param:
@@ -75,6 +86,7 @@ def _config(ns: argparse.Namespace) -> RouterConfig:
         stale_after_s=ns.stale_after,
         selection_state_dir=ns.selection_state,
         selection_log=ns.selection_log,
+        shadow_selection=_shadow(ns.shadow_policy) if ns.shadow_policy else None,
     )
     RouterCore(s)  # a bad strategy or param fails here, as one line, before anything listens
     uris = {m.name: m.tokenizer for m in s.models.values() if m.tokenizer} | dict(ns.tokenizer)
@@ -163,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="append model-selection decisions and feedback to this JSONL file (records request text, "
         "tenant and x-* headers) for `corral replay`; default: off",
+    )
+    ap.add_argument(
+        "--shadow-policy",
+        default=None,
+        metavar="FILE",
+        help="shadow mode: also evaluate this RoutingPolicy's modelSelection for every selected request and "
+        "log/explain what it would have chosen (requests still go where the live policy says)",
     )
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument(

@@ -104,6 +104,7 @@ class RouterConfig:
     selection: ModelSelection | None = None  # spec.modelSelection (selection_api.RouterSelection)
     selection_state_dir: str | None = None  # bandit state folder (shared by active-active routers)
     selection_log: str | None = None  # JSONL decision log of model selection (corral replay reads it)
+    shadow_selection: ModelSelection | None = None  # shadow mode: evaluated beside the live one, logged
     # Tokenizers by base model (ModelSpec.tokenizer); a model not here uses the tokenizer its engines report
     # at registration (EngineInfo.tokenizer), else default_tokenizer (None: the sim's, SIM_TOKENIZER).
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)

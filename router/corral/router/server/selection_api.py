@@ -62,6 +62,8 @@ class RouterSelection:
         self.log = DecisionLog(log_path) if log_path else None
         self._spec: object = None
         self._selector: Selector | None = None
+        self._shadow_spec: object = None
+        self._shadow: Selector | None = None
         self.on_forecast: Callable[[str, float], None] | None = None
         """Told (arm, expected share) for each candidate a bandit did not choose this time: the adapter
         pager's demand forecast (the chosen one is counted when it is dispatched)."""
@@ -74,6 +76,15 @@ class RouterSelection:
             self._selector = compile_selection(spec, self.store, self.ledger)
             self._spec = spec
         return self._selector
+
+    @property
+    def shadow(self) -> Selector | None:
+        """Shadow mode: ``RouterConfig.shadow_selection`` compiled (its bandits in memory only)."""
+        spec = self.router.config.shadow_selection
+        if spec is not self._shadow_spec:
+            self._shadow = compile_selection(spec, BanditStore(), FeedbackLedger())
+            self._shadow_spec = spec
+        return self._shadow
 
     def close(self) -> None:
         self.store.close()
@@ -154,6 +165,10 @@ class RouterSelection:
             count_tokens = lambda: self._count(default, text)  # noqa: E731
         info = RequestInfo(text, _tenant_name(tenant), hdrs, count_tokens)
         sel = sel_.select(info, self.cost)
+        shadow = self.shadow
+        if shadow is not None:  # what the shadow policy would have chosen: logged and explained, not used
+            s = shadow.select(info, self.cost)
+            sel.shadow, sel.shadow_selection = {"model": s.model, "rule": s.rule or "(default)"}, s
         if sel.forecast and self.on_forecast is not None:
             for arm, share in sel.forecast.items():
                 if arm != sel.model and share > 0.0:
@@ -183,6 +198,9 @@ class RouterSelection:
         if sel is not None and info is not None and sel_ is not None:
             p.selection = sel
             sel_.remember(p.rr.request_id, _tenant_name(tenant), sel, info)
+            shadow, s = self.shadow, sel.shadow_selection
+            if shadow is not None and s is not None and s.model == sel.model:  # its reward will be known
+                shadow.remember(p.rr.request_id, _tenant_name(tenant), s, info)
             if self.log is not None:
                 self.log.decision(p.rr.request_id, _tenant_name(tenant), info, sel)
         return p
@@ -196,6 +214,9 @@ class RouterSelection:
                     404, f"unknown request id '{request_id}': this router's policy has no model selection"
                 )
             got = sel_.feedback(request_id, _tenant_name(tenant), score)
+            shadow = self.shadow
+            if shadow is not None and request_id in shadow.ledger.items:  # it chose the same: it learns
+                shadow.feedback(request_id, _tenant_name(tenant), score)
             if self.log is not None:
                 self.log.feedback(request_id, float(score))  # type: ignore[arg-type]
             return got
@@ -210,6 +231,14 @@ class RouterSelection:
 def span_attributes(sel: Selection) -> dict[str, Any]:
     """``corral.select.*`` OpenTelemetry attributes of a selection."""
     out: dict[str, Any] = {
+        **(
+            {
+                "corral.select.shadow.model": sel.shadow["model"],
+                "corral.select.shadow.rule": sel.shadow["rule"],
+            }
+            if sel.shadow
+            else {}
+        ),
         "corral.select.model": sel.model,
         "corral.select.rule": sel.rule or "(default)",
         "corral.select.elapsed_us": sel.elapsed_us,
