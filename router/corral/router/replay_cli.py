@@ -1,6 +1,7 @@
 """``corral replay``: evaluate a RoutingPolicy's model selection offline against a router's decision log
-(``corral router --selection-log FILE``) — shadow mode: what the deployed policy chose next to what this one
-would have chosen, their agreement, and an estimate of this policy's mean feedback score."""
+(``python -m corral.router.server --selection-log FILE``) — shadow mode: what the deployed policy chose
+next to what this one would have chosen, their agreement, and an estimate of this policy's mean feedback
+score."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "replay", help="Evaluate a model-selection policy against a decision log.", description=__doc__
     )
     p.add_argument("policy", metavar="POLICY.yaml", help="the RoutingPolicy to evaluate (its modelSelection)")
-    p.add_argument(
-        "--log", required=True, metavar="FILE", help="decision log (corral router --selection-log)"
-    )
+    p.add_argument("--log", required=True, metavar="FILE", help="decision log (the router's --selection-log)")
     p.add_argument("--rows", metavar="FILE", help="also write one JSON line per decision (A, B, score)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)

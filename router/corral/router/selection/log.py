@@ -1,8 +1,9 @@
 """The decision log of model selection: one JSON line per selected request, and one per feedback.
 
-Opt-in (``RouterConfig.selection_log`` / ``corral router --selection-log FILE``) because it records what
-signals read: the request's text (cut to :data:`MAX_TEXT_CHARS`), its tenant and its ``x-*`` headers (never
-credentials). ``corral replay`` evaluates another policy against it offline (:mod:`.replay`).
+Opt-in (``RouterConfig.selection_log`` / ``python -m corral.router.server --selection-log FILE``) because
+it records what signals read: the request's text (cut to :data:`MAX_TEXT_CHARS`), its tenant and its
+``x-*`` headers (never credentials). ``corral replay`` evaluates another policy against it offline
+(:mod:`.replay`).
 
 Lines::
 
