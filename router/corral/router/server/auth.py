@@ -335,8 +335,12 @@ class KeyStore:
             if sig is not None:
                 if self.background:
                     self._reloading = True
-                    threading.Thread(target=self._background_load, args=(sig,), name="corral-keys-reload",
-                                     daemon=True).start()  # fmt: skip
+                    try:
+                        threading.Thread(target=self._background_load, args=(sig,), name="corral-keys-reload",
+                                         daemon=True).start()  # fmt: skip
+                    except RuntimeError:  # no thread to be had (interpreter shutting down): load here
+                        self._reloading = False
+                        self._load(sig)
                 else:
                     self._load(sig)
         return self.table.lookup(key)
