@@ -7,6 +7,7 @@ clients) for one front (``grpc`` or ``http``), while ``py-spy record`` samples t
 
     python -m corral.bench.router_profile --api grpc --out docs/benchmarks/router_flame_grpc.svg
     python -m corral.bench.router_profile --api http --format raw --out /tmp/http.txt   # collapsed stacks
+    python -m corral.bench.router_profile --idle --engines 32 --out /tmp/idle.svg   # no load: event streams
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument(
+        "--idle", action="store_true", help="no load: the router's CPU for keeping up with engines"
+    )
     ns = ap.parse_args(argv)
     spy = _py_spy()
     ro._uvloop()
@@ -89,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
            "--pid", str(pr.pid), "-d", str(int(ns.duration + warmup + 1))]  # fmt: skip
     rec = subprocess.Popen(cmd)
     try:
-        res = asyncio.run(_load(ns.api, router, ns.concurrency, ns.duration, warmup))
+        if ns.idle:  # event streams and load samples only (every engine sends one every 0.1 s)
+            time.sleep(warmup)
+            cpu0, t0 = ro._cpu_s([pr.pid or 0]), time.monotonic()
+            time.sleep(ns.duration)
+            idle_ms = (ro._cpu_s([pr.pid or 0]) - cpu0) / (time.monotonic() - t0) * 1e3
+        else:
+            res = asyncio.run(_load(ns.api, router, ns.concurrency, ns.duration, warmup))
         rec.wait(timeout=ns.duration + 30)
     finally:
         stop.set()
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             p.join(10)
             if p.is_alive():
                 p.terminate()
+    if ns.idle:
+        print(f"idle, {ns.engines} engines: router {idle_ms:.1f} ms CPU per second -> {ns.out}")
+        return 0
     print(
         f"{ns.api}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.2f} ms, router "
         f"{res['router_cpu_us_per_req']:.0f} us CPU/request, errors {res['errors']} -> {ns.out}"
