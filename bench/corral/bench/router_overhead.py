@@ -429,6 +429,11 @@ CPU per request from the same runs (busy shared 2-core machine, one run each, so
   candidate and keeps their cost terms for Explain, is ~12% of the samples). For scale (`python -m
   corral.bench.http_servers`): a bare aiohttp handler parsing the same JSON and answering costs 56-60
   us/request here, uvicorn with httptools 35-44 us: another HTTP server would save ~20 us of the ~240.
+- Per engine, without requests (`--idle --engines N`): the router spends 10, 18, 38 ms of CPU per second
+  following 2, 8, 32 engines (one event-stream message per engine every 0.1 s: ~0.1-0.2 ms each, nearly all
+  in grpc.aio's message handling and its poller thread, < 10% in Corral's event code). Not a per-request
+  cost, but it grows with the fleet and is paid by every router worker; carrying the event stream over the
+  framed connection as well is the next step.
 - gRPC (before 780-903, now 599-675 us CPU/request): the router's own grpc.aio server dominates (C-core
   work run by the event loop ~60% of the samples, grpc's poller thread ~9%); Corral's Python request path is
   ~17%. A unary grpc.aio call costs the server about as much as a whole HTTP request through the router, so
