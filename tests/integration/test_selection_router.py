@@ -309,3 +309,28 @@ async def test_active_active_routers_share_feedback_and_state(engines: list[str]
     finally:
         await a.stop(0)
         await b.stop(0)
+
+
+async def test_shadow_mode_logs_and_explains_the_shadow_policy(engines: list[str], tmp_path: Path) -> None:
+    from corral.router.server.__main__ import _shadow
+
+    policy = tmp_path / "b.yaml"
+    policy.write_text(POLICY_B)
+    log = tmp_path / "log.jsonl"
+    r = await start_router(engines, tmp_path, selection_log=str(log), shadow_selection=_shadow(str(policy)))
+    try:
+        body = {"model": "auto", "prompt": "top customers", "max_tokens": 2}
+        st, out = await call("POST", r.http_url + "/v1/completions", body, {"x-corral-task": "sql"})
+        assert (st, out["model"]) == (200, "sql")  # the live policy routes
+        st, ex = await call("GET", f"{r.http_url}/v1/explain/{out['id']}")
+        assert ex["selection"]["shadow"] == {"model": "llama-8b", "rule": "(default)"}  # B: no sql rule
+        # an Explain dry run is neither logged nor open to feedback
+        stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(r.grpc_address))
+        dry = await stub.Explain(rpb.ExplainRequest(request=rpb.CompletionRequest(model="auto", prompt="q")))
+        assert dry.dry_run and dry.selection.model == "llama-8b"
+        st, fb = await call("POST", r.http_url + "/v1/feedback", {"request_id": dry.request_id, "score": 1.0})
+        assert st == 404 and "unknown request id" in fb["error"]["message"]
+    finally:
+        await r.stop(0)
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert line["model"] == "sql" and line["shadow"] == {"model": "llama-8b", "rule": "(default)"}

@@ -52,6 +52,8 @@ class Selection:
     forecast: dict[str, float] | None = None  # bandit rules: expected share of the rule's traffic per arm
     shadow: dict[str, str] | None = None  # shadow mode: what the shadow policy chose ({model, rule})
     shadow_selection: Selection | None = None  # ... and its whole selection (for its own feedback)
+    info: RequestInfo | None = None  # what the signals read (for the decision log)
+    tenant: str | None = None
     elapsed_us: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

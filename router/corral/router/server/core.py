@@ -396,6 +396,8 @@ class Router:
         explain = self.config.explain_all or span.is_recording()
         rec = ExplainRecord(rr.request_id, self.policy_name, None, rr.prompt_tokens, len(rr.block_hashes))
         rec.selection = p.selection
+        if p.selection is not None:
+            self.selection.dispatched(p)  # feedback and the decision log are for requests sent, not dry runs
         self._record(rec)
         excluded: set[str] = set()
         req_pb: epb.GenerateRequest | None = None

@@ -193,17 +193,25 @@ class RouterSelection:
         return sel.model, sampling, max_tokens, sel, info
 
     def bind(self, p: Prepared, sel: Selection | None, info: RequestInfo | None, tenant: Any) -> Prepared:
-        """Attach the selection to the prepared request and remember it for feedback."""
-        sel_ = self.selector
-        if sel is not None and info is not None and sel_ is not None:
+        """Attach the selection to the prepared request (remembered for feedback once it is dispatched)."""
+        if sel is not None and info is not None:
             p.selection = sel
-            sel_.remember(p.rr.request_id, _tenant_name(tenant), sel, info)
-            shadow, s = self.shadow, sel.shadow_selection
-            if shadow is not None and s is not None and s.model == sel.model:  # its reward will be known
-                shadow.remember(p.rr.request_id, _tenant_name(tenant), s, info)
-            if self.log is not None:
-                self.log.decision(p.rr.request_id, _tenant_name(tenant), info, sel)
+            sel.info, sel.tenant = info, _tenant_name(tenant)
         return p
+
+    def dispatched(self, p: Prepared) -> None:
+        """A selected request is being sent to an engine (not an Explain dry run): remember it for feedback
+        (and the shadow policy's choice when it agrees, so that it learns too) and log the decision."""
+        sel, sel_ = p.selection, self.selector
+        if sel is None or sel.info is None or sel_ is None:
+            return
+        rid = p.rr.request_id
+        sel_.remember(rid, sel.tenant, sel, sel.info)
+        shadow, s = self.shadow, sel.shadow_selection
+        if shadow is not None and s is not None and s.model == sel.model:  # its reward will be known
+            shadow.remember(rid, sel.tenant, s, sel.info)
+        if self.log is not None:
+            self.log.decision(rid, sel.tenant, sel.info, sel)
 
     # ---- feedback ---------------------------------------------------------------------------------------
     def feedback(self, request_id: str, score: object, tenant: Any) -> dict[str, Any]:
