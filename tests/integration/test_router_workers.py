@@ -142,3 +142,32 @@ def test_workers_must_be_positive() -> None:
     )
     assert r.returncode == 2
     assert "--workers must be >= 1" in r.stderr
+
+
+def test_a_killed_worker_is_replaced(tmp_path: Any) -> None:
+    engines = [start_engine(f"h100-{i}", MODEL, log_dir=tmp_path) for i in range(2)]
+    router = None
+    try:
+        router = start_router([e.address for e in engines], extra=["--workers", "2"], log_dir=tmp_path)
+        line = router.proc.match.string
+        victim = int(line.split("(pids ")[1].split(",")[0])
+        before: set[str] = set()
+
+        def workers_seen() -> set[str]:
+            async def go() -> set[str]:
+                return {(await _post(router.http_url, _prefix(9) + f"q{k}"))[0] for k in range(12)}
+
+            return asyncio.run(go())
+
+        before = wait_until(lambda: workers_seen() if len(workers_seen()) == 2 else None, 30, "both workers")
+        os.kill(victim, signal.SIGKILL)
+        # a new worker (a new process, so a new request-id prefix) takes the dead one's place on the port
+        wait_until(lambda: len(workers_seen() - before) >= 1, 60, "a replacement worker serving")
+        assert not _alive(victim)
+        assert "exited with code -9: restarting" in router.proc.log_path.read_text()
+    finally:
+        if router is not None:
+            os.killpg(router.proc.pid, signal.SIGKILL)
+            router.proc.popen.wait(10)
+        for e in engines:
+            e.proc.kill()

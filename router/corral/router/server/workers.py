@@ -129,6 +129,13 @@ async def run_workers(argv: list[str], n: int, host: str, grpc_port: int, http_p
                     f.cancel()
             if stop.is_set():
                 break
+            if any(procs[waits[f]].returncode in (0, -signal.SIGINT, -signal.SIGTERM) for f in done):
+                # a worker stopped by a signal (Ctrl-C reaches the whole process group): if this process is
+                # stopping too, its own signal arrives at once; else the worker was stopped alone: restart
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                if stop.is_set():
+                    break
             for f in done:
                 i = waits[f]
                 why = f"worker {procs[i].pid} exited with code {procs[i].returncode}"
