@@ -138,11 +138,26 @@ class Harness:
         return str(self.server.grpc_address)
 
     # ---- accounting ------------------------------------------------------------------------------------
-    def in_flight(self) -> int:
-        """Requests the router's core still accounts to a replica (dispatched, not finished)."""
+    def dispatched(self) -> int:
+        """Requests the router's core accounts to a replica (dispatched, not finished)."""
 
         async def count() -> int:
             return sum(len(r.in_flight) for r in self.server.router.fleet.replicas.values())
+
+        return self.run(count())
+
+    def in_flight(self) -> int:
+        """Requests the router still holds: accounted to a replica by its core (dispatched, not finished),
+        waiting in or admitted by its admission control (queued, in flight per tenant, reserved)."""
+
+        async def count() -> int:
+            router = self.server.router
+            n = sum(len(r.in_flight) for r in router.fleet.replicas.values())
+            adm = getattr(router, "admission", None)
+            if adm is not None:
+                n += adm.waiting + sum(waiting + inflight for _, waiting, inflight, _ in adm.stats())
+                n += sum(adm.reserved.values())
+            return n
 
         return self.run(count())
 

@@ -167,7 +167,7 @@ async def _sse_streams(h: Harness, n: int) -> tuple[int, int]:
     t0 = time.monotonic()
     while not (peak >= n and started > 0) and time.monotonic() - t0 < 120 and not refused:
         await asyncio.sleep(0.05)
-        peak = max(peak, await asyncio.to_thread(h.in_flight))
+        peak = max(peak, await asyncio.to_thread(h.dispatched))
     all_open.set()
     await asyncio.gather(*clients)
     assert not refused, f"{len(refused)} refused, e.g. {refused[0]}"

@@ -15,6 +15,7 @@ from corral.v1 import engine_pb2 as epb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BadRequest
+from .limits import MAX_NAME_CHARS
 
 U32 = 1 << 32
 MAX_SEED = (1 << 63) - 1
@@ -60,7 +61,7 @@ class StreamOptions(_Model):
 class _GenerationRequest(_Model):
     """Fields common to completions and chat completions."""
 
-    model: str = Field(min_length=1, max_length=1024)
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, lt=U32)
     max_completion_tokens: int | None = Field(default=None, ge=1, lt=U32)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
