@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -287,3 +288,19 @@ def test_adapter_and_model_names(harness: Harness) -> None:
     assert status == 400 and payload["error"]["param"] == "model"
     body = orjson.dumps({"model": ADAPTER, "prompt": "x", **SMALL_OK})
     assert send_json(harness, "/v1/completions", body)[0] in (200, 404)
+
+
+def test_refused_http_is_one_quiet_line(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """What aiohttp's parser refuses is logged as one INFO line each, without a traceback: a client sending
+    garbage cannot flood the router's logs with ERRORs."""
+    tried("http server: limits", 10)
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    for i in range(10):
+        r = raw_http(harness.http_port, b"POST /v1/completions HTTP/1.1\r\nBad Header%d: x\r\n\r\n" % i)
+        assert r is not None and r.status == 400
+    mine = [rec for rec in caplog.records if rec.name == "aiohttp.server"]
+    assert len(mine) >= 10
+    assert all(rec.levelno == logging.INFO and not rec.exc_info for rec in mine), [
+        (rec.levelname, rec.getMessage()) for rec in mine
+    ]
+    assert "refused a malformed HTTP request" in mine[0].getMessage()

@@ -120,6 +120,7 @@ class HttpApi:
 
     async def start(self, host: str, port: int, ssl_context: Any = None) -> str:
         """Listen on ``host:port`` (0: any free port); HTTPS with ``ssl_context`` (:mod:`..tls`)."""
+        limits.quiet_refusals()
         self.runner = web.AppRunner(
             self.app,
             access_log=None,

@@ -13,10 +13,16 @@ its request (the engine aborts it, the slot is freed; counted as 499).
 gRPC: a message is at most :data:`GRPC_MAX_MESSAGE_BYTES`; bytes that do not decode as the method's
 message are INVALID_ARGUMENT. Both fronts: a model name and a client request id are at most
 :data:`MAX_NAME_CHARS` characters; an error message sent back is at most :data:`MAX_ERROR_CHARS`
-characters (it rides in gRPC trailers, whose size is bounded).
+characters (it rides in gRPC trailers, whose size is bounded). A request aiohttp's HTTP parser refuses (400)
+is logged as one INFO line, not an ERROR with a traceback (:func:`quiet_refusals`): a hostile client cannot
+flood the logs.
 """
 
 from __future__ import annotations
+
+import logging
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 HTTP_MAX_BODY_BYTES = 64 * 1024 * 1024
 HTTP_BODY_TIMEOUT_S = 60.0
@@ -34,3 +40,27 @@ def clip(message: str, limit: int = MAX_ERROR_CHARS) -> str:
     if len(message) <= limit:
         return message
     return message[: limit - 40] + f"... ({len(message) - limit + 40} more characters)"
+
+
+class _QuietRefusals(logging.Filter):
+    """aiohttp logs every request its parser refuses as an ERROR with a traceback: make it one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            record.msg = "refused a malformed HTTP request (%s): %s"
+            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?",
+                           " ".join(str(exc.message).split())[:200])  # fmt: skip
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_QUIET = _QuietRefusals()
+
+
+def quiet_refusals() -> None:
+    """Install the filter on aiohttp's server logger (idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)
