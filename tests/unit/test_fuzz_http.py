@@ -304,3 +304,45 @@ def test_refused_http_is_one_quiet_line(harness: Harness, caplog: pytest.LogCapt
         (rec.levelname, rec.getMessage()) for rec in mine
     ]
     assert "refused a malformed HTTP request" in mine[0].getMessage()
+
+
+roles = st.one_of(
+    st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"]), json_value
+)
+content = st.one_of(
+    st.text(max_size=30),
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10) | json_value}),
+            st.dictionaries(st.sampled_from(["type", "text", "image_url"]), json_value, max_size=3),
+            json_value,
+        ),
+        max_size=3,
+    ),
+    json_value,
+)
+message = st.one_of(
+    st.fixed_dictionaries(
+        {"role": roles, "content": content}, optional={"name": json_value, "x": json_value}
+    ),
+    json_value,
+)
+
+
+@fuzz_settings(100)
+@given(st.lists(message, max_size=4), st.booleans())
+def test_chat_messages(harness: Harness, messages: list[Any], stream: bool) -> None:
+    """Random chat messages (roles, content strings / parts / anything): 200 or a 400 naming the field."""
+    tried("http server: random chat messages")
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2, "stream": stream}
+    try:
+        parse(ChatCompletionRequest, body)
+        parsed_ok = True
+    except BadRequest as e:
+        parsed_ok = False
+        assert e.param is not None and e.param.startswith("messages"), e.message
+    status, payload = send_json(harness, "/v1/chat/completions", json.dumps(body).encode())
+    assert (status == 200) == parsed_ok or (status == 400 and "messages" in payload["error"]["message"]), (
+        status,
+        payload,
+    )
