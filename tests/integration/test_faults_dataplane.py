@@ -318,3 +318,44 @@ async def _ready(http_url: str) -> bool:
 async def _has_state(r: object, probe: str, holder: str) -> bool:
     replica, blocks = await _explain_blocks(r.grpc_address, probe)  # type: ignore[attr-defined]
     return replica == holder and blocks >= 100 and "sql-lora" in await _models(r.http_url)  # type: ignore[attr-defined]
+
+
+# ---- an engine killed while requests wait in the router's admission queue ---------------------------
+async def test_engine_killed_while_requests_wait_for_admission(procs: ProcFleet) -> None:
+    """Replicas at load.maxQueueRequestsPerReplica, more requests waiting in the router (spec.admission):
+    when one engine dies, its requests that had not streamed and the waiting ones all complete on the
+    others; nothing gets a 429 after it was let in."""
+    from corral.api.admission import AdmissionSpec
+
+    three_engines(procs, time_scale=2.0)
+    adm = AdmissionSpec(max_waiting=200, max_wait_ms=120_000)
+    r = await in_process_router(procs, max_queue_per_replica=2, admission=adm)
+    try:
+        victim_proc = procs.engines[0]
+        victim = victim_proc.replica_id
+        url = r.http_url + "/v1/completions"
+        body = {"max_tokens": 32, "stream": True, "model": MODEL}
+        tasks = [
+            asyncio.create_task(http_stream(url, {**body, "prompt": f"{i:05d} {LONG[:6000]}"}, i))
+            for i in range(36)
+        ]
+
+        def busy() -> bool:  # the victim holds queued requests and the router holds waiting ones
+            fl = r.fleet.replicas[victim].in_flight.values()
+            return any(not x.started for x in fl) and r.router.admission.waiting > 0
+
+        await wait_for(busy, 60, "requests queued on the victim and waiting in the router")
+        victim_proc.proc.kill()
+        done, pending = await asyncio.wait(tasks, timeout=120)
+        assert not pending, f"{len(pending)} requests hang"
+        outs = [t.result() for t in done]
+        lost = [o for o in outs if not o.ok and o.tokens == 0]
+        assert not lost, lost  # no 429 / 503 for a request that had not streamed
+        for o in outs:
+            if not o.ok:
+                assert victim in o.error["message"], o  # type: ignore[index]
+        assert sum(o.ok for o in outs) >= 30
+        retried = [rec.attempts for rec in r.router.explains.values() if len(rec.attempts) > 1]
+        assert any(a[0] == victim for a in retried), retried  # re-routed although every replica was full
+    finally:
+        await r.stop(0)

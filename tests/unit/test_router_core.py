@@ -93,6 +93,19 @@ def test_queue_bound_skips_full_replicas_and_saturates() -> None:
     assert c.route(req("y", prompt(98, 64))).replica_id == "r000"
 
 
+def test_a_retry_is_never_refused_for_the_queue_bound() -> None:
+    """A request that failed on one replica before its first token was admitted already: re-routed past
+    the bound (to the best replica left), not answered 429 (found by the engine-kill-under-admission test)."""
+    c, _ = core(3, bound=1)
+    for k, rid in enumerate(("r000", "r001", "r002")):
+        c.dispatch(rid, req(f"w-{rid}", prompt(50 + k, 64)))
+    with pytest.raises(Saturated):
+        c.route(req("new", prompt(1, 64)))
+    assert c.route(req("retry", prompt(2, 64)), {"r000"}).replica_id in ("r001", "r002")
+    with pytest.raises(NoReplicaError, match="after trying"):
+        c.route(req("retry", prompt(2, 64)), {"r000", "r001", "r002"})
+
+
 def test_precise_index_counts_sent_blocks_until_confirmed_or_expired() -> None:
     c, clock = core(2)
     rr = req("a", prompt(1, 320))  # 20 blocks

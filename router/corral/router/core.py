@@ -98,7 +98,8 @@ class RouterCore:
     ) -> Decision:
         """Choose a replica for ``rr`` among the model's healthy replicas that are neither in ``excluded``
         (earlier attempts) nor at their queue bound. Raises :class:`NoReplicaError` (none serves the model,
-        or none is left after ``excluded``) or :class:`Saturated` (all at the bound)."""
+        or none is left after ``excluded``) or :class:`Saturated` (all at the bound; never for a retry, i.e.
+        with ``excluded``: that request was admitted, so it goes to the best replica past the bound)."""
         fleet = self.fleet
         now = self.clock()
         members = fleet.candidates(rr.model)
@@ -115,7 +116,9 @@ class RouterCore:
             )
         bound = self.settings.max_queue_per_replica
         full = frozenset(r.replica_id for r in left if waiting_load(r, now, SAMPLE_MAX_AGE_S) >= bound)
-        if len(full) == len(left):
+        if len(full) == len(left) and excl:
+            full = frozenset()  # a retry was let in already: re-route it past the bound, never refuse it
+        elif len(full) == len(left):
             self.rejected += 1
             raise Saturated(
                 f"every replica of model '{rr.model}' has {bound} or more requests waiting "
