@@ -1,6 +1,7 @@
 """Hostile custom resources: hypothesis mutates the shipped ModelPool / RoutingPolicy examples (a value
 replaced by a random or out-of-range one, a field removed, an unknown field added) and feeds them to
-``corral validate``'s engine, to the operator's translation and to its status handlers.
+``corral validate``'s engine, to the operator's translation, to its status handlers and to the admission
+webhook's cross-object checks.
 
 Never an unhandled exception: validation reports problems, each naming the field (its path is the mutated
 one or leads to it); the translation either builds a RayService or raises ValueError saying why; the
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from corral.api.validation import drop_nulls, format_loc, validate_text
+from corral.api.validation import admission_problems, drop_nulls, format_loc, load_object, validate_text
 from corral.operator import handlers
 from corral.operator import translate as t
 from corral.router.settings import router_settings
@@ -105,10 +106,17 @@ def test_mutated_crs_are_reported_by_field(case: tuple[str, tuple[dict[str, Any]
         assert str(e)
     else:
         assert rs["kind"] == "RayService"
+    # the admission webhook's path: a live object -> model (None when invalid), then cross-object checks
+    new = load_object(doc)
     if report.ok:  # what the apiserver stores (nulls pruned) reaches the operator's handlers
         pool_m, policy_m = report.objects[0], report.objects[1]
         router_settings(policy_m, pool_m)  # type: ignore[arg-type]
         assert handlers.pool_status(drop_nulls(pool), None)["conditions"]
+        old = load_object(POOL if which == "pool" else POLICY)
+        other = policy_m if which == "pool" else pool_m
+        assert new is not None
+        for p in admission_problems(new, [other], old):
+            assert p.message, p
 
 
 @fuzz_settings(200)
