@@ -13,6 +13,7 @@ import gzip
 import json
 import logging
 import math
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -346,3 +347,18 @@ def test_chat_messages(harness: Harness, messages: list[Any], stream: bool) -> N
         status,
         payload,
     )
+
+
+@fuzz_settings(60)
+@given(json_value, st.text(max_size=40))
+def test_feedback_and_explain_endpoints(harness: Harness, body: Any, rid: str) -> None:
+    """``POST /v1/feedback`` with any JSON, ``GET /v1/explain/{id}`` with any id: a 4xx naming the cause."""
+    tried("http server: feedback / explain with random input", 2)
+    r = raw_http(harness.http_port, http_request("/v1/feedback", json.dumps(body).encode()))
+    assert r is not None and r.status in (400, 404, 409), r
+    check_error_body(r.status, r.json())
+    path = "/v1/explain/" + (urllib.parse.quote(rid, safe="") or "x")
+    r = raw_http(harness.http_port, http_request(path, b"", method="GET"))
+    assert r is not None and r.status in (200, 404), r
+    if r.status == 404:
+        check_error_body(404, r.json())
