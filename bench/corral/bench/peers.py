@@ -228,7 +228,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 async def drive(
-    http: Any, urls: list[str], reqs: list[Req], concurrency: int, warmup: int = 0
+    http: Any, urls: list[str], reqs: list[Req], concurrency: int, warmup: int = 0, stream: bool = True
 ) -> dict[str, Any]:
     """Send ``reqs`` (in order) with ``concurrency`` closed-loop streams, round-robin over ``urls``. TTFT
     percentiles leave out the first ``warmup`` requests (the cold start every router pays alike: all streams
@@ -239,7 +239,7 @@ async def drive(
     it = iter(enumerate(reqs))
 
     async def one(i: int, r: Req) -> None:
-        body = {"model": MODEL, "prompt": r.prompt, "max_tokens": r.max_tokens, "stream": True}
+        body = {"model": MODEL, "prompt": r.prompt, "max_tokens": r.max_tokens, "stream": stream}
         t0 = time.perf_counter()
         first = None
         try:
@@ -248,6 +248,9 @@ async def drive(
                     errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
                     await resp.read()
                     return
+                if not stream:  # the whole response: "first token" = the response
+                    await resp.read()
+                    first = time.perf_counter() - t0
                 async for line in resp.content:
                     if first is None and line.startswith(b"data:"):
                         first = time.perf_counter() - t0
@@ -284,12 +287,15 @@ async def drive(
 
 
 async def hop_probe(http: Any, urls: list[str], reqs: list[Req], concurrency: int) -> dict[str, Any]:
-    """The hop probe: one client first (the unloaded hop, a tenth of the requests, at least 20), then
-    ``concurrency`` clients (throughput and the loaded hop)."""
-    serial = await drive(http, urls, reqs[: max(20, len(reqs) // 10)], 1)
+    """The hop probe: one client first (the unloaded hop, a tenth of the requests, at least 20; streamed,
+    then the same as whole responses), then ``concurrency`` clients (throughput and the loaded hop)."""
+    n = max(20, len(reqs) // 10)
+    serial = await drive(http, urls, reqs[:n], 1)
+    whole = await drive(http, urls, reqs[:n], 1, stream=False)  # no SSE: what streaming itself costs
     r = await drive(http, urls, reqs, concurrency)
     r["serial_ttft_p50_ms"], r["serial_ttft_p99_ms"] = serial["ttft_p50_ms"], serial["ttft_p99_ms"]
-    r["serial_requests"] = serial["requests"]
+    r["serial_whole_p50_ms"] = whole["ttft_p50_ms"]
+    r["serial_requests"] = serial["requests"] + whole["requests"]
     return r
 
 
@@ -432,6 +438,7 @@ async def run_all(ns: argparse.Namespace, out: Path) -> dict[str, Any]:
             h = per["hop"]
             h["hop_overhead_ms"] = round(h["serial_ttft_p50_ms"] - d["serial_ttft_p50_ms"], 2)
             h["hop_overhead_loaded_ms"] = round(h["ttft_p50_ms"] - d["ttft_p50_ms"], 2)
+            h["hop_overhead_whole_ms"] = round(h["serial_whole_p50_ms"] - d["serial_whole_p50_ms"], 2)
     return {"peers": peers, "results": results}
 
 
@@ -482,10 +489,12 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         lines += [
             "",
             "Hop overhead (TTFT p50 through the router minus straight to the workers, tiny prompts, one "
-            "output token), with 1 client / with "
-            f"{meta['params']['concurrency']}: "
+            "output token), streamed with 1 client / streamed with "
+            f"{meta['params']['concurrency']} / whole responses with 1 client: "
             + ", ".join(
-                f"{n} {h['hop_overhead_ms']:+.2f} / {h['hop_overhead_loaded_ms']:+.2f} ms" for n, h in hops
+                f"{n} {h['hop_overhead_ms']:+.2f} / {h['hop_overhead_loaded_ms']:+.2f} / "
+                f"{h.get('hop_overhead_whole_ms', float('nan')):+.2f} ms"
+                for n, h in hops
             )
             + ".",
         ]
