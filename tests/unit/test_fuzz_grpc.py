@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 __all__ = ["harness"]
 
-METHODS = ["Generate", "GenerateStream", "ListModels", "Explain"]
+METHODS = ["Generate", "GenerateStream", "ListModels", "Explain", "Feedback"]
 PRECISE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 
 
