@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 from corral.api.admission import AdmissionSpec, TenantAdmission, TenantLimits
-from corral.api.modelpool import Adapter, AdapterCache, GpuClass, ModelPool, ModelPoolSpec, ModelSpec
+from corral.api.modelpool import (
+    Adapter,
+    AdapterCache,
+    GpuClass,
+    KvOffload,
+    ModelPool,
+    ModelPoolSpec,
+    ModelSpec,
+)
 from corral.api.routingpolicy import (
     STRATEGIES,
     AdapterPaging,
@@ -64,6 +72,8 @@ POOL_FIELDS: dict[str, Any] = {
     "adapters[0].tenant": "tenant-a",
     "adapterCache.gpuSlots": 2,
     "adapterCache.cpuSlots": 9,
+    "kvOffload.cpuGib": 16.0,
+    "kvOffload.backend": "lmcache",
 }
 POOL_FIELDS_ELSEWHERE = {
     "gpuClasses[0].maxReplicas": "the operator's scaling bound (the plan runs replicas, else minReplicas)",
@@ -130,10 +140,11 @@ def test_the_field_tables_cover_every_api_field() -> None:
         | _fields(GpuClass, "gpuClasses[0].")
         | _fields(Adapter, "adapters[0].")
         | _fields(AdapterCache, "adapterCache.")
+        | _fields(KvOffload, "kvOffload.")
         | {
             f
             for f in _fields(ModelPoolSpec, "")
-            if f not in ("models", "gpuClasses", "adapters", "adapterCache")
+            if f not in ("models", "gpuClasses", "adapters", "adapterCache", "kvOffload")
         }
     )
     assert pool_fields == set(POOL_FIELDS) | set(POOL_FIELDS_ELSEWHERE)
