@@ -228,7 +228,17 @@ def test_operator_deploys_to_an_existing_ray_cluster(
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    first = explain()
+    # a replica whose event stream went quiet for stale_after_s (a loaded CI machine) is out of the fleet
+    # until it reconnects: the dry run is retried on that transient UNAVAILABLE, other failures fail at once
+    def explain_ready() -> str | None:
+        try:
+            return explain()
+        except AssertionError as e:
+            if "no healthy replica" in str(e):
+                return None
+            raise
+
+    first = wait(explain_ready, timeout=60, what="corral explain (dry run)")
     assert "dry run" in first and "policy corral ->" in first, first
 
     # ---- RoutingPolicy edit: the routers' user_config, live; the engines keep their replicas
@@ -252,7 +262,8 @@ def test_operator_deploys_to_an_existing_ray_cluster(
     state = wait(lambda: (s := app_state()) and s.get("status") == "RUNNING" and s, timeout=120, what=app)
     assert {r["replica_id"] for r in state["deployments"][engine]["replicas"]} == replicas
     # live in the running router (same address: the router was reconfigured, not restarted)
-    wait(lambda: "policy least_loaded ->" in explain(), timeout=60, what="corral explain: the new policy")
+    new_policy = "policy least_loaded ->"
+    wait(lambda: new_policy in (explain_ready() or ""), timeout=60, what="corral explain: the new policy")
     assert router_view()["grpc"] == view["grpc"]
 
     # ---- delete the pool: the application goes, the finalizer is removed
