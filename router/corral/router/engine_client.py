@@ -27,6 +27,7 @@ from corral.v1 import engine_pb2 as epb
 
 from .engine_mux import MuxEngineStub
 from .events import AdapterLoaded, AdapterUnloaded, AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent
+from .replica_pool import ReplicaPool
 from .state import FleetState
 from .tls import ClientTls, secure_channel
 from .wire import EngineInfo, event_from_pb
@@ -107,7 +108,7 @@ def _default_profile(name: str) -> Any:
     return resolve_profile(name)
 
 
-class EnginePool:
+class EnginePool(ReplicaPool[EngineConn]):
     """Keeps this router's :class:`FleetState` in sync with the engines that discovery reports."""
 
     def __init__(
@@ -189,11 +190,6 @@ class EnginePool:
             await conn.stub.aclose()
         with contextlib.suppress(Exception):
             await conn.channel.close()
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.discovery.poll_interval_s)
-            await self.refresh()
 
     async def _watchdog(self) -> None:
         period = max(0.01, self.stale_after_s / 4)
@@ -358,43 +354,3 @@ class EnginePool:
                 changed = True
         if changed:
             self.fleet.version += 1  # policies cache per-replica weights on the fleet version
-
-    # ---- queries -----------------------------------------------------------------------------------------
-    def conn_for(self, replica_id: str) -> EngineConn | None:
-        return self.by_replica.get(replica_id)
-
-    def quarantine(self, replica_id: str, seconds: float) -> None:
-        """Take a replica out of routing for a while (a call to it failed); its stream restores it."""
-        c = self.by_replica.get(replica_id)
-        if c is None:
-            return
-        c.quarantined_until = time.monotonic() + seconds
-        self.fleet.set_healthy(replica_id, False)
-        asyncio.get_running_loop().call_later(seconds, self._unquarantine, c, replica_id)
-
-    def _unquarantine(self, c: EngineConn, replica_id: str) -> None:
-        if self.by_replica.get(replica_id) is c and c.connected:
-            self.fleet.set_healthy(replica_id, True)
-
-    async def wait_for_replicas(self, n: int, timeout: float = 10.0, model: str | None = None) -> None:
-        """Wait until at least ``n`` replicas (of ``model``) are routable."""
-
-        def ready() -> bool:
-            if model is None:
-                return sum(r.healthy for r in self.fleet.replicas.values()) >= n
-            return len(self.fleet.candidates(model)) >= n
-
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(ready)
-
-    def adapter_catalog(self) -> dict[str, tuple[str, str]]:
-        """Adapters known by any connected engine: name -> (base model, source uri)."""
-        out: dict[str, tuple[str, str]] = {}
-        for c in self.by_replica.values():
-            if c.info is None:
-                continue
-            for name in c.adapters:
-                src = c.sources.get(name, "")
-                if name not in out or (src and not out[name][1]):
-                    out[name] = (c.info.model, src)
-        return out

@@ -37,6 +37,7 @@ from ..core import SAMPLE_MAX_AGE_S
 from ..engine_client import Discovery
 from ..events import AdapterLoaded, EngineEvent
 from ..hashing import DEFAULT_BLOCK_SIZE
+from ..replica_pool import ReplicaPool
 from ..state import FleetState
 from ..wire import EngineInfo
 from .load import ScrapedLoad
@@ -97,7 +98,7 @@ def replica_id_of(url: str) -> str:
     return u.netloc or url
 
 
-class BackendPool:
+class BackendPool(ReplicaPool[Backend]):
     """Keeps a :class:`FleetState` in sync with OpenAI-compatible backends (see the module docstring)."""
 
     def __init__(
@@ -207,11 +208,6 @@ class BackendPool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await b.task
         self._eject(b, "dropped by discovery")
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.discovery.poll_interval_s)
-            await self.refresh()
 
     # ---- probes -----------------------------------------------------------------------------------------
     async def _get(self, b: Backend, path: str) -> aiohttp.ClientResponse:
@@ -438,22 +434,6 @@ class BackendPool:
             self._emit(b, AdapterLoaded(b.replica_id, name, "gpu"))
 
     # ---- the EnginePool interface the router uses ------------------------------------------------------
-    def conn_for(self, replica_id: str) -> Backend | None:
-        return self.by_replica.get(replica_id)
-
-    def quarantine(self, replica_id: str, seconds: float) -> None:
-        """Take a backend out of routing for a while (a request to it failed); probes do not shorten it."""
-        b = self.by_replica.get(replica_id)
-        if b is None:
-            return
-        b.quarantined_until = time.monotonic() + seconds
-        self.fleet.set_healthy(replica_id, False)
-        asyncio.get_running_loop().call_later(seconds, self._unquarantine, b, replica_id)
-
-    def _unquarantine(self, b: Backend, replica_id: str) -> None:
-        if self.by_replica.get(replica_id) is b and b.connected:
-            self.fleet.set_healthy(replica_id, True)
-
     def set_profiles(self, profiles: Mapping[str, Any]) -> None:
         self.profiles = dict(profiles)
         for b in self.by_replica.values():
@@ -462,29 +442,6 @@ class BackendPool:
             if r is not None and p is not None and p != r.profile:
                 r.profile = p
                 self.fleet.version += 1
-
-    async def wait_for_replicas(self, n: int, timeout: float = 10.0, model: str | None = None) -> None:
-        """Wait until at least ``n`` backends (of ``model``) are routable."""
-
-        def ready() -> bool:
-            if model is None:
-                return sum(r.healthy for r in self.fleet.replicas.values()) >= n
-            return len(self.fleet.candidates(model)) >= n
-
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(ready)
-
-    def adapter_catalog(self) -> dict[str, tuple[str, str]]:
-        """Adapters loaded on any admitted backend: name -> (base model, where it was loaded from)."""
-        out: dict[str, tuple[str, str]] = {}
-        for b in self.by_replica.values():
-            if b.info is None:
-                continue
-            for name in b.adapters:
-                src = b.sources.get(name, "")
-                if name not in out or (src and not out[name][1]):
-                    out[name] = (b.info.model, src)
-        return out
 
     def status(self) -> list[dict[str, Any]]:
         """Every known backend: URL, replica id, admitted or not, consecutive failures, last error."""
