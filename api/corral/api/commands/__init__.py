@@ -59,8 +59,12 @@ for _cmd in (
     Command("demo", "corral.serve.demo_cli", "Start a local demo fleet and send requests.", "serve"),
     Command("explain", "corral.router.explain_cli", "Explain a routing decision and its cost terms."),
     Command("replay", "corral.router.replay_cli", "Replay a decision log through a model-selection policy."),
-    Command("router", "corral.router.backends.cli", "Run a router in front of OpenAI servers (vLLM, SGLang).",
-            "router"),  # fmt: skip
+    Command(
+        "router",
+        "corral.router.backends.cli",
+        "Run a router in front of OpenAI servers (vLLM, SGLang).",
+        "router",
+    ),
     Command("keys", "corral.router.keys_cli", "Make and check tenant API key files (stored as digests)."),
 ):
     register(_cmd)
