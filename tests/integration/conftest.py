@@ -399,3 +399,22 @@ def k8s_namespace(k8s_cluster: K8sCluster, request: pytest.FixtureRequest) -> It
 # KubeRay's operator, once per session: registered here only. (A session fixture aliased in two test modules
 # is two fixtures to pytest: two KubeRay operators reconciled the same RayClusters and made duplicate pods.)
 from kuberay_testkit import kuberay  # noqa: E402,F401
+
+
+@pytest.fixture
+def spans() -> Any:
+    """The spans this test exports, collected in memory (OpenTelemetry SDK provider installed once)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    yield exporter
+    processor.shutdown()

@@ -257,24 +257,6 @@ async def test_isolated_tenants_never_share_prefix_affinity(stack: Stack) -> Non
 
 
 # ---- nothing secret in logs, traces or metrics ----------------------------------------------------------
-@pytest.fixture
-def spans() -> Any:
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
-
-
 async def test_no_key_prompt_or_adapter_secret_in_logs_spans_or_metrics(
     stack: Stack, spans: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

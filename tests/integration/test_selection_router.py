@@ -167,24 +167,6 @@ async def test_grpc_feedback_and_restart_persistence(engines: list[str], tmp_pat
         await again.stop(0)
 
 
-@pytest.fixture
-def spans() -> Any:
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
-
-
 async def test_span_attributes_and_explain_cli(
     engines: list[str], tmp_path: Path, spans: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
