@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 from ..engine_client import Discovery
 from ..server.__main__ import _config, _param, _settings, install_uvloop
 from ..server.__main__ import build_parser as server_parser
+from ..signals import stop_on_signals
 from .discovery import EndpointSliceDiscovery, StaticBackends
 
 
@@ -157,11 +156,7 @@ def run(ns: argparse.Namespace) -> int:
         paging[0].start()
         print(f"corral router: http {server.http_url}  grpc {server.grpc_address}  policy {cfg.policy}  "
               f"backends: {', '.join(first) or '(none yet)'}", flush=True)  # fmt: skip
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await stop.wait()
         await paging[0].stop()
         await server.stop()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from dataclasses import replace
 from typing import Any
@@ -16,6 +14,7 @@ from corral.api.validation import validate_paths
 
 from ..core import RouterCore
 from ..settings import RouterSettings, router_settings
+from ..signals import stop_on_signals
 from ..tls import ClientTls, ServerTls
 from ..tokenizer import load_tokenizer
 from .app import RouterServer, load_api_keys
@@ -239,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             f"corral router: grpc {server.grpc_address}  http {server.http_url}  policy {cfg.policy}",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await stop.wait()
         await server.stop()
         return 0

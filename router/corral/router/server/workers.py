@@ -22,6 +22,8 @@ import socket
 import sys
 import time
 
+from ..signals import stop_on_signals
+
 _READY = re.compile(r"corral router: grpc (\S+)\s+http (\S+)")
 RESTART_MIN_INTERVAL_S = 1.0
 
@@ -114,11 +116,7 @@ async def run_workers(argv: list[str], n: int, host: str, grpc_port: int, http_p
         pids = ",".join(str(p.pid) for p in procs)
         print(f"corral router: grpc {grpc_addr}  http {http_url}  policy {policy}  workers {n} (pids {pids})",
               flush=True)  # fmt: skip
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         last_restart = 0.0
         while not stop.is_set():
             waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
+
+from corral.router.signals import stop_on_signals
 
 from .server import EngineEndpoint
 from .sim import SimEndpointEngine
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corral engine: {e}", file=sys.stderr)
             return 2
         print(f"corral engine: {ns.replica_id} grpc {ep.address}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await stop.wait()
         await ep.stop(None)
         await eng.close()
