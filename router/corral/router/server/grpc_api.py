@@ -198,7 +198,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
             tenant = self._tenant(context)
             got = self.router.selection.feedback(request.request_id, request.score, tenant)
         except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            await context.abort(e.grpc_code, clip(e.message))
         return rpb.FeedbackResponse(**got)
 
 

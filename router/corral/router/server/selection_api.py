@@ -24,6 +24,7 @@ from ..selection import FeedbackError, RequestInfo, Selection, Selector, compile
 from ..selection.bandit import BanditStore, FeedbackLedger
 from ..selection.log import DecisionLog
 from .errors import BadRequest, NotFound, RouterError
+from .limits import MAX_NAME_CHARS
 
 if TYPE_CHECKING:
     from .core import ExplainRecord, Prepared, Router
@@ -215,6 +216,8 @@ class RouterSelection:
 
     # ---- feedback ---------------------------------------------------------------------------------------
     def feedback(self, request_id: str, score: object, tenant: Any) -> dict[str, Any]:
+        if len(request_id) > MAX_NAME_CHARS:  # as Generate's ids (both fronts; error details fit trailers)
+            raise BadRequest(f"invalid field 'request_id': longer than {MAX_NAME_CHARS} characters")
         sel_ = self.selector
         try:
             if sel_ is None:

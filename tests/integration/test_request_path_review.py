@@ -1,0 +1,59 @@
+"""Request-path review fixes, each through a real router on 127.0.0.1 over sim engines: HTTP and gRPC
+give the same answers to the same bad input on every endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import grpc
+import pytest
+from corral.api.selection import ModelSelection
+from corral.router.server import RouterConfig, RouterServer
+from corral.router.server.limits import MAX_ERROR_CHARS, MAX_NAME_CHARS
+from corral.serve.endpoint import EngineEndpoint
+from corral.v1 import router_pb2 as rpb
+from corral.v1 import router_pb2_grpc as rpb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+sim = pytest.importorskip("corral.serve.endpoint.sim")
+
+MODEL = "llama-8b"
+SELECTION = ModelSelection.model_validate({
+    "signals": [{"name": "learn", "header": {"name": "x-corral-task", "values": ["learn"]}}],
+    "rules": [{"name": "learn", "when": {"signal": "learn"}, "bandit": {"candidates": [MODEL, "sql"]}}],
+    "default": MODEL,
+})  # fmt: skip
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[RouterServer]:
+    eng = sim.SimEndpointEngine.create("H100", "h100-0", MODEL, time_scale=20.0, max_model_len=8192)
+    ep = await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05)
+    cfg = RouterConfig(adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=SELECTION, stale_after_s=0.5)
+    r = RouterServer([ep.address], cfg)
+    try:
+        await r.start("127.0.0.1", 0, 0)
+        await r.wait_for_replicas(1, timeout=10)
+        yield r
+    finally:
+        await r.stop(0)
+        await ep.stop(None)
+
+
+async def test_feedback_overlong_request_id_is_a_400_on_both_fronts(router: RouterServer) -> None:
+    long_id = "cmpl-" + "x" * 200_000  # far over what gRPC trailers hold
+    stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(router.grpc_address))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Feedback(rpb.FeedbackRequest(request_id=long_id, score=0.5))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    details = e.value.details() or ""
+    assert "'request_id'" in details and str(MAX_NAME_CHARS) in details and len(details) <= MAX_ERROR_CHARS
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(router.http_url + "/v1/feedback", json={"request_id": long_id, "score": 0.5}) as resp,
+    ):
+        body = await resp.json()
+    assert resp.status == 400, body
+    assert "'request_id'" in body["error"]["message"] and len(body["error"]["message"]) <= MAX_ERROR_CHARS
