@@ -54,6 +54,7 @@ class Selection:
     shadow_selection: Selection | None = None  # ... and its whole selection (for its own feedback)
     info: RequestInfo | None = None  # what the signals read (for the decision log)
     tenant: str | None = None
+    context: list[float] | None = None  # bandit rules: the context it chose with (what feedback updates)
     elapsed_us: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class Selector:
                                            cost_weight=b.cost_weight, costs=costs)  # fmt: skip
                 best = max(scores, key=lambda s: s.score)
                 sel = Selection(best.arm, r.name, sampling=r.sampling, bandit=scores, algorithm=b.algorithm,
-                                forecast=self.store.demand(r.name, b.candidates, x))  # fmt: skip
+                                forecast=self.store.demand(r.name, b.candidates, x), context=x)  # fmt: skip
                 sel.signals["__context__"] = ",".join(f"{v:.3g}" for v in x)
             break
         if sel is None:
@@ -172,10 +173,10 @@ class Selector:
 
     def remember(self, request_id: str, tenant: str | None, sel: Selection, info: RequestInfo) -> None:
         """Keep what feedback on ``request_id`` needs (the bandit context when a bandit chose)."""
-        x: list[float] | None = None
-        if sel.bandit is not None and sel.rule is not None:
-            rule = next(r for r in self.rules if r.name == sel.rule)
-            x = self.context(rule, SignalCache(self.signals, info))
+        x = sel.context  # as chosen: the policy (and this rule) may have changed since
+        if x is None and sel.bandit is not None and sel.rule is not None:
+            rule = next((r for r in self.rules if r.name == sel.rule), None)
+            x = self.context(rule, SignalCache(self.signals, info)) if rule is not None else None
         p = Pending(tenant, sel.model, sel.rule, x)
         self.ledger.record(request_id, p)
         if self.store.shared is not None:
