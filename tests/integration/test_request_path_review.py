@@ -57,3 +57,21 @@ async def test_feedback_overlong_request_id_is_a_400_on_both_fronts(router: Rout
         body = await resp.json()
     assert resp.status == 400, body
     assert "'request_id'" in body["error"]["message"] and len(body["error"]["message"]) <= MAX_ERROR_CHARS
+
+
+async def test_a_decision_log_that_cannot_be_written_does_not_fail_requests(router: RouterServer) -> None:
+    # The decision log (and the shared feedback ledger) are bookkeeping: a full disk must not turn every
+    # selected request into a 500 (it did: the write's OSError escaped Router.stream before its try).
+    from corral.router.selection.log import DecisionLog
+
+    sel = router.router.selection
+    sel.log = DecisionLog("/dev/full")  # every write fails with ENOSPC, as on a full volume
+    body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(router.http_url + "/v1/completions", json=body) as resp:
+            out = await resp.json()
+        assert resp.status == 200, out
+        assert out["model"] == MODEL
+        async with s.post(router.http_url + "/v1/feedback", json={"request_id": out["id"], "score": 1}) as r:
+            fb = await r.json()
+        assert r.status == 200, fb  # remembered for feedback all the same

@@ -14,6 +14,7 @@ Lines::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -58,7 +59,7 @@ class DecisionLog:
         self._write({"type": "feedback", "request_id": request_id, "t": time.time(), "score": score})
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):  # a full volume: the last line is lost, not the stop
             self._f.close()
 
 

@@ -65,6 +65,7 @@ class RouterSelection:
         self._selector: Selector | None = None
         self._shadow_spec: object = None
         self._shadow: Selector | None = None
+        self._io_error: str | None = None  # the last bookkeeping write error (logged once per cause)
         self.on_forecast: Callable[[str, float], None] | None = None
         """Told (arm, expected share) for each candidate a bandit did not choose this time: the adapter
         pager's demand forecast (the chosen one is counted when it is dispatched)."""
@@ -207,12 +208,22 @@ class RouterSelection:
         if sel is None or sel.info is None or sel_ is None:
             return
         rid = p.rr.request_id
-        sel_.remember(rid, sel.tenant, sel, sel.info)
+        self._keep(sel_.remember, rid, sel.tenant, sel, sel.info)
         shadow, s = self.shadow, sel.shadow_selection
         if shadow is not None and s is not None and s.model == sel.model:  # its reward will be known
-            shadow.remember(rid, sel.tenant, s, sel.info)
+            self._keep(shadow.remember, rid, sel.tenant, s, sel.info)
         if self.log is not None:
-            self.log.decision(rid, sel.tenant, sel.info, sel)
+            self._keep(self.log.decision, rid, sel.tenant, sel.info, sel)
+
+    def _keep(self, write: Callable[..., None], *args: Any) -> None:
+        """Bookkeeping that may touch disk (the shared ledger, the decision log): a failed write (a full or
+        gone volume) is logged once per cause and never fails the request."""
+        try:
+            write(*args)
+        except OSError as e:
+            if str(e) != self._io_error:
+                log.warning("model selection: %s not written (%s); requests go on", write.__qualname__, e)
+            self._io_error = str(e)
 
     # ---- feedback ---------------------------------------------------------------------------------------
     def feedback(self, request_id: str, score: object, tenant: Any) -> dict[str, Any]:
@@ -229,7 +240,7 @@ class RouterSelection:
             if shadow is not None and request_id in shadow.ledger.items:  # it chose the same: it learns
                 shadow.feedback(request_id, _tenant_name(tenant), score)
             if self.log is not None:
-                self.log.feedback(request_id, float(score))  # type: ignore[arg-type]
+                self._keep(self.log.feedback, request_id, float(score))  # type: ignore[arg-type]
             return got
         except FeedbackError as e:
             if e.status == 404:
