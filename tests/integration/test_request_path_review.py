@@ -3,7 +3,10 @@ give the same answers to the same bad input on every endpoint."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -75,3 +78,52 @@ async def test_a_decision_log_that_cannot_be_written_does_not_fail_requests(rout
         async with s.post(router.http_url + "/v1/feedback", json={"request_id": out["id"], "score": 1}) as r:
             fb = await r.json()
         assert r.status == 200, fb  # remembered for feedback all the same
+
+
+async def test_selection_counts_a_long_prompts_tokens_off_the_event_loop(tmp_path: Path) -> None:
+    # A promptTokens signal (and every bandit rule's context) needs the prompt tokenized. The request path
+    # tokenizes prompts over INLINE_TOKENIZE_CHARS in a worker thread; model selection did it on the event
+    # loop (stalling every other request for as long as a long prompt takes), and the decision log counted
+    # the tokens again there at dispatch.
+    from corral.router.selection.log import DecisionLog
+    from corral.router.server.core import INLINE_TOKENIZE_CHARS
+    from corral.router.tokenizer import ByteTokenizer
+
+    on_loop: list[int] = []
+
+    class Recording(ByteTokenizer):
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(len(text))
+            return super().encode(text, add_special_tokens)
+
+    selection = ModelSelection.model_validate({
+        "signals": [{"name": "long", "promptTokens": {"min": 1000}}],
+        "rules": [{"name": "long", "when": {"signal": "long"}, "target": "sql"}],
+        "default": MODEL,
+    })  # fmt: skip
+    eng = sim.SimEndpointEngine.create("H100", "h100-0", MODEL, time_scale=20.0, max_model_len=8192)
+    ep = await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05)
+    cfg = RouterConfig(adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=selection, stale_after_s=0.5,
+                       tokenizers={MODEL: Recording(4)})  # fmt: skip
+    r = RouterServer([ep.address], cfg)
+    try:
+        await r.start("127.0.0.1", 0, 0)
+        await r.wait_for_replicas(1, timeout=10)
+        r.router.selection.log = DecisionLog(tmp_path / "log.jsonl")
+        prompt = "word " * (INLINE_TOKENIZE_CHARS // 5 + 1000)  # ~5k tokens: fits the model
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                r.http_url + "/v1/completions", json={"model": "auto", "prompt": prompt, "max_tokens": 2}
+            ) as resp,
+        ):
+            out = await resp.json()
+        assert resp.status == 200, out
+        assert out["model"] == "sql"  # the signal saw the count
+        assert [n for n in on_loop if n > INLINE_TOKENIZE_CHARS] == []
+        (line,) = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert line["prompt_tokens"] == len(prompt) // 4
+    finally:
+        await r.stop(0)
+        await ep.stop(None)

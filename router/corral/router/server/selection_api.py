@@ -12,6 +12,7 @@ model is resolved and :meth:`RouterSelection.bind` once the request has its id; 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -103,13 +104,47 @@ class RouterSelection:
         self, prepare: Any, router: Router, model: str, headers: Mapping[str, str] | None, **kw: Any
     ) -> Prepared:
         """``prepare`` (:func:`~corral.router.server.core.prepare_request`) of the chosen model, with the
-        rule's sampling overrides, the selection attached and remembered for feedback."""
+        rule's sampling overrides, the selection attached and remembered for feedback. A long prompt's
+        tokens (what promptTokens signals, bandit contexts and the decision log read) are counted in a
+        worker thread, as the request path tokenizes long prompts, not on the event loop."""
+        from .core import INLINE_TOKENIZE_CHARS
+
+        count = None
+        text = request_text(kw.get("prompt"), kw.get("messages"))
+        if len(text) > INLINE_TOKENIZE_CHARS and self._needs_tokens():
+            count = await self._count_off_loop(model, text)
         target, sampling, max_tokens, sel, info = self.choose(
             model, prompt=kw.get("prompt"), messages=kw.get("messages"), tenant=kw.get("tenant"),
-            headers=headers, sampling=kw.get("sampling"), max_tokens=kw.get("max_tokens"),
+            headers=headers, sampling=kw.get("sampling"), max_tokens=kw.get("max_tokens"), count_tokens=count,
         )  # fmt: skip
         p = await prepare(router, target, **{**kw, "sampling": sampling, "max_tokens": max_tokens})
         return self.bind(p, sel, info, kw.get("tenant"))
+
+    def _needs_tokens(self) -> bool:
+        """Whether a selection may read the prompt's token count (a promptTokens signal, a bandit rule's
+        context, the decision log)."""
+        if self.log is not None:
+            return True
+        for s in (self.selector, self.shadow):
+            if s is not None and (
+                any(x.prompt_tokens is not None for x in s.spec.signals) or any(r.bandit for r in s.rules)
+            ):
+                return True
+        return False
+
+    async def _count_off_loop(self, model: str, text: str) -> Callable[[], int]:
+        """``count_tokens`` for :meth:`choose` with the count of a long ``text`` made in a worker thread
+        (refused first when over the router's cap on prompt size)."""
+        from .core import model_tokenizer_async
+
+        cap = self.router.config.max_prompt_chars
+        if len(text) > cap:
+            raise BadRequest(f"the prompt is {len(text)} characters, over this router's cap of {cap}")
+        sel_ = self.selector
+        default = (sel_.default if sel_ is not None else None) or model
+        tok = await model_tokenizer_async(self.router, self._base(default))
+        n = len(await asyncio.to_thread(tok.encode, text))
+        return lambda: n
 
     def _base(self, model: str) -> str:
         a = self.router.config.adapters.get(model) or self.router.pool.adapter_catalog().get(model)
