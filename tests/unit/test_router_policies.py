@@ -17,6 +17,7 @@ ALL = [
     "chbl",
     "corral",
     "dualmap",
+    "dualmap_paper",
     "least_loaded",
     "lora_affinity",
     "pow2",

@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from .events import EngineEvent
+from .holding import Held, HeldQueues, HoldingPolicy
 from .policies import BUILTIN_POLICIES
 from .policies._common import PolicyParams, waiting_load
 from .policy import NoReplicaError, Policy, PolicyRegistry
@@ -66,6 +67,8 @@ class RouterCore:
         self.on_dispatch = on_dispatch
         self.fleet = fleet or FleetState(index_mode=self.settings.index_mode, clock=self.clock)
         self.policy: Policy = policies.make(self.settings.strategy, **dict(self.settings.policy_params))
+        self.held = HeldQueues()  # router-side queues of a holding policy (corral.router.holding)
+        self._bind_queues()
         self.rejected = 0  # requests refused because every replica was at its queue bound
 
     @property
@@ -84,6 +87,7 @@ class RouterCore:
         rebuild = (settings.strategy, dict(settings.policy_params)) != (old.strategy, dict(old.policy_params))
         if rebuild:
             self.policy = self.policies.make(settings.strategy, **dict(settings.policy_params))
+            self._bind_queues()
         self.fleet.index_mode = settings.index_mode
         self.settings = settings
         return rebuild
@@ -129,6 +133,32 @@ class RouterCore:
         view: Any = FleetView(fleet, hidden) if hidden else fleet
         return self.policy.choose(rr, view, now, explain)
 
+    # ---- router-held queues (holding policies: corral.router.holding) -------------------------------
+    def _bind_queues(self) -> None:
+        if isinstance(self.policy, HoldingPolicy):
+            self.policy.queues = self.held  # type: ignore[attr-defined]
+
+    @property
+    def holds(self) -> bool:
+        """Whether routed requests wait in the router's queues (:meth:`hold`, then :meth:`release`)."""
+        return isinstance(self.policy, HoldingPolicy)
+
+    def hold(self, rr: RoutingRequest, decision: Decision) -> Held:
+        """Queue a routed request at the router instead of dispatching it (holding policies only)."""
+        if not isinstance(self.policy, HoldingPolicy):
+            raise TypeError(f"policy '{self.policy_name}' dispatches at once; it holds no queues")
+        return self.policy.enqueue(rr, decision, self.fleet, self.held, self.clock())
+
+    def release(self) -> list[Held]:
+        """Held requests to dispatch now (the caller sends each to ``held.decision.replica_id`` and calls
+        :meth:`dispatch`); call it whenever capacity may have freed. After a swap to a non-holding policy
+        every held request is released as placed."""
+        if not self.held.queues:
+            return []
+        if not isinstance(self.policy, HoldingPolicy):
+            return list(self.held.drain_all())
+        return self.policy.release(self.fleet, self.held, self.clock())
+
     # ---- accounting ---------------------------------------------------------------------------------
     def dispatch(self, replica_id: str, rr: RoutingRequest, decision: Decision | None = None) -> None:
         self.fleet.on_dispatch(replica_id, rr, decision.cached_blocks if decision is not None else None)
@@ -137,6 +167,7 @@ class RouterCore:
 
     def first_token(self, replica_id: str, request_id: str) -> None:
         self.fleet.on_first_token(replica_id, request_id)
+        self.held.last_prefill_done[replica_id] = self.clock()
 
     def finish(self, replica_id: str, request_id: str) -> None:
         self.fleet.on_finish(replica_id, request_id)

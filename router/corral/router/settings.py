@@ -25,12 +25,13 @@ from corral.api.selection import ModelSelection
 
 IndexMode = Literal["precise", "approximate"]
 
-SLO_STRATEGIES = frozenset({"corral", "dualmap"})
+SLO_STRATEGIES = frozenset({"corral", "dualmap", "dualmap_paper"})
 """Strategies whose decisions use the TTFT SLO (``ttftSloMs`` -> ``ttft_slo_s``)."""
 
 POLICY_KNOBS: dict[str, tuple[str, ...]] = {
     "corral": ("ttft_slo_s", "hotspot_c", "narrow_above"),
     "dualmap": ("ttft_slo_s",),
+    "dualmap_paper": ("ttft_slo_s",),
 }
 """Which policy params each strategy takes from the RoutingPolicy's generic fields. The other strategies
 (the baselines) take none: the SLO, hotspot and two-choice knobs do not exist in those algorithms, and the

@@ -13,6 +13,7 @@ from .approx_prefix import ApproxPrefix
 from .chbl import ConsistentHashBoundedLoads
 from .corral import Corral
 from .dualmap import DualMap
+from .dualmap_paper import DualMapPaper
 from .least_loaded import LeastLoaded
 from .lora_affinity import LoraAffinity
 from .pow2 import PowerOfTwo
@@ -31,6 +32,7 @@ BUILTIN_POLICIES = PolicyRegistry(
         ApproxPrefix,
         PrecisePrefix,
         DualMap,
+        DualMapPaper,
         LoraAffinity,
     ]
 )

@@ -19,6 +19,8 @@ Implemented from the paper ([R] = the paper via write-ups, [C] = the authors' co
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from ..state import FleetState, ReplicaState
@@ -51,7 +53,7 @@ class DualMapParams(PolicyParams):
 
 class DualMap(BasePolicy):
     name = "dualmap"
-    Params = DualMapParams
+    Params: ClassVar[type[DualMapParams]] = DualMapParams
     category = "BALANCE"
     params: DualMapParams
 
@@ -62,6 +64,7 @@ class DualMap(BasePolicy):
             p.window, p.min_samples, p.expand_factor, p.merge_factor, p.expand_share, p.merge_share
         )
         self._rings = RingCache(lambda ids: DualRing(ids, p.vnodes))
+        self.last_pair: tuple[str, str] | None = None  # the candidate pair of the last ``choose``
 
     def _ttft(self, r: ReplicaState, uncached: int, now: float) -> tuple[float, int]:
         pending = token_load(r, now, self.params.sample_max_age_s)
@@ -77,6 +80,7 @@ class DualMap(BasePolicy):
         k = self.keyer.key(hs, unit_blocks(p.key_block_tokens, cands[0].block_size), len(cands))
         depth, key = k if k is not None else (0, fallback_key(req))
         id1, id2 = rings.pair(key, fleet.excluded)
+        self.last_pair = (id1, id2)
         a, b = by_id[id1], by_id[id2]
         ha, hb = a.index.match(hs), b.index.match(hs)
         ua = max(0, req.prompt_tokens - ha * a.block_size)

@@ -37,7 +37,7 @@ from corral.router.core import RouterCore, Saturated
 from corral.router.events import EngineEvent
 from corral.router.policies import BUILTIN_POLICIES
 from corral.router.policy import PolicyRegistry
-from corral.router.settings import RouterSettings, router_settings
+from corral.router.settings import RouterSettings, default_params, router_settings
 from corral.router.types import RoutingRequest
 
 from .engine import SimEngine, Step
@@ -100,7 +100,7 @@ def fleet_settings(policy: str, slo_s: float, policy_params: dict[str, Any] | No
     )
     s = router_settings(spec)
     if name not in STRATEGIES:  # a policy outside the CRD's enum (lora_affinity, test policies)
-        s = replace(s, strategy=name, policy_params={})
+        s = replace(s, strategy=name, policy_params=default_params(name, slo_s))
     if policy_params:
         s = replace(s, policy_params={**s.policy_params, **policy_params})
     return s
@@ -155,6 +155,7 @@ class RunResult:
     goodput_rps: float
     slo_attainment: float
     rejected: int = 0
+    migrated: int = 0  # requests moved between router-held queues (holding policies, e.g. dualmap_paper)
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.ttft, q)) if len(self.ttft) else math.nan
@@ -271,6 +272,38 @@ def run_fleet(
             steps[rid] = planned
             push(planned.end, _STEP, (rid, planned))
 
+    def send(rid: str, rr: RoutingRequest, d: Any, r: Any, t: float) -> bool:
+        """Dispatch to replica ``rid`` at ``t`` (False: larger than its whole KV cache, rejected)."""
+        router.dispatch(rid, rr, d)
+        eng = engines[rid]
+        try:
+            submit(eng, r, t)
+        except ValueError:
+            router.finish(rid, r.request_id)
+            return False
+        if rr.arrival < t:  # held at the router: that wait is part of its TTFT
+            eng.seqs[r.request_id].arrival = rr.arrival
+        st = steps.get(rid)
+        if st is None:
+            start(rid, t)
+        elif st.n_steps > 1:
+            old = st.end
+            if eng.truncate_step(st, t) != old:
+                push(st.end, _STEP, (rid, st))
+        flush(t)
+        return True
+
+    held: dict[str, Any] = {}  # request id -> workload request, while held at the router
+
+    def release(t: float) -> None:
+        nonlocal rejected, bad
+        for h in router.release():
+            r = held.pop(h.rr.request_id)
+            if not send(h.decision.replica_id, h.rr, h.decision, r, t):
+                rejected += 1
+                if unstarted.pop(r.request_id, None) is not None:
+                    bad += 1
+
     while True:
         t_arr = arrivals[i] if i < n else math.inf
         if heap and heap[0][0] <= t_arr:
@@ -294,9 +327,13 @@ def run_fleet(
                 flush(now)
                 if eng.has_work():
                     start(rid, now)
+                if held:
+                    release(now)
             else:
                 for ev in obj:
                     apply(ev)
+                if held:
+                    release(now)
         elif i < n:
             now = clock.now = t_arr
             r = reqs[i]
@@ -323,27 +360,19 @@ def run_fleet(
                     bad += 1
                 continue
             decide_s += time.perf_counter() - t0
-            rid = d.replica_id
-            router.dispatch(rid, rr, d)
-            eng = engines[rid]
-            try:
-                submit(eng, r, now)
-            except ValueError:  # larger than that replica's whole KV cache: rejected (counts as a miss)
-                router.finish(rid, r.request_id)
-                rejected += 1
+            if router.holds:  # router-side queues (e.g. dualmap_paper): released when a replica can take it
+                router.hold(rr, d)
+                held[r.request_id] = r
+                if i > n_warm:
+                    unstarted[r.request_id] = now
+                release(now)
+            elif not send(d.replica_id, rr, d, r, now):
+                rejected += 1  # larger than that replica's whole KV cache: rejected (counts as a miss)
                 if i > n_warm:
                     bad += 1
                 continue
-            if i > n_warm:
+            elif i > n_warm:
                 unstarted[r.request_id] = now
-            st = steps.get(rid)
-            if st is None:
-                start(rid, now)
-            elif st.n_steps > 1:
-                old = st.end
-                if eng.truncate_step(st, now) != old:
-                    push(st.end, _STEP, (rid, st))
-            flush(now)
         else:
             break
         if stop_fraction is not None and now >= next_check:
@@ -393,6 +422,7 @@ def run_fleet(
         goodput_rps=len(meas) / max(1e-9, span),
         slo_attainment=attain,
         rejected=rejected,
+        migrated=router.held.migrated,
     )
 
 
