@@ -127,3 +127,27 @@ async def test_selection_counts_a_long_prompts_tokens_off_the_event_loop(tmp_pat
     finally:
         await r.stop(0)
         await ep.stop(None)
+
+
+async def test_a_selected_request_refused_by_admission_is_not_logged_as_sent(
+    router: RouterServer, tmp_path: Path
+) -> None:
+    # The decision log (what corral replay scores) and the feedback ledger are for requests sent to an
+    # engine: one refused by admission control (429) was in both.
+    from corral.api.admission import AdmissionSpec
+    from corral.router.selection.log import DecisionLog
+
+    r = router.router
+    r.admission.configure(AdmissionSpec.model_validate({"defaultTenant": {"requestsPerSecond": 0.01}}))
+    r.selection.log = DecisionLog(tmp_path / "log.jsonl")
+    body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(router.http_url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        async with s.post(router.http_url + "/v1/completions", json=body) as resp:
+            assert resp.status == 429, await resp.text()
+    refused = [x for x in r.explains.values() if x.decision is None]
+    assert len(refused) == 1  # Explain keeps it (with no decision) ...
+    assert refused[0].request_id not in r.selection.ledger.items  # ... feedback does not
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["request_id"] != refused[0].request_id

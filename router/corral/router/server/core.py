@@ -396,8 +396,6 @@ class Router:
         explain = self.config.explain_all or span.is_recording()
         rec = ExplainRecord(rr.request_id, self.policy_name, None, rr.prompt_tokens, len(rr.block_hashes))
         rec.selection = p.selection
-        if p.selection is not None:
-            self.selection.dispatched(p)  # feedback and the decision log are for requests sent, not dry runs
         self._record(rec)
         excluded: set[str] = set()
         req_pb: epb.GenerateRequest | None = None
@@ -407,6 +405,8 @@ class Router:
         ticket = None
         try:
             ticket = await self._admit(rr)
+            if p.selection is not None:  # feedback and the decision log: requests let in (no dry runs, 429s)
+                self.selection.dispatched(p)
             for _attempt in range(self.config.max_attempts):
                 td = time.perf_counter()
                 try:
