@@ -151,3 +151,54 @@ async def test_a_selected_request_refused_by_admission_is_not_logged_as_sent(
     assert refused[0].request_id not in r.selection.ledger.items  # ... feedback does not
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["request_id"] != refused[0].request_id
+
+
+async def test_feedback_reads_peers_ledgers_off_the_event_loop(tmp_path: Path) -> None:
+    # With a shared state folder, feedback for an id this router does not know reads every peer's ledger
+    # file (up to two capacities of lines each), and every feedback reads their done files: in a worker
+    # thread, not on the event loop (any client could stall the router with unknown ids).
+    from corral.router.selection.shared import SharedLedger
+
+    eng = sim.SimEndpointEngine.create("H100", "h100-0", MODEL, time_scale=20.0, max_model_len=8192)
+    ep = await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05)
+    routers = []
+    for rid in ("ra", "rb"):
+        cfg = RouterConfig(adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=SELECTION, router_id=rid,
+                           selection_state_dir=str(tmp_path), stale_after_s=0.5)  # fmt: skip
+        routers.append(RouterServer([ep.address], cfg))
+    on_loop: list[str] = []
+    real_find = SharedLedger._find
+
+    def spy(paths: list[Path], needle: str) -> str | None:
+        if threading.current_thread() is threading.main_thread():
+            on_loop.append(needle)
+        return real_find(paths, needle)
+
+    a, b = routers
+    try:
+        for r in routers:
+            await r.start("127.0.0.1", 0, 0)
+            await r.wait_for_replicas(1, timeout=10)
+        body = {"model": "auto", "prompt": "q", "max_tokens": 2}
+        async with aiohttp.ClientSession() as s:
+            hdrs = {"x-corral-task": "learn"}
+            async with s.post(a.http_url + "/v1/completions", json=body, headers=hdrs) as rsp:
+                out = await rsp.json()
+            assert rsp.status == 200, out
+            SharedLedger._find = staticmethod(spy)  # type: ignore[method-assign]
+            async with s.post(b.http_url + "/v1/feedback", json={"request_id": out["id"], "score": 1}) as rsp:
+                fb = await rsp.json()
+            assert (rsp.status, fb["learned"]) == (200, True), fb  # found in a's ledger
+            nope = {"request_id": "cmpl-nope", "score": 1}
+            async with s.post(b.http_url + "/v1/feedback", json=nope) as rsp:
+                assert rsp.status == 404
+        stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(a.grpc_address))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Feedback(rpb.FeedbackRequest(request_id=out["id"], score=0.5))
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS  # b took it: a reads b's done file
+        assert on_loop == []
+    finally:
+        SharedLedger._find = staticmethod(real_find)  # type: ignore[method-assign]
+        for r in routers:
+            await r.stop(0)
+        await ep.stop(None)

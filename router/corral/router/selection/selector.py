@@ -182,10 +182,13 @@ class Selector:
         if self.store.shared is not None:
             self.store.shared.publish(request_id, p)
 
-    def feedback(self, request_id: str, tenant: str | None, score: object) -> dict[str, Any]:
+    def feedback(
+        self, request_id: str, tenant: str | None, score: object, shared: Any = None
+    ) -> dict[str, Any]:
         """Reward the bandit that chose ``request_id``; :class:`FeedbackError` 404 (unknown, or another
-        tenant's id), 400 (bad score) or 409 (given twice)."""
-        p = self.ledger.take(request_id, tenant, score, self.store.shared)
+        tenant's id), 400 (bad score) or 409 (given twice). ``shared``: in place of the store's shared
+        ledger (its peers' files already read, off the event loop)."""
+        p = self.ledger.take(request_id, tenant, score, shared if shared is not None else self.store.shared)
         learned = p.x is not None and p.rule is not None
         if learned:
             assert p.x is not None and p.rule is not None

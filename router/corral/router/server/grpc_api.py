@@ -196,7 +196,7 @@ class RouterServicer(rpb_grpc.RouterServicer):
         """Reward the model selection's choice for a request (issue 15)."""
         try:
             tenant = self._tenant(context)
-            got = self.router.selection.feedback(request.request_id, request.score, tenant)
+            got = await self.router.selection.feedback_async(request.request_id, request.score, tenant)
         except RouterError as e:
             await context.abort(e.grpc_code, clip(e.message))
         return rpb.FeedbackResponse(**got)

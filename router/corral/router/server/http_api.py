@@ -344,7 +344,7 @@ class HttpApi:
         """``POST /v1/feedback`` {request_id, score}: reward the model selection's choice (issue 15)."""
         tenant = self._tenant(request)
         rid, score = feedback_body(await self._body(request))
-        return _json(self.router.selection.feedback(rid, score, tenant))
+        return _json(await self.router.selection.feedback_async(rid, score, tenant))
 
     async def explain(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/explain/{request_id}``: a recent request's decision (replica, cost terms, selection)."""

@@ -261,7 +261,19 @@ class RouterSelection:
             self._io_error = str(e)
 
     # ---- feedback ---------------------------------------------------------------------------------------
-    def feedback(self, request_id: str, score: object, tenant: Any) -> dict[str, Any]:
+    async def feedback_async(self, request_id: str, score: object, tenant: Any) -> dict[str, Any]:
+        """:meth:`feedback` for the fronts: with a shared state folder, the peers' ledger files (up to two
+        capacities of lines each) are read in a worker thread, not on the event loop."""
+        shared = self.store.shared
+        if shared is None or self.selector is None or len(request_id) > MAX_NAME_CHARS:
+            return self.feedback(request_id, score, tenant)
+        unknown = request_id not in self.ledger.items
+        peer, done = await asyncio.to_thread(
+            lambda: (shared.find(request_id) if unknown else None, shared.done_elsewhere(request_id))
+        )
+        return self.feedback(request_id, score, tenant, _Peeked(shared, peer, done))
+
+    def feedback(self, request_id: str, score: object, tenant: Any, shared: Any = None) -> dict[str, Any]:
         if len(request_id) > MAX_NAME_CHARS:  # as Generate's ids (both fronts; error details fit trailers)
             raise BadRequest(f"invalid field 'request_id': longer than {MAX_NAME_CHARS} characters")
         sel_ = self.selector
@@ -270,7 +282,7 @@ class RouterSelection:
                 raise FeedbackError(
                     404, f"unknown request id '{request_id}': this router's policy has no model selection"
                 )
-            got = sel_.feedback(request_id, _tenant_name(tenant), score)
+            got = sel_.feedback(request_id, _tenant_name(tenant), score, shared)
             shadow = self.shadow
             if shadow is not None and request_id in shadow.ledger.items:  # it chose the same: it learns
                 shadow.feedback(request_id, _tenant_name(tenant), score)
@@ -283,6 +295,22 @@ class RouterSelection:
             if e.status == 409:
                 raise Conflict(e.message) from None
             raise BadRequest(e.message) from None
+
+
+class _Peeked:
+    """A shared ledger whose lookups for one request id were made already (see ``feedback_async``)."""
+
+    def __init__(self, shared: Any, peer: Any, done: bool) -> None:
+        self.shared, self.peer, self.done = shared, peer, done
+
+    def find(self, request_id: str) -> Any:
+        return self.peer
+
+    def done_elsewhere(self, request_id: str) -> bool:
+        return self.done
+
+    def mark_done(self, request_id: str) -> None:
+        self.shared.mark_done(request_id)
 
 
 def span_attributes(sel: Selection) -> dict[str, Any]:

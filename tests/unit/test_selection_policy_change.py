@@ -1,4 +1,4 @@
-"""Request-path review fixes that need no server: model selection across a live policy change."""
+"""Model selection across a live policy change (request-path review): no server needed."""
 
 from __future__ import annotations
 
