@@ -79,6 +79,9 @@ class FramedServer:
     async def _requests(self, reader: asyncio.StreamReader) -> AsyncIterator[epb.MuxRequest]:
         while (data := await read_frame(reader)) is not None:
             yield epb.MuxRequest.FromString(data)
+        # a router never half-closes (nor does a GenerateMux call's): its end of the connection is gone, so
+        # are the replies' reader, and its requests are aborted now, not after their next chunk
+        raise ConnectionResetError("the router closed the stream")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -93,8 +93,9 @@ async def serve_mux(chunks: ChunkSource, request_iterator: Any, context: Any) ->
             if out.chunks:
                 state["reply"] = epb.MuxReply()
                 await context.write(out)
-            if reader.done() and not tasks and not state["reply"].chunks:
-                reader.result()  # a broken request stream raises here
+            idle = not tasks and not state["reply"].chunks
+            if reader.done() and (idle or reader.exception() is not None):
+                reader.result()  # a broken request stream raises here: its streams are aborted (finally)
                 return
     finally:
         reader.cancel()
