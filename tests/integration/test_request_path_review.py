@@ -3,6 +3,7 @@ give the same answers to the same bad input on every endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -202,3 +203,38 @@ async def test_feedback_reads_peers_ledgers_off_the_event_loop(tmp_path: Path) -
         for r in routers:
             await r.stop(0)
         await ep.stop(None)
+
+
+async def test_a_replica_that_leaves_takes_its_metric_series_with_it() -> None:
+    # Replica ids are pod names: every rollout brings new ones. The router kept each departed replica's
+    # decision counters (and adapter-load counters) forever, so /metrics and the router's memory grew
+    # with every replica it had ever seen.
+    eps = []
+    for i in range(2):
+        eng = sim.SimEndpointEngine.create("H100", f"h100-{i}", MODEL, time_scale=20.0, max_model_len=8192)
+        eps.append(await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05))
+    r = RouterServer([e.address for e in eps], RouterConfig(stale_after_s=0.5))
+    try:
+        await r.start("127.0.0.1", 0, 0)
+        await r.wait_for_replicas(2, timeout=10)
+        async with aiohttp.ClientSession() as s:
+            for i in range(8):
+                body = {"model": MODEL, "prompt": f"prompt {i} " * 20, "max_tokens": 2}
+                async with s.post(r.http_url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+        m = r.router.metrics
+        seen = {k[1] for k in m.decisions}
+        assert seen, m.decisions
+        gone = sorted(seen)[0]
+        ep = next(e for e in eps if e.engine.info.replica_id == gone)
+        await ep.stop(None)
+        eps.remove(ep)
+        async with asyncio.timeout(10):  # the router sees it leave
+            while gone in r.router.fleet.replicas:
+                await asyncio.sleep(0.05)
+        assert all(k[1] != gone for k in m.decisions)
+        assert f'replica="{gone}"' not in m.render().decode()
+    finally:
+        await r.stop(0)
+        for e in eps:
+            await e.stop(None)

@@ -250,6 +250,8 @@ class Router:
 
     def _on_membership(self, replica_id: str, joined: bool) -> None:
         self.metrics.replica_changes.labels("join" if joined else "leave").inc()
+        if not joined:
+            self.metrics.forget_replica(replica_id)
 
     # ---- request preparation ------------------------------------------------------------------------------
     def authenticate(self, key: str | None) -> str | None:

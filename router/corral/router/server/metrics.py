@@ -8,14 +8,16 @@ Prometheus families at scrape time by a collector, together with the per-replica
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from ..events import AdapterTier
 from ..state import FleetState
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -147,6 +149,15 @@ class RouterMetrics:
     def decision(self, policy: str, replica_id: str, gpu_class: str) -> None:
         key = (policy, replica_id, gpu_class)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def forget_replica(self, replica_id: str) -> None:
+        """A replica left routing: drop its counters' series (replica ids are pod names, new at every
+        rollout: kept, they grew without bound). One that comes back starts them anew (a counter reset)."""
+        for key in [k for k in self.decisions if k[1] == replica_id]:
+            del self.decisions[key]
+        for tier in get_args(AdapterTier):
+            with contextlib.suppress(KeyError):
+                self.adapter_loads.remove(replica_id, tier)
 
     def request_done(self, api: str, code: str, latency_s: float) -> None:
         key = (api, code)
