@@ -238,3 +238,17 @@ async def test_a_replica_that_leaves_takes_its_metric_series_with_it() -> None:
         await r.stop(0)
         for e in eps:
             await e.stop(None)
+
+
+async def test_an_explain_dry_run_does_not_feed_the_adapter_pagers_forecast(router: RouterServer) -> None:
+    # The bandit's demand forecast tells the adapter pager what to prefetch: for requests sent, not for
+    # Explain dry runs (which are neither logged nor open to feedback either).
+    forecast: list[tuple[str, float]] = []
+    router.router.selection.on_forecast = lambda arm, share: forecast.append((arm, share))
+    stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(router.grpc_address))
+    req = rpb.CompletionRequest(model="auto", prompt="q", max_tokens=2)
+    dry = await stub.Explain(rpb.ExplainRequest(request=req), metadata=(("x-corral-task", "learn"),))
+    assert dry.dry_run and dry.selection.rule == "learn"
+    assert forecast == []
+    resp = await stub.Generate(req, metadata=(("x-corral-task", "learn"),))
+    assert [a for a, _ in forecast] == [next(a for a in (MODEL, "sql") if a != resp.model)]

@@ -206,10 +206,6 @@ class RouterSelection:
         if shadow is not None:  # what the shadow policy would have chosen: logged and explained, not used
             s = shadow.select(info, self.cost)
             sel.shadow, sel.shadow_selection = {"model": s.model, "rule": s.rule or "(default)"}, s
-        if sel.forecast and self.on_forecast is not None:
-            for arm, share in sel.forecast.items():
-                if arm != sel.model and share > 0.0:
-                    self.on_forecast(arm, share)
         o = sel.sampling
         if o is not None:
             sp = epb.SamplingParams()
@@ -243,6 +239,10 @@ class RouterSelection:
         if sel is None or sel.info is None or sel_ is None:
             return
         rid = p.rr.request_id
+        if sel.forecast and self.on_forecast is not None:  # the pager's forecast: requests sent only
+            for arm, share in sel.forecast.items():
+                if arm != sel.model and share > 0.0:
+                    self.on_forecast(arm, share)
         self._keep(sel_.remember, rid, sel.tenant, sel, sel.info)
         shadow, s = self.shadow, sel.shadow_selection
         if shadow is not None and s is not None and s.model == sel.model:  # its reward will be known
