@@ -9,7 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 OUT="${1:-docs/benchmarks/faults.json}"
-rm -f "$OUT"
-CORRAL_FAULTS_RECORD="$(realpath -m "$OUT")" "$PY" -m pytest -q -p no:cacheprovider \
+# Recorded into a scratch file first: removing or rewriting the tracked results file while the tests run
+# would make the checkout look dirty to the provenance the record carries.
+TMP="$(mktemp -d)/faults.json"
+CORRAL_FAULTS_RECORD="$TMP" "$PY" -m pytest -q -p no:cacheprovider \
   tests/integration/test_faults_dataplane.py tests/integration/test_faults_operator.py
+mv "$TMP" "$OUT"
 echo "wrote $OUT"
