@@ -14,7 +14,8 @@ returned :class:`Ticket` when the request ends, on every path (``Ticket.release`
    (both :class:`Rejected` at once). Waiters are granted in start-time fair queueing order (each grant
    to a tenant of weight ``w`` advances that tenant's virtual time by ``1/w``; the next grant goes to the
    tenant whose head waiter has the lowest start tag), so backlogged tenants get capacity in proportion
-   to their weights; a waiter still waiting after ``maxWaitMs`` is :class:`Rejected`.
+   to their weights; a waiter still waiting after ``maxWaitMs`` is :class:`Rejected`. A request refused
+   here, or that leaves while waiting, gets its bucket tokens back: it was never let in.
 
 Grants happen when capacity may have freed: a ticket released, a request's first token (``kick``) and a
 short poll while anyone waits (engines' load samples move the queue bound too). A grant reserves one
@@ -223,11 +224,13 @@ class Admission:
                     f"{why}, and the router's wait queue is full (spec.admission.maxWaiting = "
                     f"{spec.max_waiting}); retry later"
                 )
+            self._refund(t, tokens)
             raise Rejected(msg, self._retry_after(t), "queue_full")
         est = self._estimate(t)
         max_wait = spec.max_wait_ms / 1000.0
         if est is not None and est > max_wait:
             t.count("rejected_wait_estimate")
+            self._refund(t, tokens)
             raise Rejected(
                 f"{self._why(t, model)}; the estimated wait of {est:.2f} s is over spec.admission.maxWaitMs "
                 f"= {spec.max_wait_ms:g}; retry later",
@@ -247,6 +250,8 @@ class Admission:
             if w.granted:  # granted, then cancelled before it could route: give the slot back
                 self._unreserve(model)
                 self._release(t, completed=False)
+            else:  # timed out, or the client left: never let in, so not charged to the tenant's rate
+                self._refund(t, tokens)
             raise
         finally:
             if w.timer is not None:
@@ -290,6 +295,14 @@ class Admission:
             rb.take(1)
         if tb is not None:
             tb.take(tokens)
+
+    @staticmethod
+    def _refund(t: _Tenant, tokens: int) -> None:
+        """Give back what :meth:`_check_rate` took for a request that was not let in after all."""
+        if t.requests is not None:
+            t.requests.tokens = min(t.requests.burst, t.requests.tokens + 1)
+        if t.tokens is not None:
+            t.tokens.tokens = min(t.tokens.burst, t.tokens.tokens + tokens)
 
     def _start(self, t: _Tenant) -> float:
         """Start tag of ``t``'s next grant (start-time fair queueing; tags advance only on grants, so a
