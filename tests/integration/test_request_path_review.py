@@ -252,3 +252,23 @@ async def test_an_explain_dry_run_does_not_feed_the_adapter_pagers_forecast(rout
     assert forecast == []
     resp = await stub.Generate(req, metadata=(("x-corral-task", "learn"),))
     assert [a for a, _ in forecast] == [next(a for a in (MODEL, "sql") if a != resp.model)]
+
+
+async def test_an_overlong_client_request_id_is_refused_on_both_fronts(router: RouterServer) -> None:
+    # limits.MAX_NAME_CHARS caps a client's request id on both fronts: gRPC's request_id field was
+    # checked, HTTP's x-request-id header was not.
+    long_id = "c" * (MAX_NAME_CHARS + 1)
+    stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(router.grpc_address))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Generate(rpb.CompletionRequest(model=MODEL, prompt="q", max_tokens=2, request_id=long_id))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in (e.value.details() or "")
+    body = {"model": MODEL, "prompt": "q", "max_tokens": 2}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            router.http_url + "/v1/completions", json=body, headers={"x-request-id": long_id}
+        ) as r:
+            out = await r.json()
+        assert r.status == 400 and "x-request-id" in out["error"]["message"], out
+        ok = "c" * MAX_NAME_CHARS
+        async with s.post(router.http_url + "/v1/completions", json=body, headers={"x-request-id": ok}) as r:
+            assert r.status == 200 and r.headers["x-request-id"] == ok

@@ -218,6 +218,9 @@ class HttpApi:
             prompt = req.prompt
         else:
             ids = req.prompt
+        label = request.headers.get("x-request-id") or None
+        if label is not None and len(label) > limits.MAX_NAME_CHARS:  # as gRPC's request_id
+            raise BadRequest(f"invalid header 'x-request-id': longer than {limits.MAX_NAME_CHARS} characters")
         p = await prepare_request(
             r,
             req.model,
@@ -226,7 +229,7 @@ class HttpApi:
             messages=messages,
             max_tokens=req.new_tokens(),
             tenant=tenant,
-            client_request_id=request.headers.get("x-request-id") or None,
+            client_request_id=label,
             sampling=req.sampling(),
             ids_field="prompt",
             headers=request.headers,
