@@ -76,3 +76,17 @@ def test_port_in_use_is_one_line() -> None:
         )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"HTTP port {port}" in out.stderr and "in use" in out.stderr
+
+
+def test_the_pools_gpu_class_profiles_reach_the_engine_pool() -> None:
+    # ModelPool spec.gpuClasses (profiles with the pool's overrides) are what the cost model prices
+    # replicas with; the standalone router parsed them and then used the built-in profiles.
+    from corral.router.server import RouterServer
+
+    objs = validate_paths([EXAMPLES]).objects
+    pool = next(o for o in objs if o.kind == "ModelPool")
+    policy = next(o for o in objs if o.kind == "RoutingPolicy")
+    want = router_settings(policy, pool).profiles
+    assert want
+    server = RouterServer([], _config(_ns("-f", str(EXAMPLES))))
+    assert server.router.pool.profiles == dict(want)

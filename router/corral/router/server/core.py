@@ -112,6 +112,7 @@ class RouterConfig:
     max_prompt_chars: int = 32 << 20  # hard cap on a text prompt, checked before tokenizing
     models: set[str] = field(default_factory=set)  # the pool's declared models: 503 (not 404) without engines
     admission: AdmissionSpec = field(default_factory=lambda: _DEFAULTS.admission)  # spec.admission
+    profiles: dict[str, Any] = field(default_factory=dict)  # GPU class -> profile (ModelPool spec.gpuClasses)
 
     def settings(self) -> RouterSettings:
         """The routing part as :class:`RouterSettings` (what :class:`RouterCore` runs with)."""
@@ -136,6 +137,7 @@ class RouterConfig:
         self.models = set(s.models)
         self.admission = s.admission
         self.selection = s.selection
+        self.profiles = dict(s.profiles)
 
     @classmethod
     def from_settings(cls, s: RouterSettings, **server: Any) -> RouterConfig:
@@ -189,6 +191,8 @@ class Router:
         self.core = RouterCore(cfg.settings(), clock=self.now, on_dispatch=on_dispatch)
         self.fleet: FleetState = self.core.fleet
         self.metrics = RouterMetrics(self.fleet, cfg.policy)
+        if cfg.profiles:  # the pool's GPU classes (a caller's own profiles= wins)
+            pool_kw.setdefault("profiles", cfg.profiles)
         self.pool = pool_cls(
             self.fleet,
             discovery,
