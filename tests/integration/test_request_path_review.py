@@ -272,3 +272,37 @@ async def test_an_overlong_client_request_id_is_refused_on_both_fronts(router: R
         ok = "c" * MAX_NAME_CHARS
         async with s.post(router.http_url + "/v1/completions", json=body, headers={"x-request-id": ok}) as r:
             assert r.status == 200 and r.headers["x-request-id"] == ok
+
+
+def _largest_str(root: object) -> int:
+    """The longest string reachable from ``root`` (objects followed with gc.get_referents)."""
+    import gc
+
+    seen: set[int] = set()
+    todo, best = [root], 0
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, type):
+            continue
+        seen.add(id(o))
+        if isinstance(o, str):
+            best = max(best, len(o))
+            continue
+        todo.extend(gc.get_referents(o))
+    return best
+
+
+async def test_explain_history_does_not_keep_selected_requests_prompts(router: RouterServer) -> None:
+    # Explain keeps the last explain_history (2048) decisions; a selected request's record held its
+    # selection, which held what the signals read: the whole prompt text (up to the router's 32 Mi
+    # characters per request, for each of 2048 records).
+    prompt = "word " * 6000  # 30k characters
+    body = {"model": "auto", "prompt": prompt, "max_tokens": 2}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(router.http_url + "/v1/completions", json=body) as resp:
+            out = await resp.json()
+        assert resp.status == 200, out
+        async with s.get(f"{router.http_url}/v1/explain/{out['id']}") as resp:
+            ex = await resp.json()
+    assert ex["selection"]["rule"] == "(default)"  # Explain still shows the selection
+    assert _largest_str(router.router.explains[out["id"]]) < 1000

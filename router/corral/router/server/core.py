@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -401,7 +401,8 @@ class Router:
         span = tracer.start_span("corral.route")
         explain = self.config.explain_all or span.is_recording()
         rec = ExplainRecord(rr.request_id, self.policy_name, None, rr.prompt_tokens, len(rr.block_hashes))
-        rec.selection = p.selection
+        if p.selection is not None:  # Explain keeps the audit trail, not what signals read (the prompt)
+            rec.selection = replace(p.selection, info=None, shadow_selection=None)
         self._record(rec)
         excluded: set[str] = set()
         req_pb: epb.GenerateRequest | None = None
