@@ -306,3 +306,34 @@ async def test_explain_history_does_not_keep_selected_requests_prompts(router: R
             ex = await resp.json()
     assert ex["selection"]["rule"] == "(default)"  # Explain still shows the selection
     assert _largest_str(router.router.explains[out["id"]]) < 1000
+
+
+async def test_an_unexpected_error_in_feedback_is_internal_on_grpc_as_500_on_http(tmp_path: Path) -> None:
+    # The gRPC front's contract (grpc_api docstring): INTERNAL for anything unexpected, as HTTP's 500.
+    # Generate kept it; Feedback (and Explain) let the exception out: UNKNOWN, 'Unexpected <class ...>'.
+    eng = sim.SimEndpointEngine.create("H100", "h100-0", MODEL, time_scale=20.0, max_model_len=8192)
+    ep = await EngineEndpoint.start(eng, "127.0.0.1", 0, sample_period_s=0.05)
+    cfg = RouterConfig(adapters={"sql": (MODEL, "file:///tmp/sql")}, selection=SELECTION, router_id="ra",
+                       selection_state_dir=str(tmp_path), stale_after_s=0.5)  # fmt: skip
+    r = RouterServer([ep.address], cfg)
+    try:
+        await r.start("127.0.0.1", 0, 0)
+        await r.wait_for_replicas(1, timeout=10)
+        stub = rpb_grpc.RouterStub(grpc.aio.insecure_channel(r.grpc_address))
+        ids = []
+        for _ in range(2):
+            resp = await stub.Generate(rpb.CompletionRequest(model="auto", prompt="q", max_tokens=2))
+            ids.append(resp.request_id)
+        r.router.selection.store.shared.done._f.close()  # a broken ledger file: a bug's stand-in
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Feedback(rpb.FeedbackRequest(request_id=ids[0], score=0.5))
+        assert e.value.code() == grpc.StatusCode.INTERNAL, e.value
+        assert "internal error" in (e.value.details() or "")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(r.http_url + "/v1/feedback", json={"request_id": ids[1], "score": 0.5}) as resp2,
+        ):
+            assert resp2.status == 500
+    finally:
+        await r.stop(0)
+        await ep.stop(None)

@@ -94,6 +94,12 @@ class RouterServicer(rpb_grpc.RouterServicer):
             self.router.metrics.request_done("grpc", str(e.http_status), time.perf_counter() - t0)
         await context.abort(e.grpc_code, clip(e.message))
 
+    @staticmethod
+    async def _internal(context: grpc.aio.ServicerContext, e: Exception, method: str) -> None:
+        log.exception("internal error in gRPC %s", method)
+        err = InternalError(f"internal error: {type(e).__name__}: {e}")
+        await context.abort(err.grpc_code, clip(err.message))
+
     async def Generate(self, request: rpb.CompletionRequest, context: grpc.aio.ServicerContext) -> Any:
         t0 = time.perf_counter()
         p: Prepared | None = None
@@ -189,6 +195,8 @@ class RouterServicer(rpb_grpc.RouterServicer):
                 raise BadRequest("set 'request_id' (a recent request) or 'request' (a dry run)")
         except RouterError as e:
             await context.abort(e.grpc_code, clip(e.message))
+        except Exception as e:  # a bug: INTERNAL, as HTTP's 500 (not grpc's UNKNOWN)
+            await self._internal(context, e, "Explain")
         assert rec is not None
         return explain_to_pb(rec)
 
@@ -199,6 +207,8 @@ class RouterServicer(rpb_grpc.RouterServicer):
             got = await self.router.selection.feedback_async(request.request_id, request.score, tenant)
         except RouterError as e:
             await context.abort(e.grpc_code, clip(e.message))
+        except Exception as e:  # a bug: INTERNAL, as HTTP's 500 (not grpc's UNKNOWN)
+            await self._internal(context, e, "Feedback")
         return rpb.FeedbackResponse(**got)
 
 
