@@ -125,7 +125,7 @@ def test_defaults_and_helpers() -> None:
     assert (s.strategy, s.block_size, s.load.hotspot_factor, s.adapter_paging.prefetch_to_cpu) == (
         "corral", 16, 3.0, True
     )  # fmt: skip
-    assert "dualmap" in STRATEGIES and len(STRATEGIES) == 10
+    assert "dualmap" in STRATEGIES and "dualmap_paper" in STRATEGIES and len(STRATEGIES) == 11
 
 
 def test_populate_by_name_and_overrides() -> None:

@@ -47,6 +47,7 @@ Strategy = Literal[
     "approx_prefix",
     "precise_prefix",
     "dualmap",
+    "dualmap_paper",
     "lora_affinity",
 ]
 """``corral`` (the cost model) or a baseline of ``corral.router.policies`` (same names as the bench)."""
@@ -141,7 +142,8 @@ class RoutingPolicySpec(CorralModel):
     strategy: Strategy = Field(
         default="corral",
         description="'corral' (cost model) or a baseline: round_robin, random, least_loaded, pow2, chbl, "
-        "approx_prefix, precise_prefix, dualmap, lora_affinity.",
+        "approx_prefix, precise_prefix, dualmap, dualmap_paper (DualMap with router-side queues and "
+        "hotspot migration), lora_affinity.",
     )
     block_size: BlockSize = Field(
         default=16, description="KV cache block size in tokens used for prefix hashing (8..128)."

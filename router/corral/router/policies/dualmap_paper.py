@@ -101,7 +101,7 @@ class DualMapPaper(DualMap):
         backup = pair[1] if pair[0] == rid else pair[0]
         r = fleet.replicas[rid]
         cached, uncached = self._split(r, rr)
-        h = Held(rr, decision, rid, rr.arrival if rr.arrival is not None else now, cached, uncached)
+        h = Held(rr, decision, rid, now, cached, uncached)  # held from now (the router's clock)
         h.backup = backup if backup != rid else None
         queues.push(h)
         b = fleet.replicas.get(backup)

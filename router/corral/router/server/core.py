@@ -53,6 +53,7 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
+from .held import HeldDispatcher
 from .metrics import RouterMetrics
 from .openai_models import U32, check_sampling
 from .selection_api import RouterSelection, span_attributes
@@ -205,6 +206,7 @@ class Router:
         self.explains: OrderedDict[str, ExplainRecord] = OrderedDict()
         self.selection = RouterSelection(self)  # spec.modelSelection: selectors, bandits, feedback
         self.admission = Admission(cfg.admission, lambda model: free_slots(self.core, model))
+        self.held = HeldDispatcher(self.core)  # router-side queues of a holding policy (dualmap_paper)
         self.metrics.registry.register(AdmissionCollector(self.admission))
         self.metrics.registry.register(KeyStoreCollector(lambda: self.config.api_keys))
 
@@ -423,18 +425,24 @@ class Router:
                         raise
                     raise Unavailable(f"{e.message}; last error: {last_err}") from None
                 m.decision_latency.observe(time.perf_counter() - td)
+                held = core.holds and not excluded  # a holding policy: wait in its router queue
+                if held:
+                    d = await self.held.wait(rr, d)  # released and already dispatched
                 rid = d.replica_id
                 rec.decision = d
                 rec.attempts.append(rid)
                 conn = self.pool.by_replica.get(rid)
                 r = fleet.replicas.get(rid)
                 if conn is None or r is None:
+                    if held:
+                        core.finish(rid, rr.request_id)
                     excluded.add(rid)
                     continue
                 m.decision(self.policy_name, rid, r.gpu_class)
                 if req_pb is None:
                     req_pb = generate_request_pb(p)
-                core.dispatch(rid, rr, d)
+                if not held:
+                    core.dispatch(rid, rr, d)
                 call = conn.stub.Generate(req_pb)
                 try:
                     async for chunk in call:
@@ -442,6 +450,7 @@ class Router:
                             first = True
                             core.first_token(rid, rr.request_id)
                             self.admission.kick()  # a replica queue slot freed
+                            self.held.pump()
                             m.ttft[api].observe(time.perf_counter() - t0)
                             m.prompt_blocks += len(rr.block_hashes)
                             m.prefix_hit_blocks += d.cached_blocks
@@ -477,6 +486,7 @@ class Router:
                              rr.request_id, rid, status.name)  # fmt: skip
                 finally:
                     core.finish(rid, rr.request_id)
+                    self.held.pump()
                     if not call.done():
                         call.cancel()
             raise Unavailable(
