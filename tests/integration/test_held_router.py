@@ -76,3 +76,18 @@ async def test_requests_wait_in_the_router_queue_until_the_gate_opens(
     rep = core.fleet.replicas["e0"]
     await wait_until(lambda: not rep.in_flight, timeout=10, what="no request left in flight")
     assert len(core.held) == 0 and rep.pending_prefill_tokens == 0 and rep.decode_requests == 0
+
+
+async def test_a_held_request_whose_replica_leaves_gets_a_503_naming_the_cause(
+    router: tuple[RouterServer, EchoEngine],
+) -> None:
+    srv, eng = router
+    srv.router.update_policy("dualmap_paper")
+    core = srv.router.core
+    core.dispatch("e0", RoutingRequest("busy", MODEL, [], 8, 2))  # the gate is closed
+    task = asyncio.create_task(post(srv, "hello there"))
+    await wait_until(lambda: len(core.held) == 1, timeout=10, what="the request held at the router")
+    core.fleet.remove_replica("e0")  # the only replica leaves while the request is held
+    status, out = await asyncio.wait_for(task, 30)
+    assert status == 503 and "no healthy replica" in out["error"]["message"], out
+    assert eng.served == 0 and len(core.held) == 0

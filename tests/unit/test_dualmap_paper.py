@@ -167,3 +167,25 @@ def test_fleet_sim_runs_dualmap_paper_with_queues_and_migration() -> None:
     # the router-side wait counts in the TTFT: at the overload rate the held requests' TTFT exceeds what
     # any engine-side wait alone gave at the low rate
     assert a.pct(90) > low.pct(90)
+
+
+def test_requests_held_for_a_replica_that_leaves_are_routed_again_or_failed() -> None:
+    c, clock = make_core(2)
+    for rid in ("r0", "r1"):
+        c.dispatch(rid, rr(f"busy-{rid}", [7]), Decision(rid, "x", "x"))  # both gates closed
+    xs = [rr(f"h{k}", [100 + k]) for k in range(6)]
+    for x in xs:
+        c.hold(x, c.route(x))
+    assert c.release() == [] and len(c.held) == 6
+    on_r0 = {h.rr.request_id for h in c.held.queue("r0")}
+    assert on_r0  # six keys spread over both replicas
+    clock.t = 1.0
+    c.fleet.set_healthy("r0", False)
+    assert c.release() == []  # r1's gate is still closed: re-queued there, nothing lost
+    assert {h.rr.request_id for h in c.held.queue("r1")} == {x.request_id for x in xs}
+    assert all(h.since == 0.0 for h in c.held.queue("r1"))  # their wait so far is kept
+    c.fleet.set_healthy("r1", False)
+    c.fleet.set_healthy("r0", False)
+    out = c.release()
+    assert len(out) == 6 and all(h.error is not None for h in out) and len(c.held) == 0
+    assert "no healthy replica" in str(out[0].error)

@@ -155,9 +155,34 @@ class RouterCore:
         every held request is released as placed."""
         if not self.held.queues:
             return []
+        out = self._reroute_orphans()
         if not isinstance(self.policy, HoldingPolicy):
-            return list(self.held.drain_all())
-        return self.policy.release(self.fleet, self.held, self.clock())
+            return out + list(self.held.drain_all())
+        return out + self.policy.release(self.fleet, self.held, self.clock())
+
+    def _reroute_orphans(self) -> list[Held]:
+        """Requests held for a replica that left or turned unhealthy are routed again (their wait so far
+        kept); one with no replica left is returned with ``error`` set, for its driver to fail."""
+        out: list[Held] = []
+        fleet = self.fleet
+        for rid, q in list(self.held.queues.items()):
+            r = fleet.replicas.get(rid)
+            if not q or (r is not None and r.healthy):
+                continue
+            for h in list(q):
+                q.remove(h)
+                try:
+                    d = self.route(h.rr, excluded=frozenset({rid}))
+                except NoReplicaError as e:
+                    h.error = e
+                    out.append(h)
+                    continue
+                if isinstance(self.policy, HoldingPolicy):
+                    self.policy.enqueue(h.rr, d, fleet, self.held, self.clock()).since = h.since
+                else:
+                    h.decision, h.replica_id = d, d.replica_id
+                    out.append(h)
+        return out
 
     # ---- accounting ---------------------------------------------------------------------------------
     def dispatch(self, replica_id: str, rr: RoutingRequest, decision: Decision | None = None) -> None:

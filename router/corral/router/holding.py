@@ -38,6 +38,7 @@ class Held:
     backup: str | None = None  # the policy's other candidate (DualMap: the second ring's pick)
     seq: int = 0
     migrations: int = 0
+    error: Exception | None = None  # set when released without a replica (its replica left, none other)
 
     @property
     def order(self) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import asyncio
 from typing import Any
 
 from ..types import Decision, RoutingRequest
+from .errors import Unavailable
 
 POLL_S = 0.02
 """How often held queues are re-checked while requests are held (besides first tokens and finishes)."""
@@ -58,6 +59,12 @@ class HeldDispatcher:
         if not len(core.held):
             return
         for h in core.release():
+            if h.error is not None:  # its replica left and no other serves the model
+                fut = self.waiters.pop(h.rr.request_id, None)
+                if fut is not None and not fut.done():
+                    why = str(h.error) or f"no healthy replica serves model '{h.rr.model}'"
+                    fut.set_exception(Unavailable(why))
+                continue
             rid = h.decision.replica_id
             core.dispatch(rid, h.rr, h.decision)
             fut = self.waiters.pop(h.rr.request_id, None)

@@ -299,7 +299,7 @@ def run_fleet(
         nonlocal rejected, bad
         for h in router.release():
             r = held.pop(h.rr.request_id)
-            if not send(h.decision.replica_id, h.rr, h.decision, r, t):
+            if h.error is not None or not send(h.decision.replica_id, h.rr, h.decision, r, t):
                 rejected += 1
                 if unstarted.pop(r.request_id, None) is not None:
                     bad += 1
