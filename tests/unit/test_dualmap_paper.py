@@ -3,8 +3,12 @@ router core both the router service and the fleet simulator run."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from corral.api.profiles import BUILTIN_PROFILES
-from corral.router.core import RouterCore
+from corral.router.admission import free_slots
+from corral.router.core import RouterCore, Saturated
 from corral.router.holding import Held
 from corral.router.policies.dualmap_paper import DualMapPaper, DualMapPaperParams
 from corral.router.settings import RouterSettings
@@ -189,3 +193,16 @@ def test_requests_held_for_a_replica_that_leaves_are_routed_again_or_failed() ->
     out = c.release()
     assert len(out) == 6 and all(h.error is not None for h in out) and len(c.held) == 0
     assert "no healthy replica" in str(out[0].error)
+
+
+def test_held_requests_count_toward_the_queue_bound() -> None:
+    c, _ = make_core(1)
+    c.configure(replace(c.settings, max_queue_per_replica=3))
+    c.dispatch("r0", rr("busy", [7]), Decision("r0", "x", "x"))  # 1 waiting on the engine, gate closed
+    assert free_slots(c, "m") == 2
+    for k in range(2):
+        x = rr(f"h{k}", [20 + k])
+        c.hold(x, c.route(x))
+    assert free_slots(c, "m") == 0
+    with pytest.raises(Saturated, match="maxQueueRequestsPerReplica"):
+        c.route(rr("h2", [30]))

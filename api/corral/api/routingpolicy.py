@@ -73,8 +73,9 @@ class LoadSpec(CorralModel):
         ge=1,
         le=100_000,
         description=(
-            "Requests sent to a replica and not yet started (router count, or the engine's own if larger) at "
-            "which it takes no more; when every replica is at it, requests get 429 with Retry-After."
+            "Requests sent to a replica and not yet started (router count, or the engine's own if larger; "
+            "requests held for it in the router's queue by dualmap_paper included) at which it takes no "
+            "more; when every replica is at it, requests get 429 with Retry-After."
         ),
     )
     hotspot_factor: K8sFloat = Field(

@@ -143,7 +143,13 @@ def free_slots(core: Any, model: str) -> float:
         return math.inf
     bound = core.settings.max_queue_per_replica
     now = core.now()
-    return float(sum(max(0, bound - waiting_load(r, now, SAMPLE_MAX_AGE_S)) for r in members))
+    held = core.held  # requests a holding policy keeps at the router for a replica count as sent to it
+    return float(
+        sum(
+            max(0, bound - waiting_load(r, now, SAMPLE_MAX_AGE_S) - len(held.queue(r.replica_id)))
+            for r in members
+        )
+    )
 
 
 class Admission:

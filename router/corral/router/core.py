@@ -119,7 +119,12 @@ class RouterCore:
                 f"no healthy replica left for model '{rr.model}' after trying {', '.join(sorted(excl))}"
             )
         bound = self.settings.max_queue_per_replica
-        full = frozenset(r.replica_id for r in left if waiting_load(r, now, SAMPLE_MAX_AGE_S) >= bound)
+        held = self.held
+        full = frozenset(
+            r.replica_id
+            for r in left
+            if waiting_load(r, now, SAMPLE_MAX_AGE_S) + len(held.queue(r.replica_id)) >= bound
+        )  # requests held for a replica at the router (holding policies) count as sent to it
         if len(full) == len(left) and excl:
             full = frozenset()  # a retry was let in already: re-route it past the bound, never refuse it
         elif len(full) == len(left):
