@@ -45,6 +45,7 @@ bench-docs:
 	.venv/bin/corral bench fleet --out docs/benchmarks
 	.venv/bin/corral bench fleet --seeds 1,2 --policies corral,dualmap,precise_prefix --no-plots --out docs/benchmarks/seeds
 	.venv/bin/corral bench fleet --trace bench/corral/bench/data/synthetic_trace.jsonl.gz --out docs/benchmarks/heldout
+	.venv/bin/corral bench fleet --workloads shared_prefix,bursty,conversation --seeds 0,1,2 --policies corral,dualmap,dualmap_paper --no-plots --workers 2 --out docs/benchmarks/dualmap_paper
 	.venv/bin/corral bench router --out docs/benchmarks
 	.venv/bin/corral bench overhead --ray --out docs/benchmarks
 	.venv/bin/corral bench ablation --out docs/benchmarks
