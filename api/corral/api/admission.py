@@ -18,7 +18,18 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import CelRule, CorralModel, K8sFloat, K8sInt, cel, duplicates, list_map, raise_issues
+from .common import (
+    TENANT_MAX,
+    TENANT_PATTERN,
+    CelRule,
+    CorralModel,
+    K8sFloat,
+    K8sInt,
+    cel,
+    duplicates,
+    list_map,
+    raise_issues,
+)
 
 MAX_TENANTS = 1024
 
@@ -93,8 +104,11 @@ class TenantAdmission(TenantLimits):
 
     name: str = Field(
         min_length=1,
-        max_length=253,
-        description="Tenant name, as the API keys name it (spec.tenants.secretRef).",
+        max_length=TENANT_MAX,
+        pattern=TENANT_PATTERN,
+        description=(
+            "Tenant name as the API keys name it (spec.tenants.secretRef): letters, digits, '.', '_', '-'."
+        ),
     )
 
 

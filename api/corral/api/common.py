@@ -32,6 +32,11 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 """Lower-case RFC 1123 name: what Kubernetes, Ray Serve and file systems all accept."""
 NAME_MAX = 63
 
+TENANT_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+"""A tenant name (1-63 letters, digits, '.', '_' or '-'): in key files, private adapters, admission limits and
+selection signals alike, so a name that one place accepts can never be one that another cannot match."""
+TENANT_MAX = 63
+
 RULE_ERROR_TYPE = "corral_rule"
 """pydantic error type of :func:`rule_error`; its ``ctx['issues']`` holds ``(relative_path, message)``."""
 

@@ -25,6 +25,8 @@ from .common import (
     NAME_PATTERN,
     NOT_FINITE,
     READY_COLUMN,
+    TENANT_MAX,
+    TENANT_PATTERN,
     CelRule,
     Condition,
     CorralModel,
@@ -307,8 +309,8 @@ class Adapter(CorralModel):
     tenant: str | None = Field(
         default=None,
         min_length=1,
-        max_length=63,
-        pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",
+        max_length=TENANT_MAX,
+        pattern=TENANT_PATTERN,
         description=(
             "Owner tenant of a private adapter: only that tenant's API keys (RoutingPolicy spec.tenants) can "
             "use it or see it in /v1/models; for other tenants it does not exist. Unset: public."

@@ -29,6 +29,8 @@ from pydantic import ConfigDict, Field, model_validator
 from .common import (
     NAME_MAX,
     NAME_PATTERN,
+    TENANT_MAX,
+    TENANT_PATTERN,
     CelRule,
     CorralModel,
     Issue,
@@ -86,6 +88,9 @@ RULE_TOKENS_RANGE = CelRule(
     field_path=".min",
 )
 RULE_TOKENS_ANY = CelRule(rule="has(self.min) || has(self.max)", message="set min, max or both")
+
+
+TenantName = Annotated[str, Field(min_length=1, max_length=TENANT_MAX, pattern=TENANT_PATTERN)]
 
 
 class PromptTokens(CorralModel):
@@ -178,7 +183,7 @@ class Signal(CorralModel):
         description="True when this regular expression is found in the prompt.",
     )
     prompt_tokens: PromptTokens | None = Field(default=None, description="Prompt length range in tokens.")
-    tenant: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = Field(
+    tenant: list[TenantName] | None = Field(
         default=None,
         min_length=1,
         max_length=MAX_VALUES,

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from corral.api.common import TENANT_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ Role = Literal["inference", "admin"]
 ROLES: tuple[Role, ...] = ("inference", "admin")
 DIGEST_PREFIX = "sha256:"
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_TENANT_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_TENANT_RE = re.compile(TENANT_PATTERN)
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~7x faster on big key files
