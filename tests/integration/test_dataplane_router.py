@@ -644,6 +644,7 @@ async def test_router_tokenizes_with_the_models_tokenizer(tmp_path: Any) -> None
         long = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
         status, out, _ = await post(url, {"model": MODEL, "prompt": long, "max_tokens": 4})
         assert status == 400 and f"{len(tok.encode(long))} tokens" in out["error"]["message"], out
+        assert out["error"]["param"] == "max_tokens", out  # the field a client can lower
         status, out, _ = await post(url, {"model": MODEL, "prompt": "x" * 5000})
         assert status == 400 and "5000 characters" in out["error"]["message"], out
         status, out, _ = await post(url, {"model": MODEL, "prompt": [1, 2, 400]})

@@ -739,8 +739,9 @@ def _finish_prepare(
     limit = router.max_model_len(base)
     if limit and len(ids) + mt > limit:
         raise BadRequest(
-            f"prompt is {len(ids)} tokens and max_tokens is {mt} ({len(ids) + mt} in total), "
-            f"over model '{base}' max length of {limit} tokens"
+            f"invalid field 'max_tokens': the prompt is {len(ids)} token{'s' if len(ids) != 1 else ''} and "
+            f"max_tokens is {mt} ({len(ids) + mt} in total), over model '{base}' max length of {limit} "
+            f"tokens; lower max_tokens or shorten the prompt"
         )
     cands = router.fleet.candidates(base)
     bs = cands[0].block_size if cands else 16
