@@ -110,6 +110,7 @@ async def demo_workload(
     max_tokens: int = 24,
     seed: int = 7,
     on_update: Callable[[DemoStats], None] | None = None,
+    api_key: str | None = None,
 ) -> DemoStats:
     """Multi-turn conversations over shared system prompts; a third of them use a LoRA adapter (Zipf)."""
     import aiohttp
@@ -127,7 +128,8 @@ async def demo_workload(
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
 
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
 
         async def conversation(c: int, system: str, model: str) -> None:
             history = f"system: {system}\n"

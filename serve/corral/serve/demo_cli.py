@@ -36,6 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--conversations", type=int, default=40, help="conversations (default 40)")
     p.add_argument("--turns", type=int, default=5, help="turns per conversation (default 5)")
     p.add_argument(
+        "--demo-key", default=None, metavar="KEY",
+        help="with --api-keys: the API key the demo's requests send (one `corral keys add` printed; an admin "
+        "key also lets the live table read the router's /metrics)",
+    )  # fmt: skip
+    p.add_argument(
         "--keep-running", action="store_true",
         help="after the workload, keep the fleet serving until Ctrl-C (to try the printed commands)",
     )  # fmt: skip
@@ -45,9 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
+        from .app import PlanError
         from .manifests import load_manifests
 
         pairs = load_manifests(args.filename)
+        if args.api_keys and not args.demo_key:
+            raise PlanError(
+                "--api-keys turns tenant authentication on, so the demo's requests need a key: add "
+                "--demo-key KEY (a key of that file, as `corral keys add FILE --tenant T` printed it)"
+            )
         return demo_main(
             pairs,
             local_options(args),
@@ -55,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             args.turns,
             keep_running=args.keep_running,
             paths=args.filename,
+            api_key=args.demo_key,
         )
 
     return reported("demo", body)
@@ -67,6 +79,7 @@ def demo_main(
     turns: int = 5,
     keep_running: bool = False,
     paths: Sequence[str] = (),
+    api_key: str | None = None,
 ) -> int:
     """Start the stack, run the workload with a live table, then stop; exit 0 on success."""
     from rich.console import Console
@@ -95,7 +108,7 @@ def demo_main(
 
             stats = asyncio.run(
                 demo_workload(routers[0].http, models, adapters, conversations=conversations, turns=turns,
-                              on_update=update)
+                              on_update=update, api_key=api_key)
             )  # fmt: skip
             update(stats)
         if stats.errors:
