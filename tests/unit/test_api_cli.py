@@ -41,6 +41,13 @@ def test_validate_examples_ok(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "validate", str(EXAMPLES))
     assert rc == 0
     assert out.startswith("OK: 2 object(s) in 2 file(s)")
+    assert "not checked against" not in out
+
+
+def test_validate_policy_alone_says_pool_checks_were_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "validate", str(EXAMPLES / "routingpolicy.yaml"))
+    assert rc == 0 and out.startswith("OK: 1 object(s)")
+    assert "not checked against their pools" in out and "validate the policy together with its pool" in out
 
 
 def test_validate_multi_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

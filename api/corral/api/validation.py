@@ -74,7 +74,19 @@ class Report:
         kinds = Counter(o.kind for o in self.objects)
         detail = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "no objects"
         skipped = f", {self.skipped} foreign skipped" if self.skipped else ""
-        return f"OK: {len(self.objects)} object(s) in {self.files} file(s) ({detail}{skipped})"
+        out = f"OK: {len(self.objects)} object(s) in {self.files} file(s) ({detail}{skipped})"
+        pools = {(o.metadata.namespace, o.metadata.name) for o in self.objects if isinstance(o, ModelPool)}
+        alone = sorted(
+            o.spec.pool_ref
+            for o in self.objects
+            if isinstance(o, RoutingPolicy) and (o.metadata.namespace, o.spec.pool_ref) not in pools
+        )
+        if alone:
+            out += (
+                f"; not checked against their pools (pins, selection targets, private adapters): ModelPool "
+                f"{', '.join(repr(n) for n in alone)} not given: validate the policy together with its pool"
+            )
+        return out
 
 
 # ------------------------------------------------------------------------------------ error rendering
