@@ -46,8 +46,19 @@ def _load(cmd: Command):  # type: ignore[no-untyped-def]
     try:
         return importlib.import_module(cmd.module)
     except ModuleNotFoundError as exc:
+        if cmd.extra and _is_missing_dependency(exc):
+            raise CommandUnavailableError(f"{_needs_extra(cmd)} (missing module '{exc.name}')") from exc
         hint = f" (install corral[{cmd.extra}])" if cmd.extra else ""
         raise CommandUnavailableError(f"command '{cmd.name}' is unavailable: {exc}{hint}") from exc
+
+
+def _needs_extra(cmd: Command) -> str:
+    return f"corral {cmd.name} needs the '{cmd.extra}' extra: pip install 'corral[{cmd.extra}]'"
+
+
+def _is_missing_dependency(exc: ModuleNotFoundError) -> bool:
+    """A third-party module is absent (not a missing module of corral itself: that is a bug)."""
+    return exc.name is not None and exc.name.split(".")[0] != "corral"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,14 +67,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(_selected(args_list))
     except CommandUnavailableError as exc:
-        print(f"corral: {exc}", file=sys.stderr)
+        print(str(exc) if str(exc).startswith("corral ") else f"corral: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:  # reported with the subcommand's usage, not the top-level one
+        sub = _subparser(parser, args.command)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr if args.command is None else sys.stdout)
         return 2
-    return int(func(args))
+    try:
+        return int(func(args))
+    except ModuleNotFoundError as exc:  # an extra's dependency imported lazily by the command
+        cmd = next((c for c in commands() if c.name == args.command), None)
+        if cmd is None or not cmd.extra or not _is_missing_dependency(exc):
+            raise
+        print(f"{_needs_extra(cmd)} (missing module '{exc.name}')", file=sys.stderr)
+        return 2
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]  # type: ignore[no-any-return]
+    return None
 
 
 if __name__ == "__main__":

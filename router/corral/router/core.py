@@ -211,4 +211,7 @@ def _no_replica_message(fleet: FleetState, model: str) -> str:
     serving = [r for r in fleet.replicas.values() if r.model == model]
     if serving:
         return f"no healthy replica serves model '{model}' ({len(serving)} replica(s) known, all unhealthy)"
-    return f"no healthy replica serves model '{model}'"
+    served = sorted({r.model for r in fleet.replicas.values()})
+    if not served:
+        return f"no healthy replica serves model '{model}' (no replica is connected)"
+    return f"no healthy replica serves model '{model}'; the connected replicas serve: {', '.join(served)}"

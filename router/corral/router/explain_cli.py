@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from .explain import format_decision
 from .selection.audit import format_selection
@@ -17,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "explain", help="Explain a routing decision and its cost terms.", description=__doc__
     )
-    p.add_argument("--router", required=True, metavar="HOST:PORT", help="the router's gRPC address")
+    p.add_argument("--router", required=True, metavar="HOST:PORT",
+                   help="the router's gRPC address, e.g. 127.0.0.1:50050 (its --grpc-port; not the HTTP "
+                   "port, not a URL)")  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--request-id", help="a recent request's id (the router keeps a bounded history)")
     what.add_argument("--prompt", help="dry-run this prompt (nothing is sent to an engine)")
@@ -39,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .wire import decision_from_pb
 
+    if "://" in args.router:
+        print(f"error: --router {args.router}: give the router's gRPC address HOST:PORT (its --grpc-port, "
+              "default 50050), not a URL", file=sys.stderr)  # fmt: skip
+        return 2
     if args.prompt is not None and not args.model:
         print("error: --prompt needs --model (a base model or adapter name)", file=sys.stderr)
         return 2
@@ -63,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             resp = rpb_grpc.RouterStub(ch).Explain(req, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:
-            code = e.code().name if e.code() else "UNKNOWN"
-            print(f"error: router {args.router}: {code}: {e.details()}", file=sys.stderr)
+            print(f"error: router {args.router}: {_rpc_error(e, bool(args.api_key))}", file=sys.stderr)
             return 1
     d = decision_from_pb(resp)
     if args.json:
@@ -83,6 +89,23 @@ def run(args: argparse.Namespace) -> int:
             print(format_selection(resp.selection))
         print(format_decision(d))
     return 0
+
+
+def _rpc_error(e: Any, has_key: bool) -> str:
+    """A gRPC error as one line that says what to change."""
+    import grpc
+
+    code = e.code()
+    details = str(e.details() or "")
+    text = f"{code.name if code else 'UNKNOWN'}: {details}"
+    if "HTTP/2" in details or "SETTINGS frame" in details or "Trying to connect an http1" in details:
+        return (f"{text} -- this address looks like an HTTP port: --router takes the router's gRPC "
+                "address (its --grpc-port, default 50050)")  # fmt: skip
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and not has_key:
+        return f"{text} -- this router requires an API key: give an admin key with --api-key"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"{text} -- Explain needs a key of role admin (--api-key; see corral keys add --role admin)"
+    return text
 
 
 def _as_dict(d: Decision) -> dict[str, object]:

@@ -15,9 +15,31 @@ from __future__ import annotations
 import argparse
 import sys
 
+DESCRIPTION = """\
+Make and check tenant API key files. The router stores SHA-256 digests, never keys.
+
+  corral keys add keys.yaml --tenant acme [--role admin]   append a digest entry, print the new key once
+  corral keys hash < key.txt                               a key's digest (stdin: not in shell history)
+  corral keys check keys.yaml                              parse as the router does (errors name the line)
+
+Key file (YAML or JSON):
+
+  keys:                          one entry per key
+    - tenant: acme
+      key: sha256:<64 hex digits>
+      role: inference            inference (default) or admin (also Explain and /metrics)
+  tenants:                       optional: what each tenant may use (default: every public model)
+    acme:
+      models: [llama-8b, "sql-*"]   model / adapter names or fnmatch patterns
+
+Give it to a standalone router with --api-keys FILE, or to the deployed router through the
+RoutingPolicy's spec.tenants.secretRef Secret:
+  kubectl create secret generic NAME --from-file=api-keys=keys.yaml
+"""
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("keys", help="Make and check tenant API key files.", description=__doc__,
+    p = subparsers.add_parser("keys", help="Make and check tenant API key files.", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     add = sub.add_parser("add", help="add a new key for a tenant to FILE (created if missing); print the key")

@@ -8,6 +8,8 @@ This module owns the :class:`Command` table. A command module provides::
         p.set_defaults(func=run)        # run(args: argparse.Namespace) -> int (exit code)
         return p
 
+A command's ``extra`` is the ``corral[EXTRA]`` it needs: when a third-party module is missing, whether at
+import or when the command imports it lazily while running, ``corral`` prints one line naming the extra.
 Commands of other components (``bench``, ``serve``, ``demo``, ``explain``) are listed here by
 module path only, so ``corral validate`` never imports Ray or kopf; ``corral --help`` lists them without
 importing anything. To add a command, add a :class:`Command` row below (or call :func:`register`).
@@ -57,7 +59,7 @@ for _cmd in (
     Command("serve", "corral.serve.cli", "Run Corral on a Ray cluster (router + engines).", "serve"),
     Command("bench", "corral.serve.bench_cli", "Run the router and fleet benchmarks.", "serve"),
     Command("demo", "corral.serve.demo_cli", "Start a local demo fleet and send requests.", "serve"),
-    Command("explain", "corral.router.explain_cli", "Explain a routing decision and its cost terms."),
+    Command("explain", "corral.router.explain_cli", "Explain a routing decision and cost terms.", "router"),
     Command("replay", "corral.router.replay_cli", "Replay a decision log through a model-selection policy."),
     Command(
         "router",
@@ -65,6 +67,8 @@ for _cmd in (
         "Run a router in front of OpenAI servers (vLLM, SGLang).",
         "router",
     ),
-    Command("keys", "corral.router.keys_cli", "Make and check tenant API key files (stored as digests)."),
+    Command(
+        "keys", "corral.router.keys_cli", "Make and check tenant API key files (stored as digests).", "router"
+    ),
 ):
     register(_cmd)

@@ -21,8 +21,10 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..engine_client import Discovery
 from ..server.__main__ import _config, _param, _settings, install_uvloop
@@ -45,9 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def configure(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backends")
-    g.add_argument("--backend", action="append", default=[], metavar="[CLASS=]URL",
-                   help="an OpenAI-compatible server (repeat); CLASS = its GPU class for the cost model "
-                   "(default --gpu-class)")  # fmt: skip
+    g.add_argument("--backend", action="append", default=[], metavar="[CLASS=]URL", type=backend_spec,
+                   help="an OpenAI-compatible server, http(s)://HOST[:PORT] or HOST:PORT (repeat); "
+                   "CLASS = its GPU class for the cost model: a built-in profile (H100, A100-80GB, L4) or "
+                   "a gpuClasses name of the --policy's ModelPool (default --gpu-class)")  # fmt: skip
     g.add_argument("--service", default=None, metavar="NAME",
                    help="discover backends from this Kubernetes Service's EndpointSlices")  # fmt: skip
     g.add_argument("--namespace", default="default", help="the Service's namespace (default: default)")
@@ -67,7 +70,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("routing")
     r.add_argument("--policy", "-f", dest="routing_policy", action="append", default=[], metavar="FILE",
                    help="RoutingPolicy (and its ModelPool) YAML file or folder, as `corral validate` reads "
-                   "it (default: the CRD defaults)")  # fmt: skip
+                   "it (default: the CRD defaults, with the approximate prefix index unless "
+                   "--kv-events-port is given)")  # fmt: skip
     r.add_argument("--strategy", dest="policy", default=None, help="override the policy's strategy")
     r.add_argument("--policy-param", action="append", type=_param, default=[], metavar="KEY=VALUE")
     r.add_argument("--tokenizer", action="append", type=_param, default=[], metavar="MODEL=PATH",
@@ -82,6 +86,65 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-uvloop", action="store_true")
     s.add_argument("--log-level", default="INFO")
     p.set_defaults(index_mode=None, stale_after=1.0)
+
+
+def backend_spec(spec: str) -> str:
+    """``--backend``'s ``[CLASS=]URL``, refused at parsing unless the URL is http(s) with a host (and a port
+    when the scheme is left out: ``HOST:PORT``)."""
+    cls, sep, url = spec.partition("=")
+    if not sep or "://" in cls:
+        cls, url = "", spec
+    url = url.strip()
+    if sep and not cls.strip() and "://" not in spec.partition("=")[0]:
+        raise argparse.ArgumentTypeError(f"{spec!r}: empty GPU class before '='")
+    if not url:
+        raise argparse.ArgumentTypeError(f"{spec!r}: no URL (expected [CLASS=]http://HOST:PORT)")
+    parsed = urlsplit(url if "://" in url else f"http://{url}")
+    if "://" in url and parsed.scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"{spec!r}: scheme '{parsed.scheme}' (only http and https)")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: bad port") from None
+    if not parsed.hostname:
+        raise argparse.ArgumentTypeError(f"{spec!r}: no host (expected [CLASS=]http://HOST:PORT)")
+    if "://" not in url and port is None:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: not a URL (expected [CLASS=]http://HOST:PORT or HOST:PORT)"
+        )
+    return spec
+
+
+def check_gpu_classes(ns: argparse.Namespace, profiles: Mapping[str, object]) -> None:
+    """Every backend's GPU class (and --gpu-class) is a pool gpuClasses name or a built-in profile."""
+    from corral.api.profiles import BUILTIN_PROFILES, UnknownProfileError, resolve_profile
+
+    classes = {ns.gpu_class} | {s.partition("=")[0] for s in ns.backend if "://" not in s.partition("=")[0]}
+    classes.discard("")
+    for c in sorted(classes):
+        if c in profiles:
+            continue
+        try:
+            resolve_profile(c)
+        except UnknownProfileError:
+            known = ", ".join([*BUILTIN_PROFILES, *(p for p in profiles if p not in BUILTIN_PROFILES)])
+            raise ValueError(
+                f"unknown GPU class '{c}' (--backend CLASS=URL / --gpu-class): known profiles: {known} "
+                "(or declare it in the --policy's ModelPool spec.gpuClasses)"
+            ) from None
+
+
+def asks_precise(paths: list[str]) -> bool:
+    """Whether a RoutingPolicy in ``paths`` sets ``spec.prefixIndex: precise`` itself (not by default)."""
+    from corral.api.routingpolicy import RoutingPolicy
+    from corral.api.validation import validate_paths
+
+    return any(
+        isinstance(o, RoutingPolicy)
+        and "prefix_index" in o.spec.model_fields_set
+        and o.spec.prefix_index == "precise"
+        for o in validate_paths(paths).objects
+    )
 
 
 def discovery_of(ns: argparse.Namespace) -> Discovery:
@@ -104,6 +167,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         disc = discovery_of(ns)
         settings = _settings(ns.routing_policy)
+        check_gpu_classes(ns, settings.profiles)
         backend_key = os.environ.get("CORRAL_BACKEND_API_KEY") or None
         if ns.backend_api_key_file:
             backend_key = Path(ns.backend_api_key_file).read_text().strip() or None
@@ -122,9 +186,10 @@ def run(ns: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
     elif cfg.index_mode == "precise":
-        print("corral router: the RoutingPolicy's prefixIndex is 'precise' (engine KV events) but no "
-              "--kv-events-port is given, so the index is 'approximate' (this router's own dispatches)",
-              file=sys.stderr)  # fmt: skip
+        if ns.routing_policy and asks_precise(ns.routing_policy):
+            print("corral router: the RoutingPolicy's prefixIndex is 'precise' (engine KV events) but no "
+                  "--kv-events-port is given, so the index is 'approximate' (this router's own dispatches)",
+                  file=sys.stderr)  # fmt: skip
         cfg.index_mode = "approximate"
         settings = replace(settings, index_mode="approximate")
     if not ns.no_uvloop:
@@ -142,7 +207,7 @@ def run(ns: argparse.Namespace) -> int:
             pool_cls=BackendPool, gpu_class=ns.gpu_class, block_size=settings.block_size,
             scrape_interval_s=ns.scrape_interval, fail_threshold=ns.fail_threshold,
             profiles=settings.profiles, kv_events_port=ns.kv_events_port, kv_events_topic=ns.kv_events_topic,
-            api_key=backend_key,
+            api_key=backend_key, declared_models=list(settings.models),
         )  # fmt: skip
         try:
             await server.start(ns.host, ns.grpc_port, ns.http_port)

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -123,8 +123,11 @@ class BackendPool(ReplicaPool[Backend]):
         kv_events_port: int | None = None,
         kv_events_topic: str = "",
         api_key: str | None = None,
+        declared_models: Collection[str] = (),
     ) -> None:
         self.fleet = fleet
+        self.declared_models = frozenset(declared_models)  # the policy's ModelPool models (none: any)
+        self._warned_models: set[str] = set()
         self.discovery = discovery
         self.router_id = router_id
         self.on_event = on_event
@@ -326,7 +329,15 @@ class BackendPool(ReplicaPool[Backend]):
         old = self.by_replica.get(b.replica_id)
         if old is not None and old is not b:
             self._eject(old, f"replica id now served by {b.url}")
-        profile = self.profiles.get(b.gpu_class) or self.resolve_profile(b.gpu_class)
+        try:
+            profile = self.profiles.get(b.gpu_class) or self.resolve_profile(b.gpu_class)
+        except ValueError as e:  # an unknown GPU class: say so (the probe loop would die silently)
+            why = f"GPU class '{b.gpu_class}': {e}"
+            if b.last_error != why:
+                log.warning("backend %s not admitted: %s", b.url, why)
+            b.last_error = why
+            return
+        self._warn_undeclared(models.base)
         cap = 0
         if scraped is not None and scraped.num_gpu_blocks and scraped.block_size:
             cap = max(1, scraped.num_gpu_blocks * scraped.block_size // self.block_size)
@@ -354,6 +365,18 @@ class BackendPool(ReplicaPool[Backend]):
         if self.on_membership is not None:
             self.on_membership(b.replica_id, True)
         self._notify()
+
+    def _warn_undeclared(self, model: str) -> None:
+        """One WARNING per model a backend serves that the policy's ModelPool does not declare."""
+        if not self.declared_models or model in self.declared_models or model in self._warned_models:
+            return
+        self._warned_models.add(model)
+        log.warning(
+            "a backend serves model '%s', which the ModelPool does not declare (its models: %s): requests "
+            "for the pool's models get 503 until a backend serves them; check spec.models[].name against "
+            "the backends' /v1/models (vLLM --served-model-name)",
+            model, ", ".join(sorted(self.declared_models)),
+        )  # fmt: skip
 
     def _subscribe(self, b: Backend) -> None:
         """Read the backend's KV events (vLLM's ZMQ publisher on its host, ``kv_events_port``)."""
