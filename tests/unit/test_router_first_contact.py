@@ -3,6 +3,7 @@ argument is one line naming it and exit 2, before anything listens (issues a new
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from corral.api.cli import main
-from corral.api.commands import Command, register, unregister
+from corral.api.commands import Command, commands, register, unregister
 from corral.router.backends.cli import asks_precise
 
 
@@ -130,3 +131,18 @@ def test_explain_at_an_http_port_says_so(http_port: int, capsys: pytest.CaptureF
     assert rc == 1
     err = capsys.readouterr().err
     assert "looks like an HTTP port" in err and "gRPC" in err
+
+
+def test_helptext_plain_removes_rest_markup() -> None:
+    from corral.api.helptext import plain
+
+    text = "``corral x``: see :mod:`corral.router.server.auth` and :class:`~a.B`::\n\n::\n\n    code\n"
+    assert plain(text) == "corral x: see auth and B:\n\n\n    code"
+
+
+@pytest.mark.parametrize("name", [c.name for c in commands()])
+def test_no_command_help_shows_raw_rest(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with contextlib.suppress(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":mod:`" not in out and ":class:`" not in out, out

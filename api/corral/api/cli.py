@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import Command, commands
+from .helptext import plain
 
 
 def _selected(argv: Sequence[str]) -> str | None:
@@ -32,7 +33,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for cmd in commands():
         if cmd.name == selected:
-            _load(cmd).add_parser(sub)
+            p = _load(cmd).add_parser(sub)
+            if isinstance(p, argparse.ArgumentParser):  # docstring descriptions: no raw reST in --help
+                p.description = plain(p.description)
         else:
             sub.add_parser(cmd.name, help=cmd.help, add_help=False)
     return parser
