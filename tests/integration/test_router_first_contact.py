@@ -127,3 +127,16 @@ def test_explain_without_a_key_names_api_key(keyed_router: str, capsys: pytest.C
     assert main(["explain", "--router", keyed_router, "--request-id", "x"]) == 1
     err = capsys.readouterr().err
     assert "--api-key" in err
+
+
+async def test_a_request_before_any_replica_connects_is_503_not_404() -> None:
+    s = RouterServer([], RouterConfig())  # no --policy, nothing connected
+    await s.start("127.0.0.1", 0, 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "llama-8b", "prompt": "hi", "max_tokens": 2}
+            async with http.post(s.http_url + "/v1/completions", json=body) as r:
+                assert r.status == 503, await r.text()
+                assert "no engine replica is connected" in await r.text()
+    finally:
+        await s.stop()

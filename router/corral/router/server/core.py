@@ -316,6 +316,8 @@ class Router:
             self.check_access(tenant, name, name)
             return a[0], name, a[1]
         models = self.available_models()
+        if not models and not self.fleet.replicas and not self.config.models:  # nothing known yet: 503
+            raise Unavailable(f"model '{name}' has no replica: no engine replica is connected yet")
         avail = ", ".join(m for m in models if self.visible_to(tenant, m))
         avail = avail or ("(none for this tenant)" if models else "(none: no engine replica is connected)")
         raise NotFound(f"model '{name}' not found; available: {avail}")
