@@ -147,6 +147,24 @@ def test_streaming_over_http_and_grpc(stack: LocalStack) -> None:
         assert MODEL in ids and set(ADAPTERS) <= ids
 
 
+def wait_settled(router: Any, prompt: str, timeout: float = 15.0) -> None:
+    """Wait until a dry run of ``prompt`` sees no queue on any candidate: sequential requests are then judged
+    on cache and GPU class alone (an engine's load sample can trail a finished request by a sample period,
+    longer on a loaded machine, and a busy-looking holder may rightly lose to a cold idle replica)."""
+    from corral.v1 import router_pb2, router_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(router.grpc) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        while True:
+            req = router_pb2.CompletionRequest(model=MODEL, prompt=prompt, max_tokens=4)
+            ex = stub.Explain(router_pb2.ExplainRequest(request=req), timeout=10)
+            if ex.candidates and all(c.queue_s == 0 for c in ex.candidates):
+                return
+            assert time.monotonic() < deadline, f"router view not settled after {timeout}s: {ex}"
+            time.sleep(0.05)
+
+
 def explain(router: Any, resp: requests.Response) -> Any:
     """The router's decision for a completed request (by the router's own request id: client ids are
     labels only)."""
@@ -168,6 +186,8 @@ def test_repeated_prefix_lands_on_a_replica_holding_it(stack: LocalStack) -> Non
     prefix = "You are a meticulous assistant for the prefix affinity test. " * 150
     seen, hits = [], []
     for i in range(6):
+        if i:  # the router's view settled: the previous request's end reached the load samples
+            wait_settled(r, prefix + f" question number {i}?")
         resp = complete(r.http, prefix + f" question number {i}?")
         assert resp.status_code == 200, resp.text
         seen.append(resp.headers["x-corral-replica"])
