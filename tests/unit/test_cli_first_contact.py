@@ -143,7 +143,7 @@ def test_bench_default_out_is_the_current_directory() -> None:
 
 
 def test_demo_with_api_keys_needs_a_key_to_send(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A demo whose router requires keys would send every request unauthenticated (all 401): refused up front."""
+    """A demo whose router requires keys would send every request without one (all 401): refused up front."""
     keys = tmp_path / "keys.yaml"
     keys.write_text("")
     line = _one_line_error(capsys, ["demo", "-f", str(EXAMPLES), "--api-keys", str(keys)])
