@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     router = q.get(timeout=60)
     ro.PIDS.update(engines=[pe.pid or 0], router=[pr.pid or 0], loadgen=[os.getpid()])
     warmup = 0.5
-    cmd = [spy, "record", "-r", str(ns.rate), "-o", ns.out, "--format", ns.format, "--nonblocking",
+    # argv[0] "py-spy", not the found path: the flame graph's title is this command line (no machine path)
+    cmd = ["py-spy", "record", "-r", str(ns.rate), "-o", ns.out, "--format", ns.format, "--nonblocking",
            "--pid", str(pr.pid), "-d", str(int(ns.duration + warmup + 1))]  # fmt: skip
-    rec = subprocess.Popen(cmd)
+    rec = subprocess.Popen(cmd, executable=spy)
     try:
         if ns.idle:  # event streams and load samples only (every engine sends one every 0.1 s)
             time.sleep(warmup)
