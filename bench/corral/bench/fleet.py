@@ -584,6 +584,18 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
 
     cols = min(3, len(wls))
     rows = math.ceil(len(wls) / cols)
+
+    def save_grid(fig: Any, axes: Any, fname: str) -> None:
+        """One panel per workload: blank the spare panels, one legend below, save, close."""
+        for ax in list(axes.flat)[len(wls) :]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+        fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.12, 1, 1))
+        files.append(out / fname)
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     for ax, (name, w) in zip(axes.flat, wls, strict=False):
         slo = w["slo_ttft_s"]
@@ -606,14 +618,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_ylabel("P90 TTFT (s)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(wls) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.12, 1, 1))
-    files.append(out / "fleet_ttft_vs_rate.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save_grid(fig, axes, "fleet_ttft_vs_rate.png")
 
     # Goodput vs arrival rate (requests meeting the SLO per second) with the ceiling.
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
@@ -635,14 +640,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_ylabel("req/s meeting the TTFT SLO")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(wls) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.12, 1, 1))
-    files.append(out / "fleet_goodput_vs_rate.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save_grid(fig, axes, "fleet_goodput_vs_rate.png")
 
     # Distance from the ceiling: goodput / ceiling goodput per workload and policy (error bar: seed std).
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(wls) * len(pols) / 5), 4.0))
