@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -21,6 +20,7 @@ from corral.router.types import RoutingRequest
 from corral.serve.endpoint import EchoEngine, EngineEndpoint
 from corral.v1 import router_pb2 as rpb
 from corral.v1 import router_pb2_grpc as rpb_grpc
+from waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -57,15 +57,6 @@ async def router() -> AsyncIterator[RouterServer]:
     finally:
         await r.stop(0)
         await ep.stop(None)
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``cond`` on the event loop (the router runs on it) until true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def held(r: RouterServer) -> dict[str, tuple[int, int]]:

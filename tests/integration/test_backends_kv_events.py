@@ -4,11 +4,8 @@ next request with that prefix, and evictions take them out again."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import socket
-import time
-from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import pytest
@@ -17,6 +14,7 @@ from corral.router.backends.pool import BackendPool
 from corral.router.request import build_request
 from corral.router.server import RouterConfig, RouterServer
 from corral.serve.fakevllm import FakeVllm, FakeVllmConfig
+from waiting import async_wait_until
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
@@ -40,16 +38,7 @@ def _free_port() -> int:
     raise RuntimeError("no port free on both loopback hosts")
 
 
-async def wait_until(
-    cond: Callable[[], Any], timeout: float, what: str, tick: Callable[[], Any] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        if tick is not None:
-            await tick()
-        await asyncio.sleep(0.05)
+wait_until = functools.partial(async_wait_until, interval=0.05)  # tick= pumps the subscriber
 
 
 async def test_kv_events_feed_the_precise_index_across_hash_spaces() -> None:

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,12 @@ from corral.router.backends.discovery import StaticBackends
 from corral.router.backends.pool import BackendPool
 from corral.router.server import RouterConfig, RouterServer
 from corral.serve.fakevllm import FakeVllm, FakeVllmConfig
+from waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MODEL = "llama-8b"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Setup:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,7 @@ from corral.router.server import RouterConfig, RouterServer
 from corral.router.settings import router_settings
 from corral.router.types import RoutingRequest
 from corral.serve.endpoint import EchoEngine, EngineEndpoint
+from waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -36,14 +36,6 @@ async def router() -> AsyncIterator[tuple[RouterServer, EchoEngine]]:
     finally:
         await r.stop(0)
         await ep.stop(None)
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def post(r: RouterServer, prompt: str) -> tuple[int, dict[str, Any]]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,9 @@ from corral.router.backends.pool import BackendPool
 from corral.router.server import RouterConfig, RouterServer, load_api_keys
 from corral.router.server.auth import append_key
 from corral.serve.fakevllm import FakeVllm, FakeVllmConfig
+from waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-async def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (v := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return v
 
 
 def _server(spec: str, config: RouterConfig | None = None, **kw: Any) -> RouterServer:

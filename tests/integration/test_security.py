@@ -5,12 +5,10 @@ and no key, prompt or adapter secret in logs, trace spans or metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from corral.router.server.auth import append_key, hash_key
 from corral.serve.endpoint import EngineEndpoint
 from corral.v1 import router_pb2 as rpb
 from corral.v1 import router_pb2_grpc as rpb_grpc
+from waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -50,19 +49,6 @@ tenants:
 def key_file(path: Path) -> Path:
     path.write_text(key_text())
     return path
-
-
-async def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    t0 = time.monotonic()
-    while True:
-        v = cond()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return v
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Stack:

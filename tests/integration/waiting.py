@@ -1,9 +1,12 @@
-"""Waiting on a condition with a timeout (never sleep-and-hope): the one helper the Ray tests share."""
+"""Waiting on a condition with a timeout (never sleep-and-hope): ``wait_until`` for tests that block (Ray,
+processes), ``async_wait_until`` for tests whose router or engines run on the test's own event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,3 +26,28 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str, interval: float
             last = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+async def async_wait_until(
+    cond: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    *,
+    interval: float = 0.01,
+    tick: Callable[[], Awaitable[Any]] | None = None,
+) -> Any:
+    """Poll ``cond`` (a value or an awaitable) on the event loop until it is truthy (returned); fail naming
+    ``what`` after ``timeout`` seconds. Exceptions propagate. ``tick``, if given, is awaited between polls
+    (e.g. to pump something the condition depends on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if inspect.isawaitable(v):
+            v = await v
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        if tick is not None:
+            await tick()
+        await asyncio.sleep(interval)
