@@ -29,7 +29,7 @@ def test_own_requests_are_counted_live_and_external_load_fades_with_age() -> Non
     assert (s.ext_waiting, s.ext_running) == (5, 0)
     assert s.waiting == 3 + 5 and s.running == 0 and s.kv_usage == 0.4
     assert s.waiting_prefill_tokens == r.pending_prefill_tokens + 5 * 64  # external ~ our prompts' size
-    r.last_sample, r.sample_received_at = s, 10.0  # type: ignore[assignment]
+    r.set_sample(s, 10.0, live=True)  # type: ignore[arg-type]
     assert waiting_load(r, 10.0, 5.0) == 8 and request_load(r, 10.0, 5.0) == 8
     # ours finish: the sample follows at once (no stale "busy" until the next scrape)
     for i in range(3):

@@ -133,3 +133,31 @@ def test_without_a_clock_the_sample_time_is_used() -> None:
     f.apply(LoadSample("r000", 7.0, 1, 1, 0, 0, 0.0))
     r = f.replicas["r000"]
     assert r.sample_received_at == 7.0 and fresh_sample(r, 8.0, 5.0) is not None
+
+
+def test_a_sample_counts_what_this_router_saw_since_live() -> None:
+    """An engine sample trails the router: requests it counted as waiting that the router has since seen
+    pass their first token (or finish) no longer look queued, and requests the router sent after it are
+    added; load the router did not send (another router's) stays counted."""
+    from corral.router.policies._common import decode_load, request_load, token_load, waiting_load
+
+    f = fleet(1)
+    r = f.replicas["r000"]
+    for i in range(3):
+        f.on_dispatch("r000", req(f"q{i}", prompt(i + 10, 100)))
+    assert (r.pending_prefill_tokens, r.waiting_requests) == (300, 3)
+    # the engine counts our 3 waiting plus 2 of another router's (200 tokens): 5 waiting, 500 tokens
+    f.apply(LoadSample("r000", 1.0, 0, 5, 500, 0, 0.1), now=1.0)
+    assert waiting_load(r, 1.0, 5.0) == 5 and token_load(r, 1.0, 5.0) == 500
+    # ours start decoding and one finishes before the next sample: only the other router's 2 still wait
+    for i in range(3):
+        f.on_first_token("r000", f"q{i}")
+    f.on_finish("r000", "q0")
+    assert waiting_load(r, 1.5, 5.0) == 2 and token_load(r, 1.5, 5.0) == 200
+    assert decode_load(r, 1.5, 5.0) == 2 and request_load(r, 1.5, 5.0) == 4
+    # a request sent after the sample adds to it at once
+    f.on_dispatch("r000", req("q9", prompt(99, 100)))
+    assert waiting_load(r, 1.6, 5.0) == 3 and token_load(r, 1.6, 5.0) == 300
+    # the sample never pulls the count below the router's own
+    f.apply(LoadSample("r000", 2.0, 0, 0, 0, 0, 0.0), now=2.0)
+    assert waiting_load(r, 2.0, 5.0) == 1 and token_load(r, 2.0, 5.0) == 100

@@ -161,6 +161,12 @@ class ReplicaState:
     decode_requests: int = 0  # requests past their first token, still generating
     last_sample: LoadSample | None = None
     sample_received_at: float = 0.0  # when ``last_sample`` arrived, on the router's clock (see apply)
+    sample_own: tuple[int, int, int, int] | None = (0, 0, 0, 0)
+    """This router's own (pending prefill tokens, waiting, decoding, in-flight) on the replica when
+    ``last_sample`` arrived: the policies read a sample as ``sample - sample_own + own now`` (the load it
+    counts that is not this router's, plus this router's live counts), so requests this router saw start or
+    finish after the engine counted no longer look queued (``corral.router.policies._common``). ``None``:
+    the sample already adds this router's live counts (a backend scrape, ``backends.load.ScrapedLoad``)."""
     dispatched_total: int = 0
     unconfirmed: dict[int, float] = field(default_factory=dict)  # precise mode: block -> confirm deadline
     cpu_blocks: set[int] = field(default_factory=set)  # precise mode: blocks in the CPU KV tier (medium cpu)
@@ -168,6 +174,16 @@ class ReplicaState:
     @property
     def outstanding(self) -> int:
         return len(self.in_flight)
+
+    def set_sample(self, sample: LoadSample, received_at: float, live: bool = False) -> None:
+        """Take a load sample received at ``received_at`` (router clock); ``live``: it already counts this
+        router's requests live (see ``sample_own``)."""
+        self.last_sample = sample
+        self.sample_received_at = received_at
+        self.sample_own = None if live else (
+            self.pending_prefill_tokens, len(self.in_flight) - self.decode_requests,
+            self.decode_requests, len(self.in_flight),
+        )  # fmt: skip
 
     @property
     def waiting_requests(self) -> int:
@@ -339,10 +355,9 @@ class FleetState:
         if r is None:
             return
         if isinstance(ev, LoadSample):
-            r.last_sample = ev
             if now is None:
                 now = self.clock() if self.clock is not None else ev.time
-            r.sample_received_at = now
+            r.set_sample(ev, now)
         elif isinstance(ev, AdapterLoaded):
             if ev.tier == "gpu":
                 r.adapters_gpu.add(ev.adapter)

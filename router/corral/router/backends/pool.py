@@ -285,12 +285,12 @@ class BackendPool(ReplicaPool[Backend]):
                     self._apply_models(b, models, scraped)
                 r = self.fleet.replicas.get(b.replica_id)
                 if scraped is not None and b.connected and r is not None:
-                    r.last_sample = ScrapedLoad(  # type: ignore[assignment]  # a live LoadSample
+                    load = ScrapedLoad(
                         r, running=scraped.running, waiting=scraped.waiting, kv_usage=scraped.kv_usage,
                         own_at_scrape=own if r is r0 else 0, sent_at=sent, wall_time=time.time(),
                         clock=self._now, max_age=self.sample_max_age_s,
                     )  # fmt: skip
-                    r.sample_received_at = sent
+                    r.set_sample(load, sent, live=True)  # type: ignore[arg-type]  # duck-types LoadSample
             await asyncio.sleep(self.scrape_interval_s)
 
     def _now(self) -> float:

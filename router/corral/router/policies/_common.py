@@ -98,39 +98,51 @@ def fresh_sample(r: ReplicaState, now: float, max_age: float) -> Any:
 
 
 def request_load(r: ReplicaState, now: float, max_age: float) -> int:
-    """Outstanding requests: the router's count, or the engine's running+waiting if larger and fresh."""
+    """Outstanding requests: the router's count, or, if larger, a fresh sample's running+waiting corrected
+    for what this router saw since (``ReplicaState.sample_own``)."""
     n = len(r.in_flight)
     s = fresh_sample(r, now, max_age)
     if s is not None:
-        m = s.running + s.waiting
+        own = r.sample_own
+        m = s.running + s.waiting if own is None else s.running + s.waiting - own[3] + n
         if m > n:
             return m
     return n
 
 
 def waiting_load(r: ReplicaState, now: float, max_age: float) -> int:
-    """Requests not yet past their first token (router count, or the engine's ``waiting``)."""
+    """Requests not yet past their first token (router count, or the corrected sample's ``waiting``)."""
     n = len(r.in_flight) - r.decode_requests
     s = fresh_sample(r, now, max_age)
-    if s is not None and s.waiting > n:
-        return s.waiting
+    if s is not None:
+        own = r.sample_own
+        m = s.waiting if own is None else s.waiting - own[1] + n
+        if m > n:
+            return m
     return n
 
 
 def token_load(r: ReplicaState, now: float, max_age: float) -> int:
-    """Pending uncached prefill tokens (router count, or the engine's waiting prefill tokens)."""
+    """Pending uncached prefill tokens (router count, or the corrected sample's waiting prefill tokens)."""
     n = r.pending_prefill_tokens
     s = fresh_sample(r, now, max_age)
-    if s is not None and s.waiting_prefill_tokens > n:
-        return s.waiting_prefill_tokens
+    if s is not None:
+        own = r.sample_own
+        m = s.waiting_prefill_tokens if own is None else s.waiting_prefill_tokens - own[0] + n
+        if m > n:
+            return m
     return n
 
 
 def decode_load(r: ReplicaState, now: float, max_age: float) -> int:
+    """Requests past their first token (router count, or the corrected sample's ``running``)."""
     n = r.decode_requests
     s = fresh_sample(r, now, max_age)
-    if s is not None and s.running > n:
-        return s.running
+    if s is not None:
+        own = r.sample_own
+        m = s.running if own is None else s.running - own[2] + n
+        if m > n:
+            return m
     return n
 
 
