@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from corral.router.paging import Action, AdapterInfo, AdapterPager, DemandTracker, PagingConfig
+from corral.router.paging import AdapterInfo, AdapterPager, DemandTracker, PagingConfig
 from corral.serve.adapter_sources import AdapterNotFetchable, AdapterSourceError, fetch_adapter, parse_source
 
 
@@ -27,6 +27,7 @@ class _Replica:
     adapters_gpu: set[str] = field(default_factory=set)
     adapters_cpu: set[str] = field(default_factory=set)
     max_gpu_adapters: int = 2
+    max_cpu_adapters: int | None = None
     in_flight: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,7 +119,7 @@ def test_target_scales_with_demand_and_is_capped() -> None:
 # ---- planning --------------------------------------------------------------------------------------
 
 
-async def test_hot_adapter_gets_replicated_then_shrinks_when_cold() -> None:
+async def test_hot_adapter_gets_replicated_and_cold_copies_are_left_to_the_engines() -> None:
     fleet = _Fleet(_Replica("r0"), _Replica("r1"), _Replica("r2"))
     pager, clock = _pager(fleet, replication_rps=2.0, half_life_s=2.0)
     _drive(pager, clock, "a", rps=5.0, seconds=20)
@@ -127,34 +128,45 @@ async def test_hot_adapter_gets_replicated_then_shrinks_when_cold() -> None:
     assert len(holders) == 3  # ceil(5 / 2)
     assert pager.stats.loads == 3
 
-    clock.t += 4.0  # rate ~1.25 -> target 1
-    await pager.step()
-    assert sum("a" in r.adapters_gpu for r in fleet.reps.values()) == 1
+    # Cold: its copies stay until a slot is wanted (the engine's LRU evicts it then, for free).
     clock.t += 60.0
+    assert pager.target("a", 3, clock()) == 0
     await pager.step()
-    assert all("a" not in r.adapters_gpu for r in fleet.reps.values())
+    assert all("a" in r.adapters_gpu for r in fleet.reps.values()) and pager.stats.unloads == 0
+
+
+def test_a_single_copy_is_left_to_the_first_request() -> None:
+    """Target 1 (demand under ``replication_rps``): no preload; the request that needs it loads it."""
+    pager, clock = _pager(_Fleet(_Replica("r0"), _Replica("r1")), replication_rps=100.0)
+    _drive(pager, clock, "a", rps=2, seconds=5)
+    assert pager.target("a", 2, clock()) == 1
+    assert pager.plan() == []
 
 
 def test_never_unloads_with_requests_in_flight() -> None:
-    r0 = _Replica("r0", adapters_gpu={"a"}, in_flight={"req1": _Flight("a")})
-    r1 = _Replica("r1", adapters_gpu={"a"})
-    pager, clock = _pager(_Fleet(r0, r1))
-    actions = pager.plan(clock())  # cold: target 0
-    assert Action("unload", "r1", "a", "gpu", "target 0") in actions
-    assert not any(a.replica_id == "r0" and a.kind == "unload" for a in actions)
-    assert pager.stats.skipped_in_flight == 1
+    # 'b' is hot (target 2); both replicas are full with colder 'a' and 'c'; on r0 both are in use.
+    r0 = _Replica("r0", max_gpu_adapters=2, adapters_gpu={"a", "c"},
+                  in_flight={"q1": _Flight("a"), "q2": _Flight("c")})  # fmt: skip
+    r1 = _Replica("r1", max_gpu_adapters=2, adapters_gpu={"a", "c"})
+    pager, clock = _pager(_Fleet(r0, r1), replication_rps=1.0, names=("a", "b", "c"))
+    _drive(pager, clock, "b", rps=4.0, seconds=5)
+    actions = pager.plan()
+    assert not any(a.replica_id == "r0" for a in actions)  # nothing on r0 is evictable
+    assert [(a.kind, a.replica_id) for a in actions] == [("unload", "r1"), ("load", "r1")]
+    assert pager.stats.skipped_in_flight >= 1
 
 
 def test_respects_gpu_slots_and_evicts_only_colder_idle_adapters() -> None:
-    # r0 is full with b (busy) and c (idle, colder than a).
+    # r0 is full with b (busy) and c (idle, colder than a); a is hot enough for a second copy (r1 has one).
     r0 = _Replica("r0", max_gpu_adapters=2, adapters_gpu={"b", "c"}, in_flight={"x": _Flight("b")})
-    pager, clock = _pager(_Fleet(r0), replication_rps=100.0, half_life_s=5.0)
-    _drive(pager, clock, "a", rps=4.0, seconds=10)
-    _drive(pager, clock, "b", rps=1.0, seconds=10)
+    r1 = _Replica("r1", max_gpu_adapters=2, adapters_gpu={"a"})
+    pager, clock = _pager(_Fleet(r0, r1), replication_rps=2.0, half_life_s=5.0)
     pager.on_dispatch("c")
-    clock.t += 1
+    _drive(pager, clock, "b", rps=1.0, seconds=10)
+    _drive(pager, clock, "a", rps=4.0, seconds=10)
     actions = pager.plan()
-    assert [(a.kind, a.adapter) for a in actions] == [("unload", "c"), ("load", "a")]
+    got = [(a.kind, a.replica_id, a.adapter) for a in actions]
+    assert got == [("unload", "r0", "c"), ("load", "r0", "a")]
 
     # Nothing colder and idle to evict: no action, never over the slots.
     r0.adapters_gpu = {"b", "c"}
@@ -178,16 +190,14 @@ def test_pinned_adapters_everywhere_and_never_unloaded() -> None:
 
 
 def test_prefers_cpu_resident_replica_and_prefetches_to_cpu() -> None:
-    r0 = _Replica("r0")
-    r1 = _Replica("r1", adapters_cpu={"a"})
-    r2 = _Replica("r2")
-    pager, clock = _pager(_Fleet(r0, r1, r2), prefetch_to_cpu=True, replication_rps=100.0, cpu_slots=4)
-    _drive(pager, clock, "a", rps=2, seconds=5)
+    reps = [_Replica("r0"), _Replica("r1", adapters_cpu={"a"}), _Replica("r2"), _Replica("r3")]
+    pager, clock = _pager(_Fleet(*reps), prefetch_to_cpu=True, replication_rps=1.0, cpu_slots=4)
+    _drive(pager, clock, "a", rps=2, seconds=30)  # target 2
     actions = pager.plan()
-    gpu_loads = [a for a in actions if a.kind == "load" and a.tier == "gpu"]
-    assert [(a.replica_id, a.adapter) for a in gpu_loads] == [("r1", "a")]
+    gpu_loads = [(a.replica_id, a.adapter) for a in actions if a.kind == "load" and a.tier == "gpu"]
+    assert gpu_loads == [("r1", "a"), ("r0", "a")]  # the CPU-resident replica first
     cpu_loads = sorted((a.replica_id, a.adapter) for a in actions if a.tier == "cpu")
-    assert cpu_loads == [("r0", "a"), ("r2", "a")]
+    assert cpu_loads == [("r2", "a"), ("r3", "a")]
 
 
 def test_cpu_prefetch_respects_cpu_slots() -> None:
@@ -199,6 +209,22 @@ def test_cpu_prefetch_respects_cpu_slots() -> None:
     assert len(cpu) == 1  # one free CPU slot
 
 
+def test_cpu_prefetch_fills_only_free_host_slots_of_idle_replicas_once() -> None:
+    """The host cache holds the GPU-active adapters too (vLLM's max_cpu_loras); a busy replica gets no
+    prefetch (a disk read blocks its step loop); a prefetch is not planned again before its event."""
+    names = ("a", "b", "c", "g")
+    idle = _Replica("r0", adapters_gpu={"g"}, max_cpu_adapters=2)
+    busy = _Replica("r1", max_cpu_adapters=8, in_flight={"q": _Flight(None)})
+    unknown = _Replica("r2")  # its host cache size is unknown: no prefetch
+    pager, clock = _pager(_Fleet(idle, busy, unknown), names=names, prefetch_to_cpu=True)
+    for n in ("a", "b", "c"):
+        _drive(pager, clock, n, rps=1, seconds=3)
+    acts = [(a.replica_id, a.adapter) for a in pager.plan() if a.tier == "cpu"]
+    assert len(acts) == 1 and acts[0][0] == "r0"  # 2 slots, one taken by the GPU-active 'g'
+    pager.planner.record_prefetched(*acts[0])  # done; the engine's event has not arrived yet
+    assert [a for a in pager.plan() if a.tier == "cpu"] == []
+
+
 async def test_recent_own_loads_are_not_replanned_before_events_arrive() -> None:
     fleet = _Fleet(_Replica("r0"), _Replica("r1"))
 
@@ -208,11 +234,11 @@ async def test_recent_own_loads_are_not_replanned_before_events_arrive() -> None
 
     clock = _Clock()
     control = _SilentControl(fleet)
-    pager = AdapterPager(fleet, control, _adapters("a"), PagingConfig(replication_rps=100), clock=clock)
-    _drive(pager, clock, "a", rps=2, seconds=5)
+    pager = AdapterPager(fleet, control, _adapters("a"), PagingConfig(replication_rps=1.0), clock=clock)
+    _drive(pager, clock, "a", rps=2, seconds=30)  # target 2
     await pager.step()
     await pager.step()
-    assert [c[0] for c in control.calls] == ["load"]
+    assert [c[0] for c in control.calls] == ["load", "load"]
 
 
 async def test_failures_are_counted_and_loop_stops() -> None:
@@ -223,7 +249,8 @@ async def test_failures_are_counted_and_loop_stops() -> None:
             raise RuntimeError("engine gone")
 
     clock = _Clock()
-    pager = AdapterPager(fleet, _Broken(fleet), _adapters("a"), PagingConfig(interval_s=0.01), clock=clock)
+    cfg = PagingConfig(interval_s=0.01, pin=("a",))  # a pinned adapter is placed without demand
+    pager = AdapterPager(fleet, _Broken(fleet), _adapters("a"), cfg, clock=clock)
     _drive(pager, clock, "a", rps=2, seconds=5)
     stop = asyncio.Event()
     task = asyncio.create_task(pager.run(stop))
@@ -329,17 +356,22 @@ def test_planner_alone_plans_without_a_control_or_an_event_loop() -> None:
 
     fleet = _Fleet(_Replica("r0"), _Replica("r1"))
     clock = _Clock()
-    cfg = PagingConfig(min_resident_s=0.0, replication_rps=100.0)
+    cfg = PagingConfig(min_resident_s=0.0, replication_rps=5.0)
     planner = AdapterPlanner(fleet, _adapters("a"), cfg, clock=clock)
-    for _ in range(100):
+    for _ in range(400):  # 20 req/s: target 2
         clock.t += 0.05
         planner.on_dispatch("a")
-    (act,) = planner.plan()
-    assert (act.kind, act.adapter, act.tier) == ("load", "a", "gpu")
-    planner.mark_pending(act.replica_id, "a")  # what the executor does while the load runs
+    acts = planner.plan()
+    assert sorted((a.kind, a.replica_id, a.adapter, a.tier) for a in acts) == [
+        ("load", "r0", "a", "gpu"),
+        ("load", "r1", "a", "gpu"),
+    ]
+    for a in acts:
+        planner.mark_pending(a.replica_id, "a")  # what the executor does while the load runs
     assert planner.plan() == []
-    planner.clear_pending(act.replica_id, "a")
-    planner.record_loaded(act.replica_id, "a")  # before the engine's event shows it
+    for a in acts:
+        planner.clear_pending(a.replica_id, "a")
+        planner.record_loaded(a.replica_id, "a")  # before the engine's event shows it
     assert planner.plan() == []
 
 

@@ -72,6 +72,19 @@ def test_a_policy_sees_engine_events_in_precise_mode() -> None:
     assert seen["blocks"] > 0 and seen["samples"] == 2
 
 
+def test_the_fleet_runs_the_routers_adapter_pager_on_lora_workloads() -> None:
+    """The shipped pager (RoutingPolicy adapterPaging defaults) plans in the fleet run: a hot adapter is
+    replicated, and no round re-plans what it already did (no prefetch/unload churn)."""
+    w = W.lora_zipf(16, 2000, zipf_s=1.2, seed=4)
+    cfg = FleetConfig(replicas=parse_replicas("H100:2,A100-80GB:2"), max_loras=4, max_cpu_loras=8)
+    on = run_fleet(w, "corral", scale=2.0, config=cfg)
+    off = run_fleet(w, "corral", scale=2.0, config=FleetConfig(**{**cfg.__dict__, "paging": False}))
+    assert off.paged == 0 and on.paged > 0
+    rounds = on.sim_end_s / 0.5  # PagingConfig.interval_s
+    assert on.paged < rounds  # not a load or prefetch every round
+    assert on.completed == on.measured and off.completed == off.measured
+
+
 def test_bench_fleet_quick_writes_a_valid_fleet_json(tmp_path: Path) -> None:
     fleet = bench_cli.load("fleet")
     rc = fleet.main(

@@ -260,6 +260,7 @@ class EnginePool(ReplicaPool[EngineConn]):
             kv_capacity_blocks=info.kv_capacity_blocks or None,
             max_gpu_adapters=info.max_loras or 4,
             address=conn.address,
+            max_cpu_adapters=info.max_cpu_loras or None,
         )
         r.index.insert(batch.resident_blocks)
         conn.adapters.clear()

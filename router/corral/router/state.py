@@ -156,6 +156,7 @@ class ReplicaState:
     adapters_gpu: set[str] = field(default_factory=set)
     adapters_cpu: set[str] = field(default_factory=set)
     max_gpu_adapters: int = 4
+    max_cpu_adapters: int | None = None  # the engine's host adapter cache (vLLM max_cpu_loras); None: unknown
     in_flight: dict[str, InFlight] = field(default_factory=dict)
     pending_prefill_tokens: int = 0  # uncached prompt tokens sent, first token not yet seen
     decode_requests: int = 0  # requests past their first token, still generating
@@ -222,6 +223,7 @@ class FleetState:
         kv_capacity_blocks: int | None = None,
         max_gpu_adapters: int = 4,
         address: str = "",
+        max_cpu_adapters: int | None = None,
     ) -> ReplicaState:
         cap = kv_capacity_blocks or max(1, profile.kv_capacity_tokens // block_size)
         r = ReplicaState(
@@ -233,6 +235,7 @@ class FleetState:
             index=PrefixIndex(cap, prefix_closed=self.index_mode == "approximate"),
             address=address,
             max_gpu_adapters=max_gpu_adapters,
+            max_cpu_adapters=max_cpu_adapters,
         )
         self.replicas[replica_id] = r
         self._reindex()

@@ -125,6 +125,7 @@ class AdapterPager:
                             planner.record_loaded(rid, a.adapter)
                         else:
                             self.stats.prefetches += 1
+                            planner.record_prefetched(rid, a.adapter)
                 except Exception as e:
                     self.stats.failures += 1
                     log.warning("adapter paging: %s %s on %s failed: %s", a.kind, a.adapter, rid, e)

@@ -6,9 +6,19 @@ adapters where the requests for them are. Pure and deterministic given the fleet
 - :meth:`AdapterPlanner.target`: demand -> *replica target*, ``ceil(rps / replication_rps)``, at least one
   while the adapter is warm, capped by ``max_replicas_per_adapter`` and by the replicas serving its base
   model; pinned adapters are wanted on every replica of their base model and are never unloaded;
-- :meth:`AdapterPlanner.plan`: loads (GPU tier) and unloads against each replica's GPU slots, evicting only
-  adapters colder than the one coming in, not pinned, and **never one with requests in flight** on that
-  replica; optionally CPU-tier prefetches of warm adapters to the replicas that lack them.
+- :meth:`AdapterPlanner.plan`: GPU loads that *replicate* an adapter whose target is two or more (or place a
+  pinned one), against each replica's GPU slots, evicting only adapters colder than the one coming in,
+  not pinned, and **never one with requests in flight** on that replica; optionally CPU-tier prefetches of
+  warm adapters into free host-memory slots of replicas with nothing in flight.
+
+What it leaves to the engines, measured in the fleet benchmark (``corral.serve.sim.fleet`` runs this
+planner): a single copy is loaded by the first request that needs it (a preload would stall a batch for
+the same load, and evict another adapter); a cold adapter is not unloaded until its slot is wanted (the
+engine's LRU evicts it then, for free; an early unload only turns its next request's hit into a load);
+a prefetch runs only on an idle replica (loading weights from disk blocks the engine's step loop, so a
+prefetch into a busy replica stalls every running request) and only into free slots of its host cache,
+which holds the GPU-active adapters too (vLLM's ``max_cpu_loras``): a prefetch past it evicts another
+adapter there, which the next round would prefetch back.
 
 The planner remembers what the executor (:mod:`corral.router.paging.executing`) did recently
 (:meth:`~AdapterPlanner.record_loaded` ...) so a round's actions are not planned again before the engines'
@@ -66,6 +76,7 @@ class ReplicaView(Protocol):
     adapters_gpu: set[str]
     adapters_cpu: set[str]
     max_gpu_adapters: int
+    max_cpu_adapters: int | None
     in_flight: Mapping[str, Any]
 
     @property
@@ -170,6 +181,7 @@ class AdapterPlanner:
         self.stats = PagerStats()
         self._loaded_at: dict[tuple[str, str], float] = {}
         self._unloaded_at: dict[tuple[str, str], float] = {}
+        self._prefetched_at: dict[tuple[str, str], float] = {}
         self._pending: set[tuple[str, str]] = set()
 
     # -- inputs --
@@ -214,6 +226,10 @@ class AdapterPlanner:
         key = (replica_id, adapter)
         self._loaded_at[key] = self.clock() if now is None else now
         self._unloaded_at.pop(key, None)
+
+    def record_prefetched(self, replica_id: str, adapter: str, now: float | None = None) -> None:
+        """A CPU-tier prefetch finished: count it as host-resident until the engine's event shows it."""
+        self._prefetched_at[(replica_id, adapter)] = self.clock() if now is None else now
 
     def record_unloaded(self, replica_id: str, adapter: str, now: float | None = None) -> None:
         key = (replica_id, adapter)
@@ -274,6 +290,12 @@ class AdapterPlanner:
         # Simulated residency after the actions planned so far.
         gpu = {r.replica_id: self._expected_gpu(r, now) for r in reps}
         cpu = {r.replica_id: set(r.adapters_cpu) for r in reps}
+        grace = cfg.event_grace_s
+        for (rid, name), t in list(self._prefetched_at.items()):
+            if now - t >= grace:
+                del self._prefetched_at[(rid, name)]
+            elif rid in cpu:
+                cpu[rid].add(name)
         by_id = {r.replica_id: r for r in reps}
         names = {a.name for a in infos}
         # Hottest first, so a colder adapter never takes a slot a hotter one needs.
@@ -285,6 +307,7 @@ class AdapterPlanner:
             if victim in cfg.pin:
                 return False
             if _busy(by_id[rid], victim):
+                self.stats.skipped_in_flight += 1
                 return False
             if now - self._loaded_at.get((rid, victim), -math.inf) < cfg.min_resident_s:
                 return False
@@ -296,7 +319,7 @@ class AdapterPlanner:
             want = targets[name]
             holders = [rid for rid in sorted(gpu) if name in gpu[rid]]
             prio = self._priority(name, now)
-            if len(holders) < want:
+            if len(holders) < want and (want > 1 or name in cfg.pin):
                 # Prefer replicas holding it on CPU (cheap promotion), then free slots, then least load.
                 def rank(rid: str, name: str = name) -> tuple[int, int, int, str]:
                     free = by_id[rid].max_gpu_adapters - len(gpu[rid])
@@ -322,29 +345,20 @@ class AdapterPlanner:
                     gpu[rid].add(name)
                     cpu[rid].discard(name)
                     holders.append(rid)
-            elif len(holders) > want:
-                # Drop from the most loaded holders first; never while requests are in flight.
-                for rid in sorted(holders, key=lambda r: (-by_id[r].outstanding, r)):
-                    if sum(name in g for g in gpu.values()) <= want:
-                        break
-                    if name in cfg.pin:
-                        break
-                    if _busy(by_id[rid], name):
-                        self.stats.skipped_in_flight += 1
-                        continue
-                    if now - self._loaded_at.get((rid, name), -math.inf) < cfg.min_resident_s:
-                        continue
-                    actions.append(Action("unload", rid, name, "gpu", f"target {want}"))
-                    gpu[rid].discard(name)
-
         if cfg.prefetch_to_cpu:
             warm = [n for n in order if targets[n] > 0 or self.rate(n, now) > 0]
             for rid in sorted(gpu):
-                limit = cfg.cpu_slots
+                # only into free host-memory slots: a prefetch past the engine's own limit would evict
+                # another adapter there (LRU), and the next round would prefetch that one back (thrash);
+                # a replica whose limit is unknown gets no prefetches
+                own, cap = by_id[rid].max_cpu_adapters, cfg.cpu_slots
+                limit = own if cap is None else cap if own is None else min(own, cap)
+                if limit is None or by_id[rid].outstanding > 0:
+                    continue
                 for name in warm:
                     if name in gpu[rid] or name in cpu[rid] or (rid, name) in self._pending:
                         continue
-                    if limit is not None and len(cpu[rid]) >= limit:
+                    if len(cpu[rid] | gpu[rid]) >= limit:  # the host cache holds the GPU-active ones too
                         break
                     actions.append(Action("load", rid, name, "cpu", "prefetch"))
                     cpu[rid].add(name)

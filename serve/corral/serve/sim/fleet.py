@@ -11,6 +11,11 @@ a virtual clock:
   (``Saturated``) counts as rejected and as an SLO miss.
 - **step end**: the engine applies the step; first tokens and finishes reach the router immediately
   (the router proxies the stream: ``first_token`` / ``finish``).
+- **adapter paging**: when the workload names LoRA adapters, the router's adapter pager
+  (:class:`corral.router.paging.AdapterPlanner`, configured from the RoutingPolicy's ``adapterPaging``
+  defaults, as the router deployment runs it) plans every ``interval_s`` from the dispatches it saw; its
+  loads and unloads go to the engines as ``LoadAdapter``/``UnloadAdapter`` would (a load is done, and
+  charged, in the engine's next step).
 - **engine events** (KV ``BlockStored``/``BlockRemoved``, adapter residency, ``LoadSample``) reach
   ``RouterCore.apply`` only after ``event_delay_s`` (real routers see them over a network and a publisher
   queue), and are stamped on receipt with the router's (virtual) clock, as in the service.
@@ -35,6 +40,7 @@ from corral.api.profiles import GpuProfile, resolve_profile
 from corral.api.routingpolicy import STRATEGIES, RoutingPolicySpec
 from corral.router.core import RouterCore, Saturated
 from corral.router.events import EngineEvent
+from corral.router.paging import AdapterInfo, AdapterPlanner, PagingConfig
 from corral.router.policies import BUILTIN_POLICIES
 from corral.router.policy import PolicyRegistry
 from corral.router.settings import RouterSettings, default_params, router_settings
@@ -129,6 +135,7 @@ class FleetConfig:
     warmup_fraction: float = 0.1
     max_macro_steps: int = 4096
     cpu_kv_tokens: int = 0  # per replica: the CPU KV tier (corral.serve.sim.kv_offload); 0 = none
+    paging: bool = True  # run the router's adapter pager (spec.adapterPaging) when the workload has adapters
 
 
 @dataclass
@@ -156,6 +163,7 @@ class RunResult:
     slo_attainment: float
     rejected: int = 0
     migrated: int = 0  # requests moved between router-held queues (holding policies, e.g. dualmap_paper)
+    paged: int = 0  # load/unload actions the adapter pager issued over the whole run
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.ttft, q)) if len(self.ttft) else math.nan
@@ -188,7 +196,7 @@ class RunResult:
         }
 
 
-_ARRIVE, _STEP, _DELIVER = 0, 1, 2
+_ARRIVE, _STEP, _DELIVER, _PAGE = 0, 1, 2, 3
 
 
 def run_fleet(
@@ -231,7 +239,24 @@ def run_fleet(
             sample_interval_s=cfg.sample_interval_s,
             cpu_kv_tokens=cfg.cpu_kv_tokens,
         )
-        fleet.add_replica(rid, cfg.model, prof.name, prof, block_size=bs, max_gpu_adapters=cfg.max_loras)
+        fleet.add_replica(
+            rid, cfg.model, prof.name, prof, block_size=bs, max_gpu_adapters=cfg.max_loras,
+            max_cpu_adapters=cfg.max_cpu_loras,
+        )  # fmt: skip
+
+    adapters = sorted({r.adapter for r in reqs if r.adapter is not None})
+    sizes = {r.adapter: r.adapter_mb for r in reqs if r.adapter is not None}
+    pager = (
+        AdapterPlanner(
+            fleet,
+            [AdapterInfo(a, cfg.model, f"sim://{a}") for a in adapters],
+            PagingConfig.from_specs(settings.paging, settings.paging),
+            clock,
+        )
+        if adapters and cfg.paging
+        else None
+    )
+    paged = 0
 
     heap: list[tuple[float, int, int, Any]] = []
     seq = 0
@@ -272,9 +297,21 @@ def run_fleet(
             steps[rid] = planned
             push(planned.end, _STEP, (rid, planned))
 
+    def wake(rid: str, t: float) -> None:
+        """New work for ``rid`` at ``t``: start a step, or cut a macro step at its next step boundary."""
+        st = steps.get(rid)
+        if st is None:
+            start(rid, t)
+        elif st.n_steps > 1:
+            old = st.end
+            if engines[rid].truncate_step(st, t) != old:
+                push(st.end, _STEP, (rid, st))
+
     def send(rid: str, rr: RoutingRequest, d: Any, r: Any, t: float) -> bool:
         """Dispatch to replica ``rid`` at ``t`` (False: larger than its whole KV cache, rejected)."""
         router.dispatch(rid, rr, d)
+        if pager is not None:
+            pager.on_dispatch(rr.adapter, t)
         eng = engines[rid]
         try:
             submit(eng, r, t)
@@ -283,15 +320,34 @@ def run_fleet(
             return False
         if rr.arrival < t:  # held at the router: that wait is part of its TTFT
             eng.seqs[r.request_id].arrival = rr.arrival
-        st = steps.get(rid)
-        if st is None:
-            start(rid, t)
-        elif st.n_steps > 1:
-            old = st.end
-            if eng.truncate_step(st, t) != old:
-                push(st.end, _STEP, (rid, st))
+        wake(rid, t)
         flush(t)
         return True
+
+    def page(t: float) -> None:
+        """One round of the adapter pager, its actions executed as the engines' RPCs would."""
+        nonlocal paged
+        assert pager is not None
+        for a in pager.plan(t):
+            eng = engines[a.replica_id]
+            paged += 1
+            if a.kind == "unload":
+                try:
+                    eng.unload_adapter(a.adapter, "gpu")
+                except RuntimeError:  # in use by the running batch: refused, as the engine's RPC is
+                    continue
+                pager.record_unloaded(a.replica_id, a.adapter, t)
+            else:
+                eng.load_adapter(a.adapter, a.tier, sizes.get(a.adapter))
+                if a.tier == "gpu":
+                    pager.record_loaded(a.replica_id, a.adapter, t)
+                else:
+                    pager.record_prefetched(a.replica_id, a.adapter, t)
+                wake(a.replica_id, t)
+        flush(t)
+
+    if pager is not None and n:
+        push(t_first, _PAGE, None)
 
     held: dict[str, Any] = {}  # request id -> workload request, while held at the router
 
@@ -329,6 +385,11 @@ def run_fleet(
                     start(rid, now)
                 if held:
                     release(now)
+            elif kind == _PAGE:
+                assert pager is not None
+                page(now)
+                if i < n:  # until the last arrival (afterwards only the queued work drains)
+                    push(now + pager.config.interval_s, _PAGE, None)
             else:
                 for ev in obj:
                     apply(ev)
@@ -414,6 +475,7 @@ def run_fleet(
         prefix_hit_rate=hit / max(1, ptok),
         adapter_loads=(loads_end[0] - loads_at_warm[0]),
         adapter_disk_loads=(loads_end[1] - loads_at_warm[1]),
+        paged=paged,
         busy_s={rid: e.metrics.busy_seconds for rid, e in engines.items()},
         preemptions=sum(e.metrics.num_preemptions_total for e in engines.values()),
         sim_end_s=now,
