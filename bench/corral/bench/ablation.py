@@ -10,7 +10,9 @@ defaults, see :func:`corral.serve.sim.fleet.fleet_settings`) with one change; th
   engines' KV events);
 - ``no hotspot bound``: ``hotspot_c=None``;
 - ``TTFT only``: ``charge_waiting=False`` (this request's TTFT alone, without the delay it adds to the
-  requests waiting on the replica).
+  requests waiting on the replica);
+- ``no adapter paging``: the router's adapter pager off (``FleetConfig.paging=False``; only LoRA workloads
+  have adapters to page, the others repeat ``shipped``).
 
 Same workloads, fleet and goodput search as ``corral bench fleet`` (same arrivals per workload). Writes
 ``DIR/ablation.json`` (with the git revision and dirty flag) and ``DIR/ablation.md``.
@@ -24,7 +26,7 @@ import multiprocessing as mp
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "approximate index": ("corral@approximate", {}),
     "no hotspot bound": ("corral", {"hotspot_c": None}),
     "TTFT only": ("corral", {"charge_waiting": False}),
+    "no adapter paging": ("corral", {}),
 }
+FLEET_CHANGES: dict[str, dict[str, Any]] = {"no adapter paging": {"paging": False}}
+"""Variants that change the fleet run (:class:`~corral.serve.sim.fleet.FleetConfig`), not the policy."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class Job:
 def _run(job: Job) -> tuple[Job, float, float]:
     w = build(job.spec)
     key = (DEFAULT_REPLICAS, 0.05, 8, 32)
-    cfg = _cfg(key, job.spec.warmup)
+    cfg = replace(_cfg(key, job.spec.warmup), **FLEET_CHANGES.get(job.variant, {}))
     rates = tuple(round(capacity_estimate(w, cfg) * g, 3) for g in GRID)
     policy, params = VARIANTS[job.variant]
     t0 = time.perf_counter()
@@ -76,7 +81,9 @@ def run(quick: bool, workloads: Sequence[str], workers: int) -> dict[str, Any]:
             )
     return {
         "workloads": results,
-        "variants": {k: {"policy": p, "params": v} for k, (p, v) in VARIANTS.items()},
+        "variants": {
+            k: {"policy": p, "params": v, "fleet": FLEET_CHANGES.get(k, {})} for k, (p, v) in VARIANTS.items()
+        },
         "meta": {"quick": quick, "replicas": DEFAULT_REPLICAS, "wall_s": round(time.perf_counter() - t0, 1)}
         | provenance(),
     }
