@@ -13,7 +13,7 @@ help:
 	@echo "make test-unit         pytest -m 'not integration'"
 	@echo "make test-integration  pytest -m integration"
 	@echo "make lint              ruff check + ruff format --check"
-	@echo "make bench-docs        rerun fleet/router/overhead/ablation benchmarks into docs/benchmarks (~15 min)"
+	@echo "make bench-docs        rerun the benchmarks into docs/benchmarks (fleet family ~25 min, then router/overhead/peers/...)"
 
 k8s-bins:
 	bash e2e/cluster/build.sh
@@ -42,14 +42,11 @@ lint:
 
 # The committed results: `corral bench X` alone writes to ./corral-bench/.
 bench-docs:
-	.venv/bin/corral bench fleet --out docs/benchmarks
-	.venv/bin/corral bench fleet --seeds 1,2 --policies corral,dualmap,precise_prefix --no-plots --out docs/benchmarks/seeds
-	.venv/bin/corral bench fleet --trace bench/corral/bench/data/synthetic_trace.jsonl.gz --out docs/benchmarks/heldout
-	.venv/bin/corral bench fleet --workloads shared_prefix,bursty,conversation --seeds 0,1,2 --policies corral,dualmap,dualmap_paper --no-plots --workers 2 --out docs/benchmarks/dualmap_paper
+	bash scripts/fleet-docs.sh   # every simulated-fleet result (suite, seeds, held-out, dualmap_paper, ablation, CPU KV tier)
 	.venv/bin/corral bench router --out docs/benchmarks
 	.venv/bin/corral bench overhead --ray --out docs/benchmarks
-	.venv/bin/corral bench ablation --out docs/benchmarks
 	.venv/bin/corral bench recovery --out docs/benchmarks
 	.venv/bin/corral bench load --out docs/benchmarks
 	.venv/bin/corral bench peers --out docs/benchmarks   # runs sglang-router / vllm-router when installed (corral[peers])
 	.venv/bin/corral bench security --out docs/benchmarks
+	.venv/bin/python -m corral.bench.grpc_breakdown --out docs/benchmarks

@@ -30,3 +30,4 @@ for part in "${parts[@]}"; do
     mkdir -p docs/benchmarks/"$part" && cp corral-bench/"$part"/* docs/benchmarks/"$part"/
   fi
 done
+"${CORRAL%/corral}/python" -m corral.bench.routing_summary docs/benchmarks  # routing_summary.md from them

@@ -434,10 +434,17 @@ CPU per request from the same runs (busy shared 2-core machine, one run each, so
   in grpc.aio's message handling and its poller thread, < 10% in Corral's event code). Not a per-request
   cost, but it grows with the fleet and is paid by every router worker; carrying the event stream over the
   framed connection as well is the next step.
-- gRPC (before 780-903, now 599-675 us CPU/request): the router's own grpc.aio server dominates (C-core
+- gRPC (before 780-903, now 460-600 us CPU/request): the router's own grpc.aio server dominates (C-core
   work run by the event loop ~60% of the samples, grpc's poller thread ~9%); Corral's Python request path is
-  ~17%. A unary grpc.aio call costs the server about as much as a whole HTTP request through the router, so
-  the gRPC front stays slower than HTTP with grpc.aio.
+  ~17%. `grpc_breakdown.md` (`python -m corral.bench.grpc_breakdown`) cuts the shipped Generate short at
+  each stage in this setup: answering at once costs the router process ~165 us per call (grpc.aio alone;
+  the same as a bare grpc.aio server, measured at 150-170 us), parsing/tokenizing/hashing adds ~65 us, and
+  the route with its engine round trip adds ~250 us, about twice what the same route costs under the HTTP
+  front (whose whole request is ~190 us); the main thread is then saturated (>80% of the process's CPU), so
+  the extra is in grpc.aio's Cython layer run by the event loop whenever a handler suspends on other I/O,
+  not in Corral's Python (py-spy: the handler's Python frames are ~80 us per request). What would fix it
+  structurally is to take grpc.aio off the routing loop (a gRPC front process forwarding over the framed
+  protocol the engines already speak); not done, so the gRPC front stays slower than HTTP.
 """
 
 
