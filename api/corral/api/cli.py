@@ -56,7 +56,10 @@ def _load(cmd: Command):  # type: ignore[no-untyped-def]
 
 
 def _needs_extra(cmd: Command) -> str:
-    return f"corral {cmd.name} needs the '{cmd.extra}' extra: pip install 'corral[{cmd.extra}]'"
+    return (
+        f"corral {cmd.name} needs the '{cmd.extra}' extra: pip install 'corral[{cmd.extra}]' "
+        f"(Corral is not on PyPI: name its wheel or checkout, e.g. pip install '.[{cmd.extra}]')"
+    )
 
 
 def _is_missing_dependency(exc: ModuleNotFoundError) -> bool:

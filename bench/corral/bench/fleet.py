@@ -380,7 +380,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
                 "goodput_rps": _num(mean),
                 "goodput_std_rps": _num(sd),
                 "goodput_by_seed": {str(k): _num(seeds[k]) for k in sorted(seeds)},
-                "of_ceiling": _num(mean / ceil["goodput_rps"]) if ceil["goodput_rps"] > 0 else None,
+                "of_ceiling": _num(mean / cg) if 0 < (cg := ceil["goodput_rps"]) < math.inf else None,
                 "ttft_p50_s": _num(r["ttft_p50_s"]),
                 "ttft_p90_s": _num(r["ttft_p90_s"]),
                 "ttft_p99_s": _num(r["ttft_p99_s"]),
@@ -409,7 +409,9 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             "ref_rate_rps": _num(i["ref_rate_rps"]),
             "rate_grid_rps": list(i["rates"]),
             "capacity_estimate_rps": _num(i["capacity_estimate_rps"]),
-            "ceiling": {k: _num(v) for k, v in ceil.items()},
+            # an infinite goodput ceiling (a run too short to bound: its whole P90 fits in the SLO at the
+            # fluid rate) is recorded as null, not as a number
+            "ceiling": {k: None if v == math.inf else _num(v) for k, v in ceil.items()},
         }
     doc["meta"] = {
         "command": "corral bench fleet"
@@ -523,7 +525,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "workloads (± the sample standard deviation when there are several); the other figures come from "
         "the first seed. *Ceiling*: the fleet's caches pooled into one LRU cache (hit rate) and the goodput "
         "of a fluid fleet with that hit rate and perfect balance under the same finite-run P90 criterion "
-        "(`corral.bench.bound`); *of ceiling* = goodput / ceiling goodput.",
+        "(`corral.bench.bound`); *of ceiling* = goodput / ceiling goodput. The ceiling is an estimate, not a "
+        "proof: it charges every output token to the fleet's capacity, and a finite run measured on TTFT can "
+        "leave decode work for after its P90 request, so a policy can land slightly above it (over 100%); a "
+        "run too short for the fluid queue to reach the SLO at any rate has no finite ceiling (`unbounded`).",
         "",
     ]
     g = goals(doc)
@@ -547,10 +552,11 @@ def to_markdown(doc: dict[str, Any]) -> str:
         ]
         ceil = w.get("ceiling")
         if ceil:
+            bounded = ceil["goodput_rps"] is not None
             lines.append(
                 "| **ceiling** (pooled cache, fluid, perfect balance) | "
-                f"{_f(ceil['goodput_rps'], '{:.2f}')} | "
-                f"100% | - | - | - | - | {_f(ceil['prefix_hit_rate'], '{:.1%}')} | 0.0 | 1.00 |"
+                + (f"{_f(ceil['goodput_rps'], '{:.2f}')} | 100%" if bounded else "unbounded (short run) | -")
+                + f" | - | - | - | - | {_f(ceil['prefix_hit_rate'], '{:.1%}')} | 0.0 | 1.00 |"
             )
         ranked = sorted(w["policies"].items(), key=lambda kv: -(kv[1]["goodput_rps"] or 0))
         for p, r in ranked:
