@@ -75,6 +75,10 @@ def chat_prompt(messages: Any) -> str:
     return simple_chat_prompt([m.as_dict() for m in req.messages])
 
 
+_INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+"""What ``corral_requests`` counts (admin and listing calls, e.g. Explain, Feedback, models, are not)."""
+
+
 @web.middleware
 async def _json_http_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """aiohttp's own 404 / 405 / 413 as OpenAI-shaped JSON errors (the handlers produce theirs)."""
@@ -151,7 +155,8 @@ class HttpApi:
     def _wrap(
         self, fn: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        """Errors -> OpenAI-shaped responses. A request that never reached :meth:`Router.stream` (which
+        """Errors -> OpenAI-shaped responses. An inference request (``corral_requests`` counts those, as
+        the gRPC front counts Generate/GenerateStream) that never reached :meth:`Router.stream` (which
         counts the ones it handles) is counted here, under its error's status."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -173,7 +178,7 @@ class HttpApi:
 
     def _count(self, request: web.Request, code: str, t0: float) -> None:
         p = request.get(_PREPARED)
-        if request.path.startswith("/v1/") and request.path != "/v1/models" and not (p and p.dispatched):
+        if request.path in _INFERENCE_PATHS and not (p and p.dispatched):
             self.router.metrics.request_done("http", code, time.perf_counter() - t0)
 
     # ---- helpers ----------------------------------------------------------------------------------------
